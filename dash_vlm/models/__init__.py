@@ -1,0 +1,75 @@
+"""Model-family adapters: the only place that knows how a supported model is laid out.
+
+An adapter tells the press where the module that runs a whole prefill is (it sees ``input_ids``), where the decoder
+stack is, and which token ids are vision placeholders. Everything else (M-RoPE or 1-D positions, GQA, masks) is
+handled generically because it reaches the decoder layers as ordinary tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Layout of one model family.
+
+    Parameters
+    ----------
+    model_types : tuple of str
+        The ``config.model_type`` values this adapter serves.
+    vision_token_attributes : tuple of str
+        Config attributes holding the ids of the vision placeholder tokens; empty for a text-only model.
+    """
+
+    model_types: tuple[str, ...]
+    vision_token_attributes: tuple[str, ...] = ()
+
+    @property
+    def is_vision_language(self) -> bool:
+        return bool(self.vision_token_attributes)
+
+    def prefill_module(self, model: nn.Module) -> nn.Module:
+        """The module whose forward sees ``input_ids`` and runs a whole prefill (vision tower included)."""
+        return getattr(model, "model", model)
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The decoder stack: it has ``layers`` (each with ``self_attn``) and the final ``norm``."""
+        base = self.prefill_module(model)
+        return getattr(base, "language_model", base)
+
+    def vision_token_ids(self, config: PretrainedConfig) -> list[int]:
+        return [
+            getattr(config, name) for name in self.vision_token_attributes if getattr(config, name, None) is not None
+        ]
+
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    for model_type in adapter.model_types:
+        _REGISTRY[model_type] = adapter
+    return adapter
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``, by ``model.config.model_type``; ``ValueError`` for an unsupported model."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"DASH does not support model_type {model_type!r} ({type(model).__name__}); "
+            f"supported model types: {', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[model_type]
+
+
+# Imported for their registrations.
+from dash_vlm.models import llava, qwen2_vl, text  # noqa: E402, F401

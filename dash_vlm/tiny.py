@@ -1,0 +1,164 @@
+"""Tiny models built from config with random weights and hand-built multimodal inputs: the demo and the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 128
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 120, 121, 122, 123
+EOS = 127
+PATCH, TEMPORAL_PATCH, MERGE = 4, 2, 2
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=EOS,
+    pad_token_id=0,
+)
+
+
+def tiny_qwen_vl(family: str = "qwen2_vl", attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A 5-layer Qwen2-VL (``family="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) in float32, eval mode."""
+    torch.manual_seed(seed)
+    vision = dict(
+        depth=2,
+        num_heads=2,
+        in_channels=3,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
+        temporal_patch_size=TEMPORAL_PATCH,
+    )
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    ids = dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    if family == "qwen2_vl":
+        config = Qwen2VLConfig(
+            text_config=text, vision_config=dict(vision, embed_dim=32, hidden_size=64, mlp_ratio=2), **ids
+        )
+        model_class = Qwen2VLForConditionalGeneration
+    else:
+        config = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=dict(
+                vision,
+                hidden_size=32,
+                out_hidden_size=64,
+                intermediate_size=64,
+                window_size=16,
+                fullatt_block_indexes=[1],
+            ),
+            **ids,
+        )
+        model_class = Qwen2_5_VLForConditionalGeneration
+    config._attn_implementation = attn_implementation
+    return model_class(config).eval()
+
+
+TEXT_MODELS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def tiny_text_model(model_type: str = "llama", attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A 5-layer text decoder of one of the families kvpress supports, float32, eval mode."""
+    torch.manual_seed(seed)
+    config_class, model_class = TEXT_MODELS[model_type]
+    extra = {"sliding_window": None} if model_type == "mistral" else {}
+    config = config_class(**TEXT, bos_token_id=1, head_dim=16, **extra)
+    config._attn_implementation = attn_implementation
+    return model_class(config).eval()
+
+
+def vision_block(grid: tuple[int, int, int], video: bool = False, seed: int = 0) -> tuple[list[int], torch.Tensor]:
+    """Placeholder ids (with start/end markers) and pixel patches for one image or video of ``grid`` = (t, h, w)."""
+    t, h, w = grid
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=generator)
+    placeholder = VIDEO_TOKEN if video else IMAGE_TOKEN
+    return [VISION_START] + [placeholder] * (t * h * w // MERGE**2) + [VISION_END], pixels
+
+
+def qwen_vl_sample(
+    grids: list[tuple[int, int, int]], text_lengths: list[int], video: bool = False, seed: int = 0
+) -> dict:
+    """One prompt: text chunks interleaved with images (or videos). ``len(text_lengths) == len(grids) + 1``."""
+    generator = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    pixels = []
+    for i, length in enumerate(text_lengths):
+        ids += torch.randint(1, 100, (length,), generator=generator).tolist()
+        if i < len(grids):
+            block, patch = vision_block(grids[i], video, seed=seed * 7 + i)
+            ids += block
+            pixels.append(patch)
+    key = "video" if video else "image"
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        f"pixel_values{'_videos' if video else ''}": torch.cat(pixels),
+        f"{key}_grid_thw": torch.tensor(grids),
+    }
+
+
+def left_pad_batch(samples: list[dict], pad_id: int = 0) -> dict:
+    """Stack single-prompt inputs into a left-padded batch (pixel tensors and grids concatenate)."""
+    length = max(sample["input_ids"].shape[1] for sample in samples)
+    batch: dict = {"input_ids": [], "attention_mask": []}
+    for sample in samples:
+        pad = length - sample["input_ids"].shape[1]
+        batch["input_ids"].append(torch.cat([torch.full((1, pad), pad_id), sample["input_ids"]], dim=1))
+        batch["attention_mask"].append(torch.cat([torch.zeros(1, pad, dtype=torch.long), sample["attention_mask"]], 1))
+    batch = {key: torch.cat(value) for key, value in batch.items()}
+    for key in samples[0]:
+        if key not in batch:
+            batch[key] = torch.cat([sample[key] for sample in samples])
+    return batch
+
+
+def text_sample(length: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 100, (1, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def tiny_tokenizer():
+    """An offline word-level tokenizer of the tiny vocabulary: words ``w2 .. w126``, 0 pads, 1 starts, 127 ends."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(2, EOS)} | {"<pad>": 0, "<s>": 1, "</s>": EOS}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<pad>",
+        model_max_length=512,
+    )

@@ -1,0 +1,258 @@
+"""DeltaPress on tiny Qwen2-VL / Qwen2.5-VL: against the unmodified model, the masked reference, and itself alone."""
+
+from functools import cache
+
+import pytest
+import torch
+from reference import MaskedReference, relative_error
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from dash_vlm import DeltaPress
+from dash_vlm.tiny import IMAGE_TOKEN, VIDEO_TOKEN, left_pad_batch, qwen_vl_sample, tiny_qwen_vl, tiny_text_model
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+ATTENTION = ["sdpa", "eager"]
+INPUTS = {
+    "image": lambda: qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1),
+    "images": lambda: qwen_vl_sample([(1, 4, 8), (1, 8, 4)], [3, 2, 9], seed=2),
+    "video": lambda: qwen_vl_sample([(2, 4, 4)], [4, 6], video=True, seed=3),
+}
+GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+@cache
+def model_for(family: str, attention: str = "sdpa"):
+    return tiny_qwen_vl(family, attention)
+
+
+def generate(model, inputs, press=None, max_new_tokens=5, **press_kwargs):
+    with torch.no_grad(), press(model, **press_kwargs) if press is not None else _null():
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **GREEDY)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def assert_same_generation(actual, expected, tolerance):
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert len(actual.logits) == len(expected.logits) >= 4
+    for step, (a, b) in enumerate(zip(actual.logits, expected.logits, strict=True)):
+        assert relative_error(a, b) <= tolerance, f"step {step}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_ratio_zero_equals_unmodified_model(family, kind):
+    model, inputs = model_for(family), INPUTS[kind]()
+    expected = generate(model, inputs)
+    press = DeltaPress(compression_ratio=0.0)
+    assert_same_generation(generate(model, inputs, press), expected, 1e-5)
+    assert press.last_stats[0].kept == press.last_stats[0].tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("scope", ["vision", "all"])
+@pytest.mark.parametrize("ratio", [0.3, 0.667, 0.9])
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_matches_masked_reference(family, attention, scope, ratio, kind):
+    model, inputs = model_for(family, attention), INPUTS[kind]()
+    reference = MaskedReference(model, ratio, scope=scope)
+    with reference():
+        expected = generate(model, inputs)
+    press = DeltaPress(compression_ratio=ratio, scope=scope)
+    actual = generate(model, inputs, press)
+    assert_same_generation(actual, expected, 1e-4)
+    stats = press.last_stats[0]
+    assert stats.halted_positions == reference.halted_per_sample[0]
+    assert stats.tokens - stats.kept == len(stats.halted_positions) == round(ratio * stats.eligible) > 0
+    ids = inputs["input_ids"][0]
+    if scope == "vision":
+        assert stats.eligible == int(torch.isin(ids, torch.tensor([IMAGE_TOKEN, VIDEO_TOKEN])).sum())
+        assert all(int(ids[t]) in (IMAGE_TOKEN, VIDEO_TOKEN) for t in stats.halted_positions)
+    else:
+        assert stats.eligible == len(ids) - 1  # protect_last=1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_padded_batch_sample_equals_sample_alone(family, attention):
+    model = model_for(family, attention)
+    samples = [
+        qwen_vl_sample([(1, 8, 8)], [5, 7], seed=11),
+        qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12),
+        qwen_vl_sample([(1, 4, 8), (1, 8, 8)], [3, 4, 6], seed=13),
+    ]
+    press = DeltaPress(compression_ratio=0.667)
+    batched = generate(model, left_pad_batch(samples), press, max_new_tokens=6)
+    batch_stats = press.last_stats
+    assert len({s.kept for s in batch_stats}) > 1  # samples keep different numbers of tokens
+    length = batched.sequences.shape[1] - 6
+    for b, sample in enumerate(samples):
+        alone = generate(model, sample, press, max_new_tokens=6)
+        assert torch.equal(batched.sequences[b, length:], alone.sequences[0, -6:])
+        for step, (x, y) in enumerate(zip(batched.logits, alone.logits, strict=True)):
+            assert relative_error(x[b], y[0]) <= 1e-4, f"sample {b} step {step}"
+        single = press.last_stats[0]
+        for field in ("tokens", "eligible", "kept", "decision_layer", "halted_positions", "kv_cache_bytes"):
+            assert getattr(batch_stats[b], field) == getattr(single, field), field
+
+
+def test_padded_batch_matches_masked_reference():
+    model = model_for("qwen2_vl", "sdpa")
+    batch = left_pad_batch([qwen_vl_sample([(1, 8, 8)], [5, 7], seed=21), qwen_vl_sample([(1, 4, 4)], [2, 2], seed=22)])
+    reference = MaskedReference(model, 0.5)
+    with reference():
+        expected = generate(model, batch)
+    assert_same_generation(generate(model, batch, DeltaPress(compression_ratio=0.5)), expected, 1e-4)
+
+
+def record_token_counts(model):
+    """Hooks recording how many tokens each layer's attention and FFN receive."""
+    seen = {"attention": [], "mlp": []}
+    handles = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        for name, module in (("attention", layer.self_attn), ("mlp", layer.mlp)):
+
+            def hook(module, args, kwargs, name=name, i=i):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                seen[name].append((i, hidden.shape[1]))
+
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_deeper_layers_run_on_kept_tokens_and_cache_is_compact(batched):
+    model = model_for("qwen2_vl")
+    samples = [qwen_vl_sample([(1, 8, 8)], [5, 7], seed=31), qwen_vl_sample([(1, 8, 4)], [3, 4], seed=32)]
+    inputs = left_pad_batch(samples) if batched else samples[0]
+    length = inputs["input_ids"].shape[1]
+    press, new_tokens = DeltaPress(compression_ratio=0.667), 5
+    seen, handles = record_token_counts(model)
+    try:
+        out = generate(model, inputs, press, max_new_tokens=new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = press.last_stats
+    s, num_layers = stats[0].decision_layer, len(model.model.language_model.layers)
+    assert s == 2
+    slots = max(stat.kept for stat in stats)
+    assert slots < length
+    for name in ("attention", "mlp"):
+        prefill = seen[name][:num_layers]
+        assert prefill == [(i, length if i <= s else slots) for i in range(num_layers)], name
+        assert all(tokens == 1 for _, tokens in seen[name][num_layers:])  # decode steps
+    cache_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    decoded = new_tokens - 1  # the last generated token is never fed back
+    assert cache_lengths == [length + decoded if i <= s else slots + decoded for i in range(num_layers)]
+    per_token = [2 * layer.keys.shape[1] * layer.keys.shape[-1] * 4 for layer in out.past_key_values.layers]
+    for stat in stats:
+        expected = sum(size * (stat.tokens if i <= s else stat.kept) for i, size in enumerate(per_token))
+        assert stat.kv_cache_bytes == expected
+        assert stat.prefill_ms > 0
+
+
+def forward_logits(model):
+    inputs = INPUTS["images"]()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_model_is_restored_after_block_and_after_exception():
+    model = model_for("qwen2_vl")
+    before, hooks = forward_logits(model), hook_count(model)
+    press = DeltaPress(compression_ratio=0.8)
+    generate(model, INPUTS["images"](), press)
+    assert torch.equal(forward_logits(model), before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with press(model):
+            with torch.no_grad():
+                model(**INPUTS["images"]())
+            raise RuntimeError("boom")
+    assert hook_count(model) == hooks
+    assert torch.equal(forward_logits(model), before)
+    bad = INPUTS["image"]()
+    bad["pixel_values"] = bad["pixel_values"][:10]  # fails inside the vision tower, mid-prefill
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises
+        generate(model, bad, press)
+    assert torch.equal(forward_logits(model), before)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("inside_block", [True, False])
+def test_next_turn_on_halted_cache_matches_reference(attention, inside_block):
+    """A chat's next turn: a multi-token forward on the halted cache, then greedy decode steps by hand."""
+    model, inputs = model_for("qwen2_vl", attention), INPUTS["image"]()
+    turn = torch.tensor([[5, 17, 29, 41, 53, 65]])
+
+    def converse(prefill_context, outer_context):
+        cache, logits = DynamicCache(), []
+        with torch.no_grad(), outer_context():
+            with prefill_context():
+                logits.append(model(**inputs, past_key_values=cache).logits)
+                if inside_block:
+                    logits.append(model(input_ids=turn, past_key_values=cache).logits)
+            if not inside_block:
+                logits.append(model(input_ids=turn, past_key_values=cache).logits)
+            token = logits[-1][:, -1:].argmax(-1)
+            for _ in range(4):
+                logits.append(model(input_ids=token, past_key_values=cache).logits)
+                token = logits[-1][:, -1:].argmax(-1)
+        return logits, cache
+
+    reference = MaskedReference(model, 0.667)  # it has no cache to carry its decision: it wraps the whole chat
+    expected, _ = converse(_null, reference)
+    press = DeltaPress(compression_ratio=0.667)
+    actual, cache = converse(lambda: press(model), _null)
+    assert reference.halted.any()
+    for step, (a, b) in enumerate(zip(actual, expected, strict=True)):
+        assert relative_error(a[:, -1], b[:, -1]) <= 1e-4, f"forward {step}"
+    assert relative_error(actual[0], expected[0]) <= 1e-4  # every prompt position, halted ones included
+    assert torch.equal(actual[1].argmax(-1), expected[1].argmax(-1))
+    kept = press.last_stats[0].kept
+    assert cache.layers[-1].keys.shape[-2] == kept + turn.shape[1] + 4
+
+
+def test_protect_mask_keeps_positions():
+    model, inputs = model_for("qwen2_vl"), INPUTS["image"]()
+    protect = inputs["input_ids"] == IMAGE_TOKEN
+    protect[:, : protect.shape[1] // 2] = False  # protect the image tokens of the second half
+    reference = MaskedReference(model, 0.667, protect=protect)
+    with reference():
+        expected = generate(model, inputs)
+    press = DeltaPress(compression_ratio=0.667)
+    assert_same_generation(generate(model, inputs, press, protect=protect), expected, 1e-4)
+    halted = press.last_stats[0].halted_positions
+    assert halted and not protect[0, halted].any()
+    assert press.last_stats[0].eligible == int((inputs["input_ids"] == IMAGE_TOKEN).sum() - protect.sum())
+    with pytest.raises(ValueError, match="protect"):
+        generate(model, inputs, press, protect=protect[:, :-1])
+
+
+def test_clear_errors_for_unsupported_models_and_settings():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="supported model types: .*qwen2_vl"):
+        with DeltaPress()(gpt2):
+            pass
+    model = tiny_text_model("llama", attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        with DeltaPress()(model):
+            pass
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        with torch.no_grad(), DeltaPress()(model_for("qwen2_vl")):
+            model_for("qwen2_vl")(**INPUTS["image"](), output_hidden_states=True)
+    assert hook_count(model_for("qwen2_vl")) == 0
+    with pytest.raises(ValueError, match="scope='vision' needs a vision-language model"):
+        with DeltaPress(scope="vision")(tiny_text_model()):
+            pass

@@ -1,0 +1,80 @@
+"""DeltaPress on the text LLMs kvpress supports, directly and inside kvpress's own pipeline."""
+
+from functools import cache
+
+import pytest
+import torch
+from reference import MaskedReference, relative_error
+from transformers import pipeline
+
+from dash_vlm import DeltaPress
+from dash_vlm.tiny import TEXT_MODELS, left_pad_batch, text_sample, tiny_text_model, tiny_tokenizer
+
+ATTENTION = ["sdpa", "eager"]
+GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+@cache
+def model_for(model_type: str, attention: str = "sdpa"):
+    return tiny_text_model(model_type, attention)
+
+
+def generate(model, inputs, new_tokens=5):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **GREEDY)
+
+
+@pytest.mark.parametrize("model_type", list(TEXT_MODELS))
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_padded_batch_matches_reference_and_ratio_zero_is_exact(model_type, attention):
+    model = model_for(model_type, attention)
+    batch = left_pad_batch([text_sample(23, seed=1), text_sample(14, seed=2), text_sample(30, seed=3)])
+    plain = generate(model, batch)
+    with DeltaPress(compression_ratio=0.0)(model):
+        unchanged = generate(model, batch)
+    assert torch.equal(unchanged.sequences, plain.sequences)
+    assert all(relative_error(a, b) <= 1e-5 for a, b in zip(unchanged.logits, plain.logits, strict=True))
+    reference = MaskedReference(model, 0.5, scope="all")
+    with reference():
+        expected = generate(model, batch)
+    press = DeltaPress(compression_ratio=0.5)  # scope "auto" is "all" on a text model
+    with press(model):
+        actual = generate(model, batch)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert all(relative_error(a, b) <= 1e-4 for a, b in zip(actual.logits, expected.logits, strict=True))
+    assert [s.kept for s in press.last_stats] == [23 - 11, 14 - 6, 30 - 14]  # round(0.5 * (n - 1)) halt
+
+
+def test_long_generation_on_halted_cache():
+    model = model_for("llama")
+    inputs = text_sample(40, seed=4)
+    reference = MaskedReference(model, 0.667, scope="all")
+    with reference():
+        expected = generate(model, inputs, new_tokens=40)
+    with DeltaPress(compression_ratio=0.667)(model):
+        actual = generate(model, inputs, new_tokens=40)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert max(relative_error(a, b) for a, b in zip(actual.logits, expected.logits, strict=True)) <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("questions", [["w5 w6 w7"], ["w5 w6 w7", "w9", "w40 w41 w42 w43 w44"]])
+def test_kvpress_pipeline_matches_reference(model_type, attention, questions):
+    model = model_for(model_type, attention)
+    generator = pipeline("kv-press-text-generation", model=model, tokenizer=tiny_tokenizer(), device="cpu")
+    context = " ".join(f"w{i}" for i in torch.randint(3, 100, (60,), generator=torch.Generator().manual_seed(5)))
+    kwargs = dict(questions=questions, max_new_tokens=8)
+    press = DeltaPress(compression_ratio=0.667)
+    with torch.no_grad():
+        actual = generator(context, press=press, **kwargs)["answers"]
+        reference = MaskedReference(model, 0.667, scope="all")
+        with reference():  # the reference has no cache to carry its decision: it wraps the whole pipeline call
+            expected = generator(context, **kwargs)["answers"]
+        plain = generator(context, **kwargs)["answers"]
+    stats = press.last_stats[0]
+    assert stats.tokens == 61 and stats.kept == 61 - round(0.667 * 60)
+    assert stats.halted_positions == reference.halted_per_sample[0]
+    assert actual == expected
+    assert len(actual) == len(questions) and all(answer.strip() for answer in actual)
+    assert actual != plain or len(questions) == 1  # halting changes some answer of the random model
