@@ -146,12 +146,14 @@ def text_sample(length: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def tiny_tokenizer():
-    """An offline word-level tokenizer of the tiny vocabulary: words ``w2 .. w126``, 0 pads, 1 starts, 127 ends."""
+def tiny_tokenizer(image_token: str = "<image>"):
+    """An offline word-level tokenizer of the tiny vocabulary: words ``w2 .. w126``, 0 pads, 1 starts, 127 ends,
+    ``image_token`` is 120."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(2, EOS)} | {"<pad>": 0, "<s>": 1, "</s>": EOS}
+    words = {f"w{i}": i for i in range(2, EOS) if i != IMAGE_TOKEN}
+    vocab = words | {"<pad>": 0, "<s>": 1, "</s>": EOS, image_token: IMAGE_TOKEN}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -161,4 +163,66 @@ def tiny_tokenizer():
         pad_token="<pad>",
         unk_token="<pad>",
         model_max_length=512,
+        extra_special_tokens={"image_token": image_token},
     )
+
+
+LLAVA_IMAGE_SIDE, LLAVA_PATCH = 32, 8
+LLAVA_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def tiny_llava(next_version: bool = False, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A LLaVA-1.5 (or LLaVA-NeXT) with a 2-layer CLIP tower on 32 px images and a 5-layer Llama, float32."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        image_size=LLAVA_IMAGE_SIDE,
+        patch_size=LLAVA_PATCH,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+    )
+    text = LlamaConfig(**TEXT, bos_token_id=1, head_dim=16)
+    common = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=(LLAVA_IMAGE_SIDE // LLAVA_PATCH) ** 2,
+    )
+    if next_version:
+        config = LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_PINPOINTS)
+        model_class = LlavaNextForConditionalGeneration
+    else:
+        config = LlavaConfig(**common)
+        model_class = LlavaForConditionalGeneration
+    config._attn_implementation = attn_implementation
+    return model_class(config).eval()
+
+
+def tiny_llava_processor(next_version: bool = False):
+    """The real LLaVA (or LLaVA-NeXT anyres) processor class, with the offline tiny tokenizer."""
+    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
+
+    sizes = dict(
+        size={"shortest_edge": LLAVA_IMAGE_SIDE}, crop_size={"height": LLAVA_IMAGE_SIDE, "width": LLAVA_IMAGE_SIDE}
+    )
+    common = dict(
+        tokenizer=tiny_tokenizer(),
+        patch_size=LLAVA_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    if next_version:
+        return LlavaNextProcessor(LlavaNextImageProcessor(**sizes, image_grid_pinpoints=LLAVA_PINPOINTS), **common)
+    return LlavaProcessor(CLIPImageProcessor(**sizes), **common)

@@ -1,28 +1,85 @@
-"""DeltaPress on tiny Qwen2-VL / Qwen2.5-VL: against the unmodified model, the masked reference, and itself alone."""
+"""DeltaPress on tiny Qwen2-VL, Qwen2.5-VL, LLaVA-1.5 and LLaVA-NeXT: against the unmodified model, the masked
+reference, and each sample alone."""
 
 from functools import cache
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from reference import MaskedReference, relative_error
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from dash_vlm import DeltaPress
-from dash_vlm.tiny import IMAGE_TOKEN, VIDEO_TOKEN, left_pad_batch, qwen_vl_sample, tiny_qwen_vl, tiny_text_model
+from dash_vlm.tiny import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    left_pad_batch,
+    qwen_vl_sample,
+    tiny_llava,
+    tiny_llava_processor,
+    tiny_qwen_vl,
+    tiny_text_model,
+)
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next"]
 ATTENTION = ["sdpa", "eager"]
-INPUTS = {
-    "image": lambda: qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1),
-    "images": lambda: qwen_vl_sample([(1, 4, 8), (1, 8, 4)], [3, 2, 9], seed=2),
-    "video": lambda: qwen_vl_sample([(2, 4, 4)], [4, 6], video=True, seed=3),
-}
-GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def llava_inputs(family: str, prompts: list[str], images: list[list[Image.Image]]) -> dict:
+    processor = tiny_llava_processor(family == "llava_next")
+    flat = [image for sample in images for image in sample]
+    return dict(processor(text=prompts, images=flat, return_tensors="pt", padding=True, padding_side="left"))
+
+
+def samples(family: str) -> dict:
+    """Single-prompt inputs by kind: one image, several images, video (Qwen only)."""
+    if family.startswith("qwen"):
+        return {
+            "image": qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1),
+            "images": qwen_vl_sample([(1, 4, 8), (1, 8, 4)], [3, 2, 9], seed=2),
+            "video": qwen_vl_sample([(2, 4, 4)], [4, 6], video=True, seed=3),
+        }
+    return {
+        "image": llava_inputs(family, ["w5 w6 w7 <image> w8 w9 w10 w11"], [[picture(40, 90, 1)]]),
+        "images": llava_inputs(family, ["w3 <image> w4 w5 <image> w9 w10"], [[picture(64, 64, 2), picture(50, 30, 3)]]),
+    }
+
+
+def batch_and_singles(family: str) -> tuple[dict, list[dict]]:
+    """A left-padded batch of differently sized samples (image sizes and prompts), and each sample alone."""
+    if family.startswith("qwen"):
+        singles = [
+            qwen_vl_sample([(1, 8, 8)], [5, 7], seed=11),
+            qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12),
+            qwen_vl_sample([(1, 4, 8), (1, 8, 8)], [3, 4, 6], seed=13),
+        ]
+        return left_pad_batch(singles), singles
+    prompts = ["w5 w6 <image> w7 w8 w9", "w9 <image> w10", "w11 w12 w13 w14 <image> w15 w16"]
+    images = [[picture(40, 90, 4)], [picture(64, 64, 5)], [picture(90, 40, 6)]]
+    singles = [llava_inputs(family, [p], [i]) for p, i in zip(prompts, images, strict=True)]
+    return llava_inputs(family, prompts, images), singles
+
+
+def kinds(family: str) -> list[str]:
+    return ["image", "images", "video"] if family.startswith("qwen") else ["image", "images"]
+
+
+FAMILY_KINDS = [(family, kind) for family in FAMILIES for kind in kinds(family)]
 
 
 @cache
 def model_for(family: str, attention: str = "sdpa"):
-    return tiny_qwen_vl(family, attention)
+    if family.startswith("qwen"):
+        return tiny_qwen_vl(family, attention)
+    return tiny_llava(family == "llava_next", attention)
+
+
+GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 def generate(model, inputs, press=None, max_new_tokens=5, **press_kwargs):
@@ -45,23 +102,21 @@ def assert_same_generation(actual, expected, tolerance):
         assert relative_error(a, b) <= tolerance, f"step {step}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", list(INPUTS))
+@pytest.mark.parametrize(("family", "kind"), FAMILY_KINDS)
 def test_ratio_zero_equals_unmodified_model(family, kind):
-    model, inputs = model_for(family), INPUTS[kind]()
+    model, inputs = model_for(family), samples(family)[kind]
     expected = generate(model, inputs)
     press = DeltaPress(compression_ratio=0.0)
     assert_same_generation(generate(model, inputs, press), expected, 1e-5)
     assert press.last_stats[0].kept == press.last_stats[0].tokens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "kind"), FAMILY_KINDS)
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("scope", ["vision", "all"])
 @pytest.mark.parametrize("ratio", [0.3, 0.667, 0.9])
-@pytest.mark.parametrize("kind", list(INPUTS))
-def test_matches_masked_reference(family, attention, scope, ratio, kind):
-    model, inputs = model_for(family, attention), INPUTS[kind]()
+def test_matches_masked_reference(family, kind, attention, scope, ratio):
+    model, inputs = model_for(family, attention), samples(family)[kind]
     reference = MaskedReference(model, ratio, scope=scope)
     with reference():
         expected = generate(model, inputs)
@@ -83,17 +138,13 @@ def test_matches_masked_reference(family, attention, scope, ratio, kind):
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_padded_batch_sample_equals_sample_alone(family, attention):
     model = model_for(family, attention)
-    samples = [
-        qwen_vl_sample([(1, 8, 8)], [5, 7], seed=11),
-        qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12),
-        qwen_vl_sample([(1, 4, 8), (1, 8, 8)], [3, 4, 6], seed=13),
-    ]
+    batch, singles = batch_and_singles(family)
     press = DeltaPress(compression_ratio=0.667)
-    batched = generate(model, left_pad_batch(samples), press, max_new_tokens=6)
+    batched = generate(model, batch, press, max_new_tokens=6)
     batch_stats = press.last_stats
     assert len({s.kept for s in batch_stats}) > 1  # samples keep different numbers of tokens
     length = batched.sequences.shape[1] - 6
-    for b, sample in enumerate(samples):
+    for b, sample in enumerate(singles):
         alone = generate(model, sample, press, max_new_tokens=6)
         assert torch.equal(batched.sequences[b, length:], alone.sequences[0, -6:])
         for step, (x, y) in enumerate(zip(batched.logits, alone.logits, strict=True)):
@@ -103,9 +154,10 @@ def test_padded_batch_sample_equals_sample_alone(family, attention):
             assert getattr(batch_stats[b], field) == getattr(single, field), field
 
 
-def test_padded_batch_matches_masked_reference():
-    model = model_for("qwen2_vl", "sdpa")
-    batch = left_pad_batch([qwen_vl_sample([(1, 8, 8)], [5, 7], seed=21), qwen_vl_sample([(1, 4, 4)], [2, 2], seed=22)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_matches_masked_reference(family):
+    model = model_for(family, "sdpa")
+    batch, _ = batch_and_singles(family)
     reference = MaskedReference(model, 0.5)
     with reference():
         expected = generate(model, batch)
@@ -127,11 +179,12 @@ def record_token_counts(model):
     return seen, handles
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batched", [False, True])
-def test_deeper_layers_run_on_kept_tokens_and_cache_is_compact(batched):
-    model = model_for("qwen2_vl")
-    samples = [qwen_vl_sample([(1, 8, 8)], [5, 7], seed=31), qwen_vl_sample([(1, 8, 4)], [3, 4], seed=32)]
-    inputs = left_pad_batch(samples) if batched else samples[0]
+def test_deeper_layers_run_on_kept_tokens_and_cache_is_compact(family, batched):
+    model = model_for(family)
+    batch, singles = batch_and_singles(family)
+    inputs = batch if batched else singles[0]
     length = inputs["input_ids"].shape[1]
     press, new_tokens = DeltaPress(compression_ratio=0.667), 5
     seen, handles = record_token_counts(model)
@@ -159,8 +212,8 @@ def test_deeper_layers_run_on_kept_tokens_and_cache_is_compact(batched):
         assert stat.prefill_ms > 0
 
 
-def forward_logits(model):
-    inputs = INPUTS["images"]()
+def forward_logits(model, family):
+    inputs = samples(family)["images"]
     with torch.no_grad():
         return model(**inputs).logits
 
@@ -169,31 +222,35 @@ def hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_model_is_restored_after_block_and_after_exception():
-    model = model_for("qwen2_vl")
-    before, hooks = forward_logits(model), hook_count(model)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_is_restored_after_block_and_after_exception(family):
+    model = model_for(family)
+    before, hooks = forward_logits(model, family), hook_count(model)
     press = DeltaPress(compression_ratio=0.8)
-    generate(model, INPUTS["images"](), press)
-    assert torch.equal(forward_logits(model), before)
+    generate(model, samples(family)["images"], press)
+    assert torch.equal(forward_logits(model, family), before)
     with pytest.raises(RuntimeError, match="boom"):
         with press(model):
             with torch.no_grad():
-                model(**INPUTS["images"]())
+                model(**samples(family)["images"])
             raise RuntimeError("boom")
     assert hook_count(model) == hooks
-    assert torch.equal(forward_logits(model), before)
-    bad = INPUTS["image"]()
-    bad["pixel_values"] = bad["pixel_values"][:10]  # fails inside the vision tower, mid-prefill
-    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises
+    assert torch.equal(forward_logits(model, family), before)
+    bad = samples(family)["image"]
+    bad["input_ids"] = torch.cat([bad["input_ids"], torch.full((1, 1), IMAGE_TOKEN)], -1)  # one token too many
+    bad["attention_mask"] = torch.ones_like(bad["input_ids"])
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises when features and tokens disagree
         generate(model, bad, press)
-    assert torch.equal(forward_logits(model), before)
+    assert hook_count(model) == hooks
+    assert torch.equal(forward_logits(model, family), before)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("inside_block", [True, False])
-def test_next_turn_on_halted_cache_matches_reference(attention, inside_block):
+def test_next_turn_on_halted_cache_matches_reference(family, attention, inside_block):
     """A chat's next turn: a multi-token forward on the halted cache, then greedy decode steps by hand."""
-    model, inputs = model_for("qwen2_vl", attention), INPUTS["image"]()
+    model, inputs = model_for(family, attention), samples(family)["image"]
     turn = torch.tensor([[5, 17, 29, 41, 53, 65]])
 
     def converse(prefill_context, outer_context):
@@ -224,8 +281,9 @@ def test_next_turn_on_halted_cache_matches_reference(attention, inside_block):
     assert cache.layers[-1].keys.shape[-2] == kept + turn.shape[1] + 4
 
 
-def test_protect_mask_keeps_positions():
-    model, inputs = model_for("qwen2_vl"), INPUTS["image"]()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_protect_mask_keeps_positions(family):
+    model, inputs = model_for(family), samples(family)["image"]
     protect = inputs["input_ids"] == IMAGE_TOKEN
     protect[:, : protect.shape[1] // 2] = False  # protect the image tokens of the second half
     reference = MaskedReference(model, 0.667, protect=protect)
@@ -251,7 +309,7 @@ def test_clear_errors_for_unsupported_models_and_settings():
             pass
     with pytest.raises(ValueError, match="output_hidden_states"):
         with torch.no_grad(), DeltaPress()(model_for("qwen2_vl")):
-            model_for("qwen2_vl")(**INPUTS["image"](), output_hidden_states=True)
+            model_for("qwen2_vl")(**samples("qwen2_vl")["image"], output_hidden_states=True)
     assert hook_count(model_for("qwen2_vl")) == 0
     with pytest.raises(ValueError, match="scope='vision' needs a vision-language model"):
         with DeltaPress(scope="vision")(tiny_text_model()):
