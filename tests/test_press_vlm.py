@@ -1,6 +1,7 @@
 """DeltaPress on tiny Qwen2-VL, Qwen2.5-VL, LLaVA-1.5 and LLaVA-NeXT: against the unmodified model, the masked
 reference, and each sample alone."""
 
+import copy
 from functools import cache
 
 import numpy as np
@@ -314,3 +315,29 @@ def test_clear_errors_for_unsupported_models_and_settings():
     with pytest.raises(ValueError, match="scope='vision' needs a vision-language model"):
         with DeltaPress(scope="vision")(tiny_text_model()):
             pass
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_beam_search_reorders_the_halted_cache(family):
+    model, (batch, _) = model_for(family), batch_and_singles(family)
+    beams = dict(num_beams=3, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    reference = MaskedReference(model, 0.667)
+    with torch.no_grad(), reference():
+        expected = model.generate(**batch, **beams)
+    with torch.no_grad(), DeltaPress(compression_ratio=0.667)(model):
+        actual = model.generate(**batch, **beams)
+    assert torch.equal(actual, expected)
+
+
+def test_copied_halted_cache_continues_like_the_original():
+    model, inputs = model_for("qwen2_vl"), samples("qwen2_vl")["images"]
+    cache, turn = DynamicCache(), torch.tensor([[7, 8, 9]])
+    with torch.no_grad():
+        with DeltaPress(compression_ratio=0.667)(model):
+            model(**inputs, past_key_values=cache)
+        copied = copy.deepcopy(cache)
+        original_logits = model(input_ids=turn, past_key_values=cache).logits
+        copied_logits = model(input_ids=turn, past_key_values=copied).logits
+    assert type(copied.layers[-1]).__name__ == "HaltedLayer"
+    assert copied.layers[-1].keys.shape == cache.layers[-1].keys.shape
+    assert torch.equal(copied_logits, original_logits)
