@@ -140,6 +140,7 @@ class _Prefill:
     tokens: list[int]
     eligible_counts: list[int]
     halt_counts: list[int]
+    halt_counts_tensor: torch.Tensor  # on the device, made at the start so that the decision copies nothing
     timer: _Timer
     halted: torch.Tensor | None = None
     kept: torch.Tensor | None = None
@@ -253,14 +254,14 @@ class _Executor:
         eligible = eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
         tokens, eligible_counts = torch.stack([real.sum(-1), eligible.sum(-1)]).tolist()  # the one host sync
         halt = halt_counts(eligible_counts, self.config.compression_ratio)
-        self.prefill = _Prefill(real, eligible, tokens, eligible_counts, halt, timer)
+        halt_tensor = torch.tensor(halt, device=real.device)
+        self.prefill = _Prefill(real, eligible, tokens, eligible_counts, halt, halt_tensor, timer)
 
     def _on_decision(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         prefill = self.prefill
         if prefill is None or not prefill.halting:
             return
-        halt = torch.tensor(prefill.halt_counts, device=output[0].device)
-        prefill.halted = select_halted(token_scores(output[0]), prefill.eligible, halt)
+        prefill.halted = select_halted(token_scores(output[0]), prefill.eligible, prefill.halt_counts_tensor)
         prefill.kept = prefill.real & ~prefill.halted
         kept_counts = prefill.kept_counts
         slots = max(kept_counts)
