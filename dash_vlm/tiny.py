@@ -29,7 +29,9 @@ TEXT = dict(
     num_hidden_layers=5,
     num_attention_heads=4,
     num_key_value_heads=2,
+    head_dim=16,
     max_position_embeddings=512,
+    bos_token_id=1,
     eos_token_id=EOS,
     pad_token_id=0,
 )
@@ -89,7 +91,7 @@ def tiny_text_model(model_type: str = "llama", attn_implementation: str = "sdpa"
     torch.manual_seed(seed)
     config_class, model_class = TEXT_MODELS[model_type]
     extra = {"sliding_window": None} if model_type == "mistral" else {}
-    config = config_class(**TEXT, bos_token_id=1, head_dim=16, **extra)
+    config = config_class(**TEXT, **extra)
     config._attn_implementation = attn_implementation
     return model_class(config).eval()
 
@@ -146,14 +148,14 @@ def text_sample(length: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def tiny_tokenizer(image_token: str = "<image>"):
+def tiny_tokenizer():
     """An offline word-level tokenizer of the tiny vocabulary: words ``w2 .. w126``, 0 pads, 1 starts, 127 ends,
-    ``image_token`` is 120."""
+    ``<image>`` is 120."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = {f"w{i}": i for i in range(2, EOS) if i != IMAGE_TOKEN}
-    vocab = words | {"<pad>": 0, "<s>": 1, "</s>": EOS, image_token: IMAGE_TOKEN}
+    vocab = words | {"<pad>": 0, "<s>": 1, "</s>": EOS, "<image>": IMAGE_TOKEN}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -163,7 +165,7 @@ def tiny_tokenizer(image_token: str = "<image>"):
         pad_token="<pad>",
         unk_token="<pad>",
         model_max_length=512,
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens={"image_token": "<image>"},
     )
 
 
@@ -191,7 +193,7 @@ def tiny_llava(next_version: bool = False, attn_implementation: str = "sdpa", se
         num_attention_heads=2,
         projection_dim=32,
     )
-    text = LlamaConfig(**TEXT, bos_token_id=1, head_dim=16)
+    text = LlamaConfig(**TEXT)
     common = dict(
         vision_config=vision,
         text_config=text,
