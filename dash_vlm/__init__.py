@@ -3,6 +3,7 @@
 from dash_vlm.halting import HaltingConfig
 from dash_vlm.models import supported_model_types
 from dash_vlm.press import DeltaPress, PrefillStats
+from dash_vlm.vlm import DashVLM, GenerationResult
 
-__all__ = ["DeltaPress", "HaltingConfig", "PrefillStats", "supported_model_types"]
+__all__ = ["DashVLM", "DeltaPress", "GenerationResult", "HaltingConfig", "PrefillStats", "supported_model_types"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``dash-vlm`` command."""
+"""The ``dash-vlm`` command: ``demo`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import logging
 
 import torch
 
+from dash_vlm.models.tiny import qwen_vl_sample, tiny_qwen_vl
 from dash_vlm.press import DeltaPress, PrefillStats
-from dash_vlm.tiny import qwen_vl_sample, tiny_qwen_vl
+
+STATS_HEADER = f"{'run':<14}{'tokens':>8}{'eligible':>10}{'kept':>8}{'layer':>7}{'prefill ms':>12}{'KV MB':>10}"
 
 
-def format_stats(stats: PrefillStats) -> str:
+def stats_row(name: str, stats: PrefillStats) -> str:
+    """One line of the statistics table under ``STATS_HEADER``."""
     return (
-        f"tokens {stats.tokens} | eligible {stats.eligible} | kept {stats.kept} | decision layer "
-        f"{stats.decision_layer} | halted {len(stats.halted_positions)} | prefill {stats.prefill_ms:.1f} ms | "
-        f"KV cache {stats.kv_cache_bytes / 2**10:.1f} KiB"
+        f"{name:<14}{stats.tokens:>8}{stats.eligible:>10}{stats.kept:>8}{stats.decision_layer:>7}"
+        f"{stats.prefill_ms:>12.1f}{stats.kv_cache_bytes / 2**20:>10.3f}"
     )
 
 
@@ -23,27 +25,73 @@ def run_demo(ratio: float, max_new_tokens: int) -> None:
     """Generate with and without DASH on a tiny random Qwen2-VL built from config, and print both."""
     model = tiny_qwen_vl()
     inputs = qwen_vl_sample([(1, 16, 16)], [12, 20])
-    press = DeltaPress(compression_ratio=ratio)
-    runs = {"vanilla": DeltaPress(compression_ratio=0.0), f"DASH {ratio}": press}
+    runs = {"vanilla": DeltaPress(compression_ratio=0.0), f"DASH {ratio}": DeltaPress(compression_ratio=ratio)}
     print(f"tiny random Qwen2-VL ({model.config.text_config.num_hidden_layers} decoder layers), one image of 64 tokens")
-    for name, run_press in runs.items():
-        with torch.inference_mode(), run_press(model):
+    rows = []
+    for name, press in runs.items():
+        with torch.inference_mode(), press(model):
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
-        print(f"{name:>12}: tokens {new_tokens}")
-        print(f"{'':>12}  {format_stats(run_press.last_stats[0])}")
+        print(f"{name:>12}: tokens {output[0, inputs['input_ids'].shape[1] :].tolist()}")
+        rows.append(stats_row(name, press.last_stats[0]))
+    print("\n".join(["", STATS_HEADER, *rows]))
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Load a checkpoint with ``DashVLM`` and answer one prompt, with and without halting under ``--compare``."""
+    from dash_vlm.vlm import DashVLM
+
+    vlm = DashVLM.from_pretrained(
+        args.model,
+        compression_ratio=args.ratio,
+        start_ratio=args.start_ratio,
+        scope=args.scope,
+        dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+        device_map=args.device,
+        attn_implementation=args.attn,
+        allow_urls=args.allow_urls,
+    )
+    dash = vlm.press
+    runs = {"vanilla": DeltaPress(0.0, dash.start_ratio, dash.scope)} if args.compare else {}
+    runs[f"DASH {dash.compression_ratio:g}"] = dash
+    rows = []
+    for name, press in runs.items():
+        vlm.press = press
+        result = vlm.generate(
+            image=args.image or None, video=args.video, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+        )
+        print(f"{name}: {result.text}")
+        rows.append(stats_row(name, result.stats))
+    print("\n".join(["", STATS_HEADER, *rows]))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dash-vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="generate with and without DASH on the bundled default and compare")
+    demo = commands.add_parser("demo", help="generate with and without DASH on a tiny model and compare")
     demo.add_argument("--ratio", type=float, default=0.667, help="compression ratio in [0, 1) (default 0.667)")
     demo.add_argument("--max-new-tokens", type=int, default=12)
+
+    generate = commands.add_parser("generate", help="answer a prompt about images with a checkpoint under DASH")
+    generate.add_argument("--model", required=True, help="hub id or local folder of a supported VLM")
+    generate.add_argument("--image", nargs="+", default=[], help="image files (several: one prompt about all)")
+    generate.add_argument("--video", default=None, help="a video file (Qwen2-VL family)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--ratio", type=float, default=0.667, help="compression ratio in [0, 1) (default 0.667)")
+    generate.add_argument("--start-ratio", type=float, default=0.4, help="decision layer = floor(S * layers)")
+    generate.add_argument("--scope", choices=("auto", "vision", "all"), default="auto")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--device", default=None, help="device or device map: cuda, cpu, auto (default: GPU if any)")
+    generate.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    generate.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default=None)
+    generate.add_argument("--allow-urls", action="store_true", help="fetch http(s) images")
+    generate.add_argument("--compare", action="store_true", help="also generate without halting and compare")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.command == "demo":
         run_demo(args.ratio, args.max_new_tokens)
+    elif args.command == "generate":
+        run_generate(args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 
 from dash_vlm import DeltaPress, HaltingConfig
 from dash_vlm.halting import compact_layout, eligible_tokens, halt_counts, select_halted, token_scores
-from dash_vlm.tiny import tiny_text_model
+from dash_vlm.models.tiny import tiny_text_model
 
 BAD_VALUES = [
     ("compression_ratio", -0.1),

@@ -8,7 +8,7 @@ from reference import MaskedReference, relative_error
 from transformers import pipeline
 
 from dash_vlm import DeltaPress
-from dash_vlm.tiny import TEXT_MODELS, left_pad_batch, text_sample, tiny_text_model, tiny_tokenizer
+from dash_vlm.models.tiny import TEXT_MODELS, left_pad_batch, text_sample, tiny_text_model, tiny_tokenizer
 
 ATTENTION = ["sdpa", "eager"]
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)

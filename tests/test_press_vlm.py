@@ -12,7 +12,7 @@ from reference import MaskedReference, relative_error
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from dash_vlm import DeltaPress
-from dash_vlm.tiny import (
+from dash_vlm.models.tiny import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
     left_pad_batch,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import BatchFeature, PretrainedConfig, ProcessorMixin
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,16 @@ class ModelAdapter:
         The ``config.model_type`` values this adapter serves.
     vision_token_attributes : tuple of str
         Config attributes holding the ids of the vision placeholder tokens; empty for a text-only model.
+    video : bool
+        Whether the family takes video input.
+    pixel_limits : bool
+        Whether its processor resizes images to a pixel budget (``min_pixels`` / ``max_pixels``).
     """
 
     model_types: tuple[str, ...]
     vision_token_attributes: tuple[str, ...] = ()
+    video: bool = False
+    pixel_limits: bool = False
 
     @property
     def is_vision_language(self) -> bool:
@@ -46,6 +52,27 @@ class ModelAdapter:
             getattr(config, name) for name in self.vision_token_attributes if getattr(config, name, None) is not None
         ]
 
+    def processor_inputs(
+        self,
+        processor: ProcessorMixin,
+        conversations: list[list[dict]],
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> BatchFeature:
+        """Model inputs of a batch of chat conversations, prompts built by the checkpoint's chat template.
+
+        Image entries of the conversations hold loaded ``PIL`` images; the tokenizer pads on the side it is set to.
+        """
+        images = [item["image"] for chat in conversations for item in chat[-1]["content"] if item["type"] == "image"]
+        return processor(
+            text=chat_prompts(processor, conversations), images=images or None, padding=True, return_tensors="pt"
+        )
+
+
+def chat_prompts(processor: ProcessorMixin, conversations: list[list[dict]]) -> list[str]:
+    """The prompt text of each conversation, by the checkpoint's chat template, ready for the assistant's answer."""
+    return [processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in conversations]
+
 
 _REGISTRY: dict[str, ModelAdapter] = {}
 
@@ -60,9 +87,14 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter of ``model``, by ``model.config.model_type``; ``ValueError`` for an unsupported model."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def model_types_with(capability: str) -> list[str]:
+    """The supported model types whose adapter has ``capability`` (a bool field: ``video``, ``pixel_limits``)."""
+    return sorted(model_type for model_type, adapter in _REGISTRY.items() if getattr(adapter, capability))
+
+
+def adapter_for(model: nn.Module | PretrainedConfig) -> ModelAdapter:
+    """The adapter of a model (or config), by ``model_type``; ``ValueError`` for an unsupported model."""
+    model_type = getattr(getattr(model, "config", model), "model_type", None)
     if model_type not in _REGISTRY:
         raise ValueError(
             f"DASH does not support model_type {model_type!r} ({type(model).__name__}); "

@@ -1,0 +1,274 @@
+"""DashVLM: a supported vision-language model, its processor and a DeltaPress behind one call on image + prompt."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
+from dash_vlm.press import DeltaPress, PrefillStats
+
+logger = logging.getLogger(__name__)
+
+ImageInput = str | Path | Image.Image
+VideoInput = str | Path | Sequence[Image.Image]
+VIDEO_FPS = 2.0  # frames sampled per second of a video file, the qwen-vl-utils default
+
+
+@dataclass
+class GenerationResult:
+    """The answer to one prompt and the statistics of its prefill."""
+
+    text: str
+    stats: PrefillStats
+
+
+class DashVLM:
+    """A vision-language model that generates under DASH.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A supported vision-language model (Qwen2-VL, Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT).
+    processor : ProcessorMixin
+        Its processor, with the checkpoint's chat template. Its tokenizer is set to pad on the left.
+    press : DeltaPress
+        The halting rule applied to every prefill.
+    min_pixels, max_pixels : int, optional
+        Pixel budget of each image or video frame (Qwen2-VL family); default: the processor's own.
+    allow_urls : bool
+        Whether ``http(s)://`` images may be fetched.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        press: DeltaPress | None = None,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        allow_urls: bool = False,
+    ):
+        self.adapter = _vision_adapter(model.config)
+        _check_pixel_limits(self.adapter, model.config.model_type, min_pixels, max_pixels)
+        self.model, self.processor = model, processor
+        self.press = press if press is not None else DeltaPress()
+        self.min_pixels, self.max_pixels, self.allow_urls = min_pixels, max_pixels, allow_urls
+        processor.tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        compression_ratio: float = 0.667,
+        start_ratio: float = 0.4,
+        scope: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        device_map: str | dict | None = None,
+        attn_implementation: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        allow_urls: bool = False,
+        **model_kwargs,
+    ) -> DashVLM:
+        """Load a checkpoint (hub id or local folder) the ordinary transformers way, with a ``DeltaPress``.
+
+        ``device_map=None`` puts the whole model on the first GPU if there is one, else on the CPU. The halting
+        parameters are validated and the model type checked before any weights load. ``model_kwargs`` go to the
+        model's ``from_pretrained`` (``trust_remote_code``, ``revision``, ``quantization_config``, ...).
+        """
+        press = DeltaPress(compression_ratio=compression_ratio, start_ratio=start_ratio, scope=scope)
+        hub_kwargs = {
+            key: model_kwargs[key] for key in ("trust_remote_code", "revision", "token") if key in model_kwargs
+        }
+        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+        adapter = _vision_adapter(config)
+        _check_pixel_limits(adapter, config.model_type, min_pixels, max_pixels)
+        if device_map is None:
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        if attn_implementation is not None:
+            model_kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path, dtype=dtype, device_map=device_map, **model_kwargs
+        ).eval()
+        processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
+        logger.info("loaded %s (%s) on %s", name_or_path, config.model_type, model.device)
+        return cls(model, processor, press, min_pixels=min_pixels, max_pixels=max_pixels, allow_urls=allow_urls)
+
+    def generate(
+        self,
+        image: ImageInput | Sequence | None = None,
+        prompt: str | Sequence[str] = "",
+        *,
+        video: VideoInput | Sequence | None = None,
+        max_new_tokens: int = 128,
+        **generation_kwargs,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Answer a prompt about images (or a video), or a batch of prompts.
+
+        Parameters
+        ----------
+        image : path, PIL image, or a list of them, optional
+            The images of one prompt. For a batch (``prompt`` a list), a list with one entry per prompt, each
+            ``None``, one image or a list of images.
+        prompt : str or list of str
+            The user message; a list is a batch, padded on the left.
+        video : path or list of PIL frames, optional
+            Qwen2-VL family only; a file is decoded with PyAV at 2 frames per second. Batched like ``image``.
+        max_new_tokens : int
+            Generation length limit.
+        **generation_kwargs
+            Passed to ``model.generate``; decoding is greedy unless ``do_sample=True`` is given.
+
+        Returns
+        -------
+        GenerationResult, or a list of them for a batch.
+        """
+        batched = not isinstance(prompt, str)
+        prompts = list(prompt) if batched else [prompt]
+        if not prompts or not all(isinstance(text, str) and text.strip() for text in prompts):
+            raise ValueError(f"prompt must be a non-empty string or a non-empty list of them, got {prompt!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if generation_kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError("num_return_sequences must be 1: DashVLM returns one answer per prompt")
+        if video is not None and not self.adapter.video:
+            raise ValueError(
+                f"video is supported for model types {', '.join(model_types_with('video'))}, "
+                f"not {self.model.config.model_type!r}"
+            )
+        images = _per_prompt("image", image, len(prompts), batched)
+        videos = _per_prompt("video", video, len(prompts), batched, frames=True)
+        conversations = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        *({"type": "image", "image": self._load_image(item)} for item in sample_images),
+                        *({"type": "video", "video": self._load_video(item)} for item in sample_videos),
+                        {"type": "text", "text": text},
+                    ],
+                }
+            ]
+            for text, sample_images, sample_videos in zip(prompts, images, videos, strict=True)
+        ]
+        inputs = self.adapter.processor_inputs(self.processor, conversations, self.min_pixels, self.max_pixels)
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        generation_kwargs.setdefault("do_sample", False)
+        with torch.inference_mode(), self.press(self.model):
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation_kwargs)
+        texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        results = [
+            GenerationResult(text.strip(), stats) for text, stats in zip(texts, self.press.last_stats, strict=True)
+        ]
+        return results if batched else results[0]
+
+    def _load_image(self, image: ImageInput) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        return _open_image(self._read_file("image", image), str(image))
+
+    def _load_video(self, video: VideoInput) -> list[Image.Image]:
+        if isinstance(video, (str, Path)):
+            return _decode_video(self._read_file("video", video), str(video))
+        return [self._load_image(frame) for frame in video]
+
+    def _read_file(self, parameter: str, source: str | Path) -> bytes:
+        text = str(source)
+        if text.startswith(("http://", "https://")):
+            if not self.allow_urls:
+                raise ValueError(f"{parameter} {text!r} is a URL; pass allow_urls=True to fetch it")
+            import requests
+
+            response = requests.get(text, timeout=60)
+            response.raise_for_status()
+            return response.content
+        path = Path(text.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{parameter} file not found: {path}")
+        return path.read_bytes()
+
+
+def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool = False) -> list[list]:
+    """The images (or videos) of each prompt as a list of lists."""
+
+    def as_list(entry) -> list:
+        if entry is None:
+            return []
+        is_single = isinstance(entry, (str, Path, Image.Image))
+        if frames and not is_single and all(isinstance(frame, Image.Image) for frame in entry):
+            return [entry]  # one video given as its frames
+        return [entry] if is_single else list(entry)
+
+    if not batched:
+        return [as_list(value)]
+    if value is None:
+        return [[] for _ in range(prompts)]
+    if isinstance(value, (str, Path, Image.Image)) or len(value) != prompts:
+        raise ValueError(
+            f"{parameter} must be a list with one entry per prompt ({prompts} prompts) when prompt is a list, "
+            f"got {value!r:.200}"
+        )
+    return [as_list(entry) for entry in value]
+
+
+def _open_image(data: bytes, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"image {name!r} is not an image file PIL can read ({error})") from error
+
+
+def _decode_video(data: bytes, name: str) -> list[Image.Image]:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            step = max(1, round(float(stream.average_rate or VIDEO_FPS) / VIDEO_FPS))
+            frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i % step == 0]
+    except (av.error.FFmpegError, IndexError) as error:
+        raise ValueError(f"video {name!r} is not a video file PyAV can decode ({error})") from error
+    if not frames:
+        raise ValueError(f"video {name!r} has no frames")
+    return frames
+
+
+def _vision_adapter(config: PretrainedConfig) -> ModelAdapter:
+    adapter = adapter_for(config)
+    if not adapter.is_vision_language:
+        raise ValueError(
+            f"DashVLM needs a vision-language model; {config.model_type!r} is text-only "
+            "(apply DeltaPress to text LLMs directly)"
+        )
+    return adapter
+
+
+def _check_pixel_limits(adapter: ModelAdapter, model_type: str, min_pixels: int | None, max_pixels: int | None):
+    if (min_pixels is not None or max_pixels is not None) and not adapter.pixel_limits:
+        raise ValueError(
+            f"min_pixels / max_pixels apply to model types {', '.join(model_types_with('pixel_limits'))}, "
+            f"not {model_type!r}"
+        )
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
