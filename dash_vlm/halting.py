@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 SCOPES = ("auto", "vision", "all")
+METHODS = ("dash", "random")
 
 
 @dataclass
@@ -31,6 +32,11 @@ class HaltingConfig:
         The last ``protect_last`` real tokens never halt (>= 1: the token that predicts the answer).
     protect_first : int
         The first ``protect_first`` real tokens never halt (>= 0).
+    method : str
+        "dash" (the rule) or "random": the same number of eligible tokens halt at the same layer, chosen by a
+        pseudo-random score seeded per sample (``random_scores``), the baseline that isolates the score's value.
+    seed : int
+        Seed of the "random" method (>= 0).
     """
 
     compression_ratio: float = 0.667
@@ -38,6 +44,8 @@ class HaltingConfig:
     scope: str = "auto"
     protect_last: int = 1
     protect_first: int = 0
+    method: str = "dash"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,7 +58,9 @@ class HaltingConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        for name, minimum in (("protect_last", 1), ("protect_first", 0)):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name, minimum in (("protect_last", 1), ("protect_first", 0), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -63,6 +73,21 @@ class HaltingConfig:
 def token_scores(attention_output: torch.Tensor) -> torch.Tensor:
     """L2 norm of each token's self-attention output, in float32: ``[batch, tokens, hidden] -> [batch, tokens]``."""
     return torch.linalg.vector_norm(attention_output.float(), dim=-1)
+
+
+def random_scores(input_ids: torch.Tensor, real: torch.Tensor, seed: int) -> torch.Tensor:
+    """Pseudo-random scores in [0, 1) that depend only on the sample: its real tokens, each token's position in the
+    unpadded prompt, and ``seed`` (an integer hash on the device, so a sample scores the same alone or in a batch).
+    """
+    mask32 = 0xFFFFFFFF
+    position = real.long().cumsum(-1)
+    checksum = ((input_ids.long() % 65521 + 1) * position * real).sum(-1, keepdim=True) & mask32
+    state = (position * 0x27D4EB2F + checksum * 0x165667B1 + seed * 0x61C88647) & mask32
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x046B6F4B), (16, 0)):
+        state = state ^ (state >> shift)
+        if multiplier:
+            state = (state * multiplier) & mask32
+    return state.float() / 2**32
 
 
 def eligible_tokens(

@@ -25,7 +25,15 @@ from transformers import PreTrainedModel
 
 from dash_vlm.cache import HaltRecord, attach_halted_layers, check_cache
 from dash_vlm.compact import restrict_attention_mask, take_tokens
-from dash_vlm.halting import HaltingConfig, compact_layout, eligible_tokens, halt_counts, select_halted, token_scores
+from dash_vlm.halting import (
+    HaltingConfig,
+    compact_layout,
+    eligible_tokens,
+    halt_counts,
+    random_scores,
+    select_halted,
+    token_scores,
+)
 from dash_vlm.models import ModelAdapter, adapter_for
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,10 @@ class DeltaPress(BasePress):
         "vision", "all", or "auto" (vision for a vision-language model, all for a text-only model).
     protect_last, protect_first : int
         How many of the last (>= 1) and first (>= 0) real prompt tokens never halt.
+    method : str
+        "dash", or "random" (the baseline: as many tokens halt, chosen pseudo-randomly per sample).
+    seed : int
+        Seed of the "random" method.
     """
 
     compression_ratio: float = 0.667
@@ -72,6 +84,8 @@ class DeltaPress(BasePress):
     scope: str = "auto"
     protect_last: int = 1
     protect_first: int = 0
+    method: str = "dash"
+    seed: int = 0
     _last_prefill: _PrefillRecord | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +94,13 @@ class DeltaPress(BasePress):
     def halting_config(self) -> HaltingConfig:
         """The validated rule; raises ``ValueError`` if a field was set out of range."""
         return HaltingConfig(
-            self.compression_ratio, self.start_ratio, self.scope, self.protect_last, self.protect_first
+            self.compression_ratio,
+            self.start_ratio,
+            self.scope,
+            self.protect_last,
+            self.protect_first,
+            self.method,
+            self.seed,
         )
 
     @contextmanager
@@ -142,6 +162,7 @@ class _Prefill:
     halt_counts: list[int]
     halt_counts_tensor: torch.Tensor  # on the device, made at the start so that the decision copies nothing
     timer: _Timer
+    fixed_scores: torch.Tensor | None = None  # the "random" method's scores, known before any layer runs
     halted: torch.Tensor | None = None
     kept: torch.Tensor | None = None
     index: torch.Tensor | None = None  # [batch, slots] position held by each compact slot
@@ -255,13 +276,19 @@ class _Executor:
         tokens, eligible_counts = torch.stack([real.sum(-1), eligible.sum(-1)]).tolist()  # the one host sync
         halt = halt_counts(eligible_counts, self.config.compression_ratio)
         halt_tensor = torch.tensor(halt, device=real.device)
-        self.prefill = _Prefill(real, eligible, tokens, eligible_counts, halt, halt_tensor, timer)
+        fixed_scores = None
+        if self.config.method == "random":
+            if input_ids is None:
+                raise ValueError("method='random' needs input_ids to seed each sample; got only inputs_embeds")
+            fixed_scores = random_scores(input_ids, real, self.config.seed)
+        self.prefill = _Prefill(real, eligible, tokens, eligible_counts, halt, halt_tensor, timer, fixed_scores)
 
     def _on_decision(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         prefill = self.prefill
         if prefill is None or not prefill.halting:
             return
-        prefill.halted = select_halted(token_scores(output[0]), prefill.eligible, prefill.halt_counts_tensor)
+        scores = token_scores(output[0]) if prefill.fixed_scores is None else prefill.fixed_scores
+        prefill.halted = select_halted(scores, prefill.eligible, prefill.halt_counts_tensor)
         prefill.kept = prefill.real & ~prefill.halted
         kept_counts = prefill.kept_counts
         slots = max(kept_counts)

@@ -22,6 +22,10 @@ BAD_VALUES = [
     ("protect_last", 1.5),
     ("protect_first", -1),
     ("protect_first", True),
+    ("method", "norm"),
+    ("method", None),
+    ("seed", -1),
+    ("seed", 1.0),
 ]
 
 

@@ -341,3 +341,25 @@ def test_copied_halted_cache_continues_like_the_original():
     assert type(copied.layers[-1]).__name__ == "HaltedLayer"
     assert copied.layers[-1].keys.shape == cache.layers[-1].keys.shape
     assert torch.equal(copied_logits, original_logits)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_random_baseline_is_seeded_per_sample(family):
+    model = model_for(family, "sdpa")
+    batch, singles = batch_and_singles(family)
+
+    def halted(press, inputs):
+        generate(model, inputs, press, max_new_tokens=2)
+        return [stats.halted_positions for stats in press.last_stats]
+
+    random_press = DeltaPress(compression_ratio=0.5, method="random", seed=7)
+    in_batch = halted(random_press, batch)
+    assert in_batch == [halted(random_press, sample)[0] for sample in singles]
+    assert in_batch == halted(DeltaPress(compression_ratio=0.5, method="random", seed=7), batch)
+    assert in_batch != halted(DeltaPress(compression_ratio=0.5, method="random", seed=8), batch)
+    dash_press = DeltaPress(compression_ratio=0.5)
+    assert in_batch != halted(dash_press, batch)
+    for positions, stats in zip(in_batch, dash_press.last_stats, strict=True):
+        assert len(positions) == round(0.5 * stats.eligible)  # as many as DASH halts
+    with pytest.raises(ValueError, match="method must be one of"):
+        DeltaPress(method="norm")
