@@ -38,7 +38,12 @@ TEXT = dict(
 
 
 def tiny_qwen_vl(
-    family: str = "qwen2_vl", attn_implementation: str = "sdpa", seed: int = 0, **text_overrides
+    family: str = "qwen2_vl",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    vision_layers: int = 2,
+    vision_width: int = 32,
+    **text_overrides,
 ) -> torch.nn.Module:
     """A 5-layer Qwen2-VL (``family="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) in float32, eval mode.
 
@@ -47,7 +52,7 @@ def tiny_qwen_vl(
     """
     torch.manual_seed(seed)
     vision = dict(
-        depth=2,
+        depth=vision_layers,
         num_heads=2,
         in_channels=3,
         patch_size=PATCH,
@@ -61,12 +66,17 @@ def tiny_qwen_vl(
         vision_end_token_id=VISION_END,
     )
     ids.update({key: text_overrides.pop(key) for key in list(ids) if key in text_overrides})
-    text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    text.update(text_overrides)
+    text = TEXT | text_overrides
+    # M-RoPE splits the head_dim / 2 rotary pairs 2 : 3 : 3 over time, height and width, as Qwen2-VL-7B does.
+    pairs = text["head_dim"] // 2
+    temporal = pairs // 4
+    height = (pairs - temporal) // 2
+    sections = [temporal, height, pairs - temporal - height]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
     if family == "qwen2_vl":
         config = Qwen2VLConfig(
             text_config=text,
-            vision_config=dict(vision, embed_dim=32, hidden_size=text["hidden_size"], mlp_ratio=2),
+            vision_config=dict(vision, embed_dim=vision_width, hidden_size=text["hidden_size"], mlp_ratio=2),
             **ids,
         )
         model_class = Qwen2VLForConditionalGeneration
@@ -75,11 +85,11 @@ def tiny_qwen_vl(
             text_config=text,
             vision_config=dict(
                 vision,
-                hidden_size=32,
+                hidden_size=vision_width,
                 out_hidden_size=text["hidden_size"],
-                intermediate_size=64,
+                intermediate_size=2 * vision_width,
                 window_size=16,
-                fullatt_block_indexes=[1],
+                fullatt_block_indexes=[vision_layers - 1],
             ),
             **ids,
         )
@@ -188,6 +198,9 @@ def tiny_llava(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     image_token_id: int = IMAGE_TOKEN,
+    vision_layers: int = 2,
+    vision_width: int = 32,
+    image_side: int = LLAVA_IMAGE_SIDE,
     **text_overrides,
 ) -> torch.nn.Module:
     """A LLaVA-1.5 (or LLaVA-NeXT) with a 2-layer CLIP tower on 32 px images and a 5-layer Llama, float32.
@@ -204,13 +217,13 @@ def tiny_llava(
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        image_size=LLAVA_IMAGE_SIDE,
+        image_size=image_side,
         patch_size=LLAVA_PATCH,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
-        projection_dim=32,
+        projection_dim=vision_width,
     )
     text = LlamaConfig(**(TEXT | text_overrides))
     common = dict(
@@ -219,7 +232,7 @@ def tiny_llava(
         image_token_index=image_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        image_seq_length=(LLAVA_IMAGE_SIDE // LLAVA_PATCH) ** 2,
+        image_seq_length=(image_side // LLAVA_PATCH) ** 2,
     )
     if next_version:
         config = LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_PINPOINTS)
@@ -231,7 +244,7 @@ def tiny_llava(
     return model_class(config).eval()
 
 
-def tiny_llava_processor(next_version: bool = False, tokenizer=None):
+def tiny_llava_processor(next_version: bool = False, tokenizer=None, image_side: int = LLAVA_IMAGE_SIDE):
     """The real LLaVA (or LLaVA-NeXT anyres) processor class, with ``tokenizer`` (default: the tiny tokenizer)."""
     from transformers import (
         CLIPImageProcessorFast,
@@ -240,9 +253,7 @@ def tiny_llava_processor(next_version: bool = False, tokenizer=None):
         LlavaProcessor,
     )
 
-    sizes = dict(
-        size={"shortest_edge": LLAVA_IMAGE_SIDE}, crop_size={"height": LLAVA_IMAGE_SIDE, "width": LLAVA_IMAGE_SIDE}
-    )
+    sizes = dict(size={"shortest_edge": image_side}, crop_size={"height": image_side, "width": image_side})
     common = dict(
         tokenizer=tokenizer or tiny_tokenizer(),
         patch_size=LLAVA_PATCH,
@@ -323,23 +334,41 @@ def word_tokenizer(
     )
 
 
-def tiny_checkpoint(family: str, words: list[str] = (), seed: int = 0, **text_overrides):
+def tiny_checkpoint(
+    family: str,
+    words: list[str] = (),
+    seed: int = 0,
+    vision_layers: int = 2,
+    vision_width: int = 32,
+    llava_image_side: int = LLAVA_IMAGE_SIDE,
+    **text_overrides,
+):
     """A random tiny VLM of ``family`` (``qwen2_vl``, ``qwen2_5_vl``, ``llava``, ``llava_next``) with its real processor
     class, an offline word-level tokenizer over ``CHAT_WORDS + words`` and the checkpoint family's chat template.
 
-    Returns ``(model, processor)``, ready for ``save_pretrained`` and ``DashVLM.from_pretrained``.
+    ``text_overrides`` replace entries of the decoder config ``TEXT``. Returns ``(model, processor)``, ready for
+    ``save_pretrained`` and ``DashVLM.from_pretrained``.
     """
+    vision = dict(vision_layers=vision_layers, vision_width=vision_width)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         tokenizer = word_tokenizer([*CHAT_WORDS, *words], QWEN_VL_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE)
         ids = {name: tokenizer.convert_tokens_to_ids(QWEN_VL_SPECIAL_TOKENS[role]) for role, name in _QWEN_ID_NAMES}
-        model = tiny_qwen_vl(family, seed=seed, vocab_size=len(tokenizer), **ids, **text_overrides)
+        model = tiny_qwen_vl(family, seed=seed, vocab_size=len(tokenizer), **vision, **ids, **text_overrides)
         return model, tiny_qwen_vl_processor(tokenizer)
     if family in ("llava", "llava_next"):
         tokenizer = word_tokenizer([*CHAT_WORDS, *words], LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, prepend_bos=True)
         ids = {name: tokenizer.convert_tokens_to_ids(LLAVA_SPECIAL_TOKENS[role]) for role, name in _LLAVA_ID_NAMES}
         next_version = family == "llava_next"
-        model = tiny_llava(next_version, seed=seed, vocab_size=len(tokenizer), **ids, **text_overrides)
-        return model, tiny_llava_processor(next_version, tokenizer)
+        model = tiny_llava(
+            next_version,
+            seed=seed,
+            vocab_size=len(tokenizer),
+            image_side=llava_image_side,
+            **vision,
+            **ids,
+            **text_overrides,
+        )
+        return model, tiny_llava_processor(next_version, tokenizer, llava_image_side)
     raise ValueError(f"family must be one of qwen2_vl, qwen2_5_vl, llava, llava_next; got {family!r}")
 
 

@@ -1,10 +1,10 @@
 """dash-shapes: seeded scenes of coloured shapes and one-word questions about them.
 
-A scene is 2 to 4 shapes (circle, square, triangle; red, green, blue, yellow; each colour-shape pair at most once)
+A scene is 1 to 3 shapes (circle, square, triangle; red, green, blue, yellow; each colour-shape pair at most once)
 in distinct cells of a 3x3 grid on a 64x64 image. Questions of four kinds:
 
 - ``colour``: "what colour is the circle?" (asked only of a shape that occurs once);
-- ``count``: "how many red shapes are there?" / "how many circles are there?" (0 to 4);
+- ``count``: "how many red shapes are there?" / "how many circles are there?" (0 to 3);
 - ``exist``: "is there a blue triangle?" (yes / no, balanced);
 - ``position``: "where is the red circle relative to the blue square?" (left / right / above / below; the two
   shapes share a grid row or column, so exactly one answer holds).
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ SHAPES = ("circle", "square", "triangle")
 KINDS = ("colour", "count", "exist", "position")
 SPLIT_SEEDS = {"train": 0, "validation": 1_000_000_000, "test": 2_000_000_000}
 TEST_SIZE = 1000
+ANSWERS = (*COLOURS, "0", "1", "2", "3", "yes", "no", "left", "right", "above", "below")
 WORDS = sorted(
     {
         *"what colour is the how many shapes are there where relative to".split(),
@@ -65,10 +65,10 @@ class Sample:
 
 
 def random_scene(rng: random.Random) -> list[Shape]:
-    pairs = rng.sample([(shape, colour) for shape in SHAPES for colour in COLOURS], rng.randint(2, 4))
+    pairs = rng.sample([(shape, colour) for shape in SHAPES for colour in COLOURS], rng.randint(1, 3))
     cells = rng.sample([(row, column) for row in range(GRID) for column in range(GRID)], len(pairs))
     return [
-        Shape(kind, colour, row, column, rng.randint(12, 18), rng.randint(-1, 1), rng.randint(-1, 1))
+        Shape(kind, colour, row, column, rng.randint(14, 19), rng.randint(-1, 1), rng.randint(-1, 1))
         for (kind, colour), (row, column) in zip(pairs, cells, strict=True)
     ]
 
@@ -135,6 +135,14 @@ def make_sample(split: str, index: int) -> Sample:
             return Sample(render(scene), qa[0], qa[1], kind)
 
 
+def training_scene(index: int) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """Training scene ``index`` and one question of every kind it allows (in random order), with their answers."""
+    rng = random.Random(SPLIT_SEEDS["train"] + index)
+    scene = random_scene(rng)
+    questions = [ask(scene, kind, rng) for kind in rng.sample(KINDS, len(KINDS))]
+    return render(scene), [qa for qa in questions if qa is not None]
+
+
 def sample_key(image: Image.Image, question: str) -> str:
     return hashlib.sha1(image.tobytes() + question.encode()).hexdigest()
 
@@ -146,16 +154,6 @@ def held_out_keys(size: int = TEST_SIZE) -> set[str]:
 
 def split_samples(split: str, size: int) -> list[Sample]:
     return [make_sample(split, i) for i in range(size)]
-
-
-def training_stream(start: int = 0, exclude: set[str] | None = None) -> Iterator[Sample]:
-    """Training samples ``start, start + 1, ...``, without any pair in ``exclude``."""
-    index = start
-    while True:
-        sample = make_sample("train", index)
-        index += 1
-        if exclude is None or sample_key(sample.image, sample.question) not in exclude:
-            yield sample
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -1,0 +1,171 @@
+"""Accuracy of the bundled dash-shapes checkpoints on the test split, across compression ratios, scopes and methods.
+
+    python -m dash_vlm.shapes.evaluate --output shapes_accuracy.json --plot assets/dash_shapes_accuracy.png
+
+Every configuration answers every test question through ``DashVLM.generate`` (greedy, batched); an answer is
+correct when it equals the reference after lower-casing and stripping. Prints a Markdown table per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dash_vlm.press import DeltaPress
+from dash_vlm.resources import bundled
+from dash_vlm.shapes.data import KINDS, Sample, read_test_split
+from dash_vlm.vlm import DashVLM
+
+logger = logging.getLogger(__name__)
+
+MODELS = {"qwen2-vl": "dash-shapes-qwen2-vl", "llava": "dash-shapes-llava"}
+RATIOS = (0.0, 0.25, 0.5, 0.667, 0.8, 0.9)
+SCOPES = ("vision", "all")
+METHODS = ("dash", "random")
+
+
+def model_folder(name: str) -> Path:
+    """The bundled checkpoint folder of ``name`` (``qwen2-vl`` or ``llava``)."""
+    return bundled("assets") / "models" / MODELS[name]
+
+
+def is_correct(text: str, answer: str) -> bool:
+    return text.strip().lower() == answer.strip().lower()
+
+
+def answer_all(vlm: DashVLM, samples: list[Sample], batch_size: int) -> tuple[list[str], float]:
+    """The answers to every sample and the mean share of prompt tokens kept."""
+    texts, kept = [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        results = vlm.generate(image=[s.image for s in chunk], prompt=[s.question for s in chunk], max_new_tokens=4)
+        texts += [result.text for result in results]
+        kept += [result.stats.kept / result.stats.tokens for result in results]
+    return texts, sum(kept) / len(kept)
+
+
+def score(texts: list[str], samples: list[Sample]) -> dict:
+    correct = [is_correct(text, sample.answer) for text, sample in zip(texts, samples, strict=True)]
+    by_kind = {kind: [c for c, s in zip(correct, samples, strict=True) if s.kind == kind] for kind in KINDS}
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "by_kind": {kind: sum(values) / len(values) for kind, values in by_kind.items() if values},
+    }
+
+
+def evaluate(models: list[str], samples: list[Sample], batch_size: int, device: str | None) -> list[dict]:
+    configurations = [(0.0, "vision", "dash")] + [
+        (ratio, scope, method) for scope in SCOPES for method in METHODS for ratio in RATIOS if ratio > 0
+    ]
+    rows = []
+    with tqdm(total=len(models) * len(configurations), desc="dash-shapes accuracy") as progress:
+        for name in models:
+            vlm = DashVLM.from_pretrained(model_folder(name), device_map=device)
+            for ratio, scope, method in configurations:
+                vlm.press = DeltaPress(compression_ratio=ratio, scope=scope, method=method)
+                texts, kept = answer_all(vlm, samples, batch_size)
+                row = {"model": name, "ratio": ratio, "scope": scope, "method": method, "kept_fraction": kept}
+                rows.append(row | score(texts, samples))
+                progress.update()
+    return rows
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """One table per model: rows are scope / method / question kind, columns are compression ratios."""
+    lines = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        baseline = next(r for r in rows if r["model"] == model and r["ratio"] == 0)
+        lines += [f"**{model}** (ratio 0: {baseline['accuracy']:.1%})", ""]
+        lines.append("| scope | method | kind | " + " | ".join(f"{r:g}" for r in RATIOS) + " |")
+        lines.append("|---|---|---|" + "---|" * len(RATIOS))
+        for scope in SCOPES:
+            for method in METHODS:
+                by_ratio = {0.0: baseline} | {
+                    r["ratio"]: r
+                    for r in rows
+                    if r["model"] == model and r["scope"] == scope and r["method"] == method and r["ratio"] > 0
+                }
+                for kind in ("all", *KINDS):
+                    values = [
+                        by_ratio[r]["accuracy"] if kind == "all" else by_ratio[r]["by_kind"][kind] for r in RATIOS
+                    ]
+                    label = "**all**" if kind == "all" else kind
+                    lines.append(f"| {scope} | {method} | {label} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+        kept = {
+            r["ratio"]: r["kept_fraction"]
+            for r in rows
+            if r["model"] == model and r["scope"] == "vision" and r["method"] == "dash"
+        }
+        lines += ["", "Prompt tokens kept (scope vision): " + ", ".join(f"{r:g}: {k:.0%}" for r, k in kept.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against compression ratio: a panel per model and scope; DASH solid, random dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    figure, axes = plt.subplots(len(models), len(SCOPES), figsize=(11, 4 * len(models)), squeeze=False)
+    colours = dict(zip(("all", *KINDS), ("black", "tab:red", "tab:blue", "tab:green", "tab:purple"), strict=True))
+    for i, model in enumerate(models):
+        baseline = next(r for r in rows if r["model"] == model and r["ratio"] == 0)
+        for j, scope in enumerate(SCOPES):
+            axis = axes[i][j]
+            for method, style in (("dash", "-"), ("random", "--")):
+                selected = [baseline] + [
+                    r for r in rows if r["model"] == model and r["scope"] == scope and r["method"] == method
+                ]
+                selected = [r for r in selected if r["ratio"] == 0 or r["scope"] == scope]
+                ratios = [r["ratio"] for r in selected]
+                for kind, colour in colours.items():
+                    values = [r["accuracy"] if kind == "all" else r["by_kind"][kind] for r in selected]
+                    axis.plot(
+                        ratios,
+                        values,
+                        style,
+                        color=colour,
+                        linewidth=2.5 if kind == "all" else 1,
+                        marker="o" if kind == "all" else None,
+                        label=f"{method} {kind}",
+                    )
+            axis.set_title(f"{model}, scope {scope}")
+            axis.set_xlabel("compression ratio")
+            axis.set_ylabel("test accuracy")
+            axis.set_ylim(0, 1.02)
+            axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2, loc="lower left")
+    figure.suptitle("dash-shapes: DASH (solid) vs random halting (dashed), overall (thick) and per question kind")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--limit", type=int, default=None, help="first N test samples only")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--output", type=Path, required=True, help="results JSON")
+    parser.add_argument("--plot", type=Path, default=None, help="accuracy plot (PNG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    samples = read_test_split()[: args.limit]
+    rows = evaluate(args.models, samples, args.batch_size, args.device)
+    args.output.write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+    print(markdown_tables(rows))
+
+
+if __name__ == "__main__":
+    main()
