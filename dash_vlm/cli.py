@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 import torch
+import transformers
 
-from dash_vlm.models.tiny import qwen_vl_sample, tiny_qwen_vl
 from dash_vlm.press import DeltaPress, PrefillStats
 
 STATS_HEADER = f"{'run':<14}{'tokens':>8}{'eligible':>10}{'kept':>8}{'layer':>7}{'prefill ms':>12}{'KV MB':>10}"
@@ -21,19 +22,29 @@ def stats_row(name: str, stats: PrefillStats) -> str:
     )
 
 
-def run_demo(ratio: float, max_new_tokens: int) -> None:
-    """Generate with and without DASH on a tiny random Qwen2-VL built from config, and print both."""
-    model = tiny_qwen_vl()
-    inputs = qwen_vl_sample([(1, 16, 16)], [12, 20])
-    runs = {"vanilla": DeltaPress(compression_ratio=0.0), f"DASH {ratio}": DeltaPress(compression_ratio=ratio)}
-    print(f"tiny random Qwen2-VL ({model.config.text_config.num_hidden_layers} decoder layers), one image of 64 tokens")
-    rows = []
-    for name, press in runs.items():
-        with torch.inference_mode(), press(model):
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        print(f"{name:>12}: tokens {output[0, inputs['input_ids'].shape[1] :].tolist()}")
-        rows.append(stats_row(name, press.last_stats[0]))
-    print("\n".join(["", STATS_HEADER, *rows]))
+def run_demo(ratio: float) -> None:
+    """Ask the bundled dash-shapes Qwen2-VL checkpoint about the bundled scene, with and without DASH."""
+    from dash_vlm.resources import bundled
+    from dash_vlm.shapes.evaluate import model_folder
+    from dash_vlm.vlm import DashVLM
+
+    demo = json.loads((bundled("assets") / "demo" / "shapes.json").read_text())
+    image = bundled("assets") / "demo" / "shapes.png"
+    questions = [item["question"] for item in demo["questions"]]
+    vlm = DashVLM.from_pretrained(model_folder("qwen2-vl"), device_map="cpu")
+    print(f"dash-shapes Qwen2-VL ({vlm.model.config.text_config.num_hidden_layers} decoder layers) on {image.name}")
+    vlm.generate(image=image, prompt=questions[0], max_new_tokens=1)  # warm-up, so that both timings are steady
+    answers, rows = {}, []
+    for name, press in {"vanilla": DeltaPress(0.0), f"DASH {ratio:g}": DeltaPress(ratio)}.items():
+        vlm.press = press
+        results = vlm.generate(image=[image] * len(questions), prompt=questions, max_new_tokens=4)
+        answers[name] = [result.text for result in results]
+        rows.append(stats_row(name, results[0].stats))
+    width = max(map(len, questions))
+    print(f"\n{'question':<{width}}  {'truth':<7}" + "".join(f"{name:<12}" for name in answers))
+    for i, item in enumerate(demo["questions"]):
+        print(f"{item['question']:<{width}}  {item['answer']:<7}" + "".join(f"{a[i]:<12}" for a in answers.values()))
+    print("\n".join(["", "halting statistics of the first question:", STATS_HEADER, *rows]))
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -67,9 +78,8 @@ def run_generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dash-vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="generate with and without DASH on a tiny model and compare")
+    demo = commands.add_parser("demo", help="the bundled dash-shapes checkpoint answers with and without DASH")
     demo.add_argument("--ratio", type=float, default=0.667, help="compression ratio in [0, 1) (default 0.667)")
-    demo.add_argument("--max-new-tokens", type=int, default=12)
 
     generate = commands.add_parser("generate", help="answer a prompt about images with a checkpoint under DASH")
     generate.add_argument("--model", required=True, help="hub id or local folder of a supported VLM")
@@ -86,12 +96,19 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--allow-urls", action="store_true", help="fetch http(s) images")
     generate.add_argument("--compare", action="store_true", help="also generate without halting and compare")
 
+    commands.add_parser("tasks", help="print the folder of the dash_* lmms-eval tasks, for --include_path")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
     if args.command == "demo":
-        run_demo(args.ratio, args.max_new_tokens)
+        run_demo(args.ratio)
     elif args.command == "generate":
         run_generate(args)
+    elif args.command == "tasks":
+        from dash_vlm.resources import tasks_folder
+
+        print(tasks_folder())
 
 
 if __name__ == "__main__":

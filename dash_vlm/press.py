@@ -126,7 +126,7 @@ class DeltaPress(BasePress):
         return [] if self._last_prefill is None else self._last_prefill.stats()
 
 
-class _Timer:
+class Timer:
     """Wall time of a call: CUDA events on a GPU (read only when asked, so no sync), else ``perf_counter``."""
 
     def __init__(self, device: torch.device):
@@ -161,7 +161,7 @@ class _Prefill:
     eligible_counts: list[int]
     halt_counts: list[int]
     halt_counts_tensor: torch.Tensor  # on the device, made at the start so that the decision copies nothing
-    timer: _Timer
+    timer: Timer
     fixed_scores: torch.Tensor | None = None  # the "random" method's scores, known before any layer runs
     halted: torch.Tensor | None = None
     kept: torch.Tensor | None = None
@@ -255,7 +255,7 @@ class _Executor:
             raise ValueError("DASH does not support output_hidden_states=True in a prefill (deeper layers are compact)")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         reference = input_ids if input_ids is not None else kwargs["inputs_embeds"]
-        timer = _Timer(reference.device)
+        timer = Timer(reference.device)
         batch, length = reference.shape[:2]
         attention_mask = kwargs.get("attention_mask")
         real = torch.ones(batch, length, dtype=torch.bool, device=reference.device)

@@ -17,10 +17,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
+    StoppingCriteria,
 )
 
-from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
-from dash_vlm.press import DeltaPress, PrefillStats
+from dash_vlm.models import ModelAdapter, adapter_for, chat_prompts, model_types_with
+from dash_vlm.press import DeltaPress, PrefillStats, Timer
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,36 @@ VIDEO_FPS = 2.0  # frames sampled per second of a video file, the qwen-vl-utils 
 
 @dataclass
 class GenerationResult:
-    """The answer to one prompt and the statistics of its prefill."""
+    """The answer to one prompt, the statistics of its prefill, the time to the first token (from the call to
+    ``model.generate``, so preprocessing excluded; the same for every sample of a batch) and how many tokens were
+    generated (end-of-sequence included)."""
 
     text: str
     stats: PrefillStats
+    ttft_ms: float = float("nan")
+    generated_tokens: int = 0
+
+
+class _FirstToken(StoppingCriteria):
+    """Stops nothing; stops its timer when generate has chosen the first token."""
+
+    def __init__(self, device: torch.device):
+        self.timer, self.seen = Timer(device), False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if not self.seen:
+            self.timer.stop()
+            self.seen = True
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _generated_counts(new_tokens: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:
+    """Tokens generated per sample, up to and including its first end-of-sequence token."""
+    if eos_token_id is None:
+        return [new_tokens.shape[1]] * new_tokens.shape[0]
+    eos = torch.isin(new_tokens, torch.tensor(eos_token_id, device=new_tokens.device).flatten())
+    after_eos = eos.long().cumsum(-1) - eos.long()  # > 0 strictly after the first EOS
+    return (after_eos == 0).sum(-1).tolist()
 
 
 class DashVLM:
@@ -168,16 +195,63 @@ class DashVLM:
             ]
             for text, sample_images, sample_videos in zip(prompts, images, videos, strict=True)
         ]
-        inputs = self.adapter.processor_inputs(self.processor, conversations, self.min_pixels, self.max_pixels)
+        results = self.generate_conversations(conversations, max_new_tokens=max_new_tokens, **generation_kwargs)
+        return results if batched else results[0]
+
+    def generate_conversations(
+        self,
+        conversations: list[list[dict]],
+        prompts: list[str] | None = None,
+        *,
+        max_new_tokens: int = 128,
+        **generation_kwargs,
+    ) -> list[GenerationResult]:
+        """Generate for chat conversations whose images and video frames are loaded ``PIL`` images.
+
+        ``prompts`` replaces the chat template's rendering of each conversation (the lmms-eval models use it to
+        follow lmms-eval's own prompt format); the conversations then only supply the images.
+        """
+        inputs = self.adapter.processor_inputs(
+            self.processor, conversations, self.min_pixels, self.max_pixels, prompts=prompts
+        )
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)
         generation_kwargs.setdefault("do_sample", False)
+        first_token = _FirstToken(self.model.device)
+        generation_kwargs["stopping_criteria"] = [*generation_kwargs.get("stopping_criteria", []), first_token]
         with torch.inference_mode(), self.press(self.model):
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation_kwargs)
-        texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        results = [
-            GenerationResult(text.strip(), stats) for text, stats in zip(texts, self.press.last_stats, strict=True)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        counts = _generated_counts(new_tokens, self.model.generation_config.eos_token_id)
+        ttft_ms = first_token.timer.milliseconds()
+        return [
+            GenerationResult(text.strip(), stats, ttft_ms, count)
+            for text, stats, count in zip(texts, self.press.last_stats, counts, strict=True)
         ]
-        return results if batched else results[0]
+
+    def score_continuation(
+        self, conversation: list[dict], continuation: str, prompt: str | None = None
+    ) -> tuple[float, bool]:
+        """Log-probability of ``continuation`` after the conversation's prompt, and whether greedy decoding would
+        produce it. The continuation's tokens are protected from halting, so their logits are exact."""
+        prompt = prompt if prompt is not None else chat_prompts(self.processor, [conversation])[0]
+        context = self.adapter.processor_inputs(
+            self.processor, [conversation], self.min_pixels, self.max_pixels, [prompt]
+        )
+        inputs = self.adapter.processor_inputs(
+            self.processor, [conversation], self.min_pixels, self.max_pixels, [prompt + continuation]
+        )
+        length = context["input_ids"].shape[1]
+        if not torch.equal(inputs["input_ids"][:, :length], context["input_ids"]):
+            raise ValueError(f"continuation {continuation!r} changes how the prompt tokenizes; it cannot be scored")
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        targets = inputs["input_ids"][:, length:]
+        protect = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        protect[:, length:] = True
+        with torch.inference_mode(), self.press(self.model, protect=protect):
+            logits = self.model(**inputs).logits[:, length - 1 : -1].float()
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+        return log_probs.sum().item(), bool((logits.argmax(-1) == targets).all())
 
     def _load_image(self, image: ImageInput) -> Image.Image:
         if isinstance(image, Image.Image):

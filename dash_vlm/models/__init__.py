@@ -58,15 +58,28 @@ class ModelAdapter:
         conversations: list[list[dict]],
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        prompts: list[str] | None = None,
     ) -> BatchFeature:
-        """Model inputs of a batch of chat conversations, prompts built by the checkpoint's chat template.
+        """Model inputs of a batch of chat conversations, prompts built by the checkpoint's chat template unless
+        ``prompts`` gives them.
 
         Image entries of the conversations hold loaded ``PIL`` images; the tokenizer pads on the side it is set to.
         """
-        images = [item["image"] for chat in conversations for item in chat[-1]["content"] if item["type"] == "image"]
-        return processor(
-            text=chat_prompts(processor, conversations), images=images or None, padding=True, return_tensors="pt"
-        )
+        images = [item["image"] for item in vision_items(conversations) if item["type"] == "image"]
+        prompts = chat_prompts(processor, conversations) if prompts is None else prompts
+        return processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+
+
+def vision_items(conversations: list[list[dict]]) -> list[dict]:
+    """The image and video entries of the conversations, in order."""
+    return [
+        item
+        for chat in conversations
+        for message in chat
+        if not isinstance(message["content"], str)
+        for item in message["content"]
+        if item["type"] in ("image", "video")
+    ]
 
 
 def chat_prompts(processor: ProcessorMixin, conversations: list[list[dict]]) -> list[str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from qwen_vl_utils import process_vision_info
 from transformers import BatchFeature, ProcessorMixin
 
-from dash_vlm.models import ModelAdapter, chat_prompts, register_adapter
+from dash_vlm.models import ModelAdapter, chat_prompts, register_adapter, vision_items
 
 
 @dataclass(frozen=True)
@@ -22,35 +22,24 @@ class QwenVLAdapter(ModelAdapter):
         conversations: list[list[dict]],
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        prompts: list[str] | None = None,
     ) -> BatchFeature:
         size = processor.image_processor.size
         limits = {
             "min_pixels": size["shortest_edge"] if min_pixels is None else min_pixels,
             "max_pixels": size["longest_edge"] if max_pixels is None else max_pixels,
         }
-        conversations = [
-            [
-                {
-                    **message,
-                    "content": [item if item["type"] == "text" else {**item, **limits} for item in message["content"]],
-                }
-                for message in chat
-            ]
-            for chat in conversations
-        ]
+        prompts = chat_prompts(processor, conversations) if prompts is None else prompts
+        vision = [item | limits for item in vision_items(conversations)]
         images, videos, video_kwargs = process_vision_info(
-            conversations, return_video_kwargs=True, image_patch_size=processor.image_processor.patch_size
+            [[{"role": "user", "content": vision}]],
+            return_video_kwargs=True,
+            image_patch_size=processor.image_processor.patch_size,
         )
         # Frames were sampled already; every video here is a frame list at the same sampling rate.
         video_kwargs = {"do_sample_frames": False, "fps": video_kwargs["fps"][0]} if videos else {}
         return processor(
-            text=chat_prompts(processor, conversations),
-            images=images,
-            videos=videos,
-            padding=True,
-            return_tensors="pt",
-            **limits,
-            **video_kwargs,
+            text=prompts, images=images, videos=videos, padding=True, return_tensors="pt", **limits, **video_kwargs
         )
 
 

@@ -100,8 +100,8 @@ def training_batch(chat: ChatFormat, indices: range, exclude: set[str]) -> dict:
 class ShapesStream(IterableDataset):
     """Batch ``b`` holds training scenes ``b * size ...``; workers interleave batches."""
 
-    def __init__(self, processor, batch_size: int, exclude: set[str]):
-        self.processor, self.batch_size, self.exclude = processor, batch_size, exclude
+    def __init__(self, processor, batch_size: int, exclude: set[str], first_scene: int = 0):
+        self.processor, self.batch_size, self.exclude, self.first_scene = processor, batch_size, exclude, first_scene
 
     def __iter__(self):
         worker = get_worker_info()
@@ -109,7 +109,7 @@ class ShapesStream(IterableDataset):
         chat = ChatFormat(self.processor)
         batch_index = rank
         while True:
-            start = batch_index * self.batch_size
+            start = self.first_scene + batch_index * self.batch_size
             yield training_batch(chat, range(start, start + self.batch_size), self.exclude)
             batch_index += workers
 
@@ -140,14 +140,18 @@ def train(
     workers: int,
     validate_every: int,
     max_minutes: float,
+    resume: Path | None = None,
+    first_scene: int = 0,
 ) -> dict:
     started = time.perf_counter()
     model, processor = tiny_checkpoint(family, WORDS, seed=seed, **ARCHITECTURE)
+    if resume is not None:  # continue from a saved checkpoint (weights only; a fresh optimizer and schedule)
+        model = type(model).from_pretrained(resume, dtype=torch.float32)
     processor.tokenizer.padding_side = "left"
     model.to(device).train()
     validation = split_samples("validation", 1000)
     loader = DataLoader(
-        ShapesStream(processor, batch_size, held_out_keys()),
+        ShapesStream(processor, batch_size, held_out_keys(), first_scene),
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -205,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--validate-every", type=int, default=500)
+    parser.add_argument("--resume", type=Path, default=None, help="continue training this saved checkpoint")
+    parser.add_argument("--first-scene", type=int, default=0, help="index of the first training scene to use")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop early (and save) after this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -220,9 +226,19 @@ def main(argv: list[str] | None = None) -> None:
         args.workers,
         args.validate_every,
         args.max_minutes,
+        args.resume,
+        args.first_scene,
     )
     arguments = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    (args.output / "training.json").write_text(json.dumps({"arguments": arguments, **result}, indent=1))
+    stages = []  # a resumed run keeps the record of the runs before it
+    if args.resume is not None and (args.resume / "training.json").is_file():
+        stages = json.loads((args.resume / "training.json").read_text())["stages"]
+    stage = {
+        "arguments": arguments,
+        "device": torch.cuda.get_device_name() if "cuda" in args.device else "cpu",
+        **result,
+    }
+    (args.output / "training.json").write_text(json.dumps({"stages": [*stages, stage]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""The lmms-eval plugin: entry points, task adapters, the model interface, and lmms-eval's command line, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.task import ConfigurableTask
+from lmms_eval.models import get_model
+from lmms_eval.utils import load_yaml_config
+
+from dash_vlm.lmms import figures
+from dash_vlm.lmms.models import DashLlava, DashQwen2VL
+from dash_vlm.lmms.tasks import REFERENCES, DashShapesTask, DashTask
+from dash_vlm.resources import tasks_folder
+from dash_vlm.shapes.data import read_test_split
+from dash_vlm.shapes.evaluate import is_correct, model_folder
+
+QWEN, LLAVA = model_folder("qwen2-vl"), model_folder("llava")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+FIGURES = {
+    "dash_prefill_ms": 1.5,
+    "dash_ttft_ms": 2.5,
+    "dash_tokens": 90,
+    "dash_kept_tokens": 40,
+    "dash_kv_cache_mb": 0.3,
+}
+
+
+def test_entry_points_resolve():
+    assert get_model("dash_qwen2vl") is DashQwen2VL
+    assert get_model("dash_llava") is DashLlava
+    assert get_model("dash_qwen2_5_vl").__name__ == "DashQwen2_5_VL"
+
+
+# A document with the fields each referenced task's prompt and scoring read (values arbitrary, types right).
+BASE_DOC = {
+    "question": "Is there a cat?",
+    "answer": "yes",
+    "question_id": 7,
+    "questionId": 7,
+    "category": "existence",
+    "type": "human_test",
+    "index": 3,
+    "hint": "nan",
+    "A": "yes",
+    "B": "no",
+    "C": "nan",
+    "D": "nan",
+    "source": "x",
+    "split": "dev",
+    "L2-category": "y",
+    "choices": ["yes", "no"],
+    "lecture": "",
+    "solution": "",
+    "ocr_tokens": [],
+}
+DOCS = {
+    "textvqa_val": {"answers": ["yes"] * 10},
+    "docvqa_val": {"answers": ["yes"]},
+    "vqav2_val_lite": {"answers": [{"answer": "yes", "answer_id": i} for i in range(10)]},
+    "scienceqa_img": {"answer": 0},
+}
+
+
+@pytest.mark.parametrize("reference", sorted(REFERENCES))
+def test_adapter_resolves_and_adds_speed_metrics(reference, monkeypatch):
+    path = tasks_folder() / f"dash_{reference}" / f"dash_{reference}.yaml"
+    config = load_yaml_config(str(path), mode="full")
+    assert config["class"] is DashTask and config["dash_reference"] == reference
+    doc = BASE_DOC | DOCS.get(reference, {})
+    split = next(config_split for config_split in ("test_split", "validation_split") if config_split in _ref(reference))
+
+    def offline_download(self, dataset_kwargs=None):
+        self.dataset = DatasetDict({_ref(reference)[split]: Dataset.from_list([doc])})
+        self.dataset_no_image = self.dataset
+
+    monkeypatch.setattr(ConfigurableTask, "download", offline_download)
+    task = config["class"](config=config)
+    assert task.config.task == f"dash_{reference}"
+    numbered = task.eval_docs[0]
+    assert numbered.doc_id == 0
+    builtin = ConfigurableTask.process_results(task, dict(numbered), ["yes"])
+    assert builtin and not set(builtin) & set(FIGURES)
+    figures.clear()
+    assert task.process_results(numbered, ["yes"]) == builtin  # no figures recorded: a cached answer
+    figures.record(f"dash_{reference}", 0, FIGURES)
+    assert task.process_results(numbered, ["yes"]) == builtin | FIGURES
+    assert all(task.aggregation()[name]([1.0, 3.0]) == 2.0 for name in FIGURES)
+
+
+def _ref(reference: str) -> dict:
+    return DashTask.reference_config(reference)
+
+
+def test_bad_reference_and_figures():
+    with pytest.raises(ValueError, match="dash_reference must be one of"):
+        DashTask(config={"task": "dash_x", "dash_reference": "nope"})
+    with pytest.raises(ValueError, match="figures must have exactly the keys"):
+        figures.record("t", 0, {"dash_prefill_ms": 1.0})
+
+
+def shapes_requests(task, count: int) -> list[Instance]:
+    docs = task.eval_docs
+    return [
+        Instance(
+            "generate_until",
+            (docs[i]["question"], {"max_new_tokens": 4, "until": ["\n"]}, task.doc_to_visual, i, "dash_shapes", "test"),
+            idx=0,
+            metadata={"task": "dash_shapes", "doc_id": i, "repeats": 1},
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def shapes_task():
+    return DashShapesTask(config={"task": "dash_shapes"})
+
+
+@pytest.mark.parametrize("model_class, folder", [(DashQwen2VL, QWEN), (DashLlava, LLAVA)])
+def test_generate_until_batches_and_records_figures(shapes_task, model_class, folder):
+    lmm = model_class(pretrained=str(folder), compression_ratio=0.5, batch_size=4, device_map="cpu")
+    lmm.task_dict = {"dash_shapes": shapes_task.dataset}
+    requests = shapes_requests(shapes_task, 6)
+    figures.clear()
+    batched = lmm.generate_until(requests)
+    assert all(isinstance(result, GenerationResult) for result in batched)
+    recorded = [figures.lookup("dash_shapes", i) for i in range(6)]
+    lmm.batch_size_per_gpu = 1
+    alone = lmm.generate_until(requests)
+    assert [r.text for r in batched] == [r.text for r in alone]
+    for i, result in enumerate(batched):
+        figure = recorded[i]
+        assert set(figure) == set(FIGURES)
+        assert figure["dash_kept_tokens"] < figure["dash_tokens"] == result.token_counts.input_tokens
+        assert figure["dash_ttft_ms"] >= figure["dash_prefill_ms"] > 0
+        assert figures.lookup("dash_shapes", i)["dash_kept_tokens"] == figure["dash_kept_tokens"]
+    samples = read_test_split()[:6]
+    assert [r.text for r in batched] == [
+        r.text for r in lmm.vlm.generate(image=[s.image for s in samples], prompt=[s.question for s in samples])
+    ] or model_class is DashLlava  # LLaVA prompts follow lmms-eval's llava_hf format, not the chat template
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        lmm.generate_until_multi_round(requests)
+
+
+def test_loglikelihood_protects_the_continuation(shapes_task):
+    sample = read_test_split()[0]
+    lmm = DashQwen2VL(pretrained=str(QWEN), compression_ratio=0.9, scope="all", device_map="cpu")
+    lmm.task_dict = {"dash_shapes": shapes_task.dataset}
+    request = Instance(
+        "loglikelihood",
+        (sample.question, lambda doc: " " + doc["answer"], shapes_task.doc_to_visual, 0, "dash_shapes", "test"),
+        0,
+        metadata={"task": "dash_shapes", "doc_id": 0, "repeats": 1},
+    )
+    ((log_prob, greedy),) = lmm.loglikelihood([request])
+    stats = lmm.vlm.press.last_stats[0]
+    continuation_positions = set(range(stats.tokens - 1, stats.tokens))  # the answer word is one token
+    assert not continuation_positions & set(stats.halted_positions) and stats.kept < stats.tokens
+    assert log_prob < 0 and isinstance(greedy, bool)
+    # At ratio 0 the score is the unmodified model's.
+    lmm.vlm.press.compression_ratio = 0.0
+    ((plain_log_prob, plain_greedy),) = lmm.loglikelihood([request])
+    conversation, _ = lmm.conversation(sample.question, [sample.image])
+    processor, model = lmm.vlm.processor, lmm.vlm.model
+    prompt = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[prompt + " " + sample.answer], images=[sample.image], return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -2]
+    expected = torch.log_softmax(logits.float(), -1)[inputs["input_ids"][0, -1]].item()
+    assert plain_log_prob == pytest.approx(expected, abs=1e-4)
+    assert plain_greedy == (sample.answer == processor.tokenizer.decode([logits.argmax().item()]).strip())
+
+
+def run_lmms_eval(tmp_path: Path, processes: int, limit: int) -> tuple[dict, list[dict]]:
+    output = tmp_path / f"run{processes}"
+    launcher = [sys.executable, "-m", "lmms_eval"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
+                    "-m", "lmms_eval"]  # fmt: skip
+    command = [
+        *launcher,
+        "--model", "dash_qwen2vl",
+        "--model_args", f"pretrained={QWEN},compression_ratio=0.5,device_map=cpu",
+        "--tasks", "dash_shapes",
+        "--include_path", str(tasks_folder()),
+        "--limit", str(limit),
+        "--batch_size", "8",
+        "--log_samples",
+        "--output_path", str(output),
+    ]  # fmt: skip
+    run = subprocess.run(command, env=os.environ | OFFLINE, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(next(output.rglob("*_results.json")).read_text())
+    samples = [json.loads(line) for line in next(output.rglob("*_samples_dash_shapes.jsonl")).read_text().splitlines()]
+    return results, samples
+
+
+def test_lmms_eval_command_line_one_and_two_processes(tmp_path):
+    limit = 24
+    one, one_samples = run_lmms_eval(tmp_path, 1, limit)
+    scores = one["results"]["dash_shapes"]
+    expected = read_test_split()[:limit]
+    assert len(one_samples) == limit
+    correct = [is_correct(sample["filtered_resps"], doc.answer) for sample, doc in zip(
+        sorted(one_samples, key=lambda s: s["doc_id"]), expected, strict=True)]  # fmt: skip
+    assert scores["exact_match,none"] == pytest.approx(sum(correct) / limit)
+    for name in FIGURES:
+        assert scores[f"{name},none"] > 0
+        assert all(name in sample for sample in one_samples)
+    assert scores["dash_kept_tokens,none"] < scores["dash_tokens,none"]
+    assert one["throughput"]["total_gen_tokens"] >= limit
+
+    two, two_samples = run_lmms_eval(tmp_path, 2, limit)
+    assert sorted(sample["doc_id"] for sample in two_samples) == list(range(limit))  # both ranks' samples
+    assert all(all(name in sample for name in FIGURES) for sample in two_samples)  # both ranks' figures
+    for name in ("exact_match", "dash_tokens", "dash_kept_tokens", "dash_kv_cache_mb"):
+        assert two["results"]["dash_shapes"][f"{name},none"] == pytest.approx(scores[f"{name},none"])

@@ -1,0 +1,93 @@
+"""dash-shapes: the committed test split against its generator, the bundled checkpoints' accuracy, and the demo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dash_vlm import DashVLM, DeltaPress
+from dash_vlm.cli import main as cli_main
+from dash_vlm.resources import bundled
+from dash_vlm.shapes.data import (
+    KINDS,
+    TEST_FILE,
+    held_out_keys,
+    make_sample,
+    read_test_split,
+    sample_key,
+    split_samples,
+    training_scene,
+)
+from dash_vlm.shapes.evaluate import MODELS, answer_all, model_folder, score
+
+RESULTS = bundled("assets") / "dash_shapes_accuracy.json"
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return read_test_split()
+
+
+def test_committed_split_equals_generator(test_split):
+    assert TEST_FILE.stat().st_size <= 5 * 2**20 and len(test_split) <= 1000
+    for index, stored in enumerate(test_split):
+        generated = make_sample("test", index)
+        assert (stored.question, stored.answer, stored.kind) == (generated.question, generated.answer, generated.kind)
+        assert np.array_equal(np.asarray(stored.image), np.asarray(generated.image)), index
+    assert {sample.kind for sample in test_split} == set(KINDS)
+
+
+def test_splits_are_disjoint():
+    test = {sample_key(s.image, s.question) for s in split_samples("test", 1000)}
+    validation = {sample_key(s.image, s.question) for s in split_samples("validation", 1000)}
+    assert not test & validation
+    held_out = held_out_keys()
+    assert held_out == test | validation
+    training = {sample_key(image, q) for i in range(2000) for image, turns in [training_scene(i)] for q, _ in turns}
+    assert not training & test  # training additionally filters any accidental repeat, this checks it is rare
+
+
+def test_images_give_at_least_64_tokens(test_split):
+    for name in MODELS:
+        vlm = DashVLM.from_pretrained(model_folder(name))
+        stats = vlm.generate(image=test_split[0].image, prompt=test_split[0].question, max_new_tokens=1).stats
+        assert stats.eligible >= 64
+
+
+def test_checkpoint_files_and_cards():
+    for name in MODELS:
+        folder = model_folder(name)
+        assert all(path.stat().st_size <= 15 * 2**20 for path in folder.iterdir())
+        assert (folder / "README.md").read_text().count("Test accuracy") == 1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_accuracy_matches_the_published_results(test_split, name):
+    """Ratio 0 and DASH at 0.667 on the whole test split reproduce BENCHMARKS.md (any regression in loading,
+    prompting, positions or halting moves them)."""
+    published = json.loads(RESULTS.read_text())
+    vlm = DashVLM.from_pretrained(model_folder(name))
+    for ratio, scope, method in ((0.0, "vision", "dash"), (0.667, "vision", "dash"), (0.667, "all", "random")):
+        vlm.press = DeltaPress(compression_ratio=ratio, scope=scope, method=method)
+        texts, _ = answer_all(vlm, test_split, batch_size=250)
+        measured = score(texts, test_split)
+        row = next(
+            r
+            for r in published
+            if (r["model"], r["ratio"], r["method"]) == (name, ratio, method) and (ratio == 0 or r["scope"] == scope)
+        )
+        assert measured["accuracy"] == pytest.approx(row["accuracy"], abs=0.005), (ratio, scope, method)
+        for kind, value in measured["by_kind"].items():
+            assert value == pytest.approx(row["by_kind"][kind], abs=0.02), (ratio, scope, method, kind)
+    assert next(r for r in published if r["model"] == name and r["ratio"] == 0)["accuracy"] > 0.7
+
+
+def test_demo(capsys):
+    cli_main(["demo", "--ratio", "0.5"])
+    output = capsys.readouterr().out
+    demo = json.loads((bundled("assets") / "demo" / "shapes.json").read_text())
+    for item in demo["questions"]:
+        assert item["question"] in output
+    assert "vanilla" in output and "DASH 0.5" in output and "prefill ms" in output
