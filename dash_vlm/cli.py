@@ -1,10 +1,11 @@
-"""The ``dash-vlm`` command: ``demo`` and ``generate``."""
+"""The ``dash-vlm`` command: ``demo``, ``generate``, ``bench`` and ``tasks``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from pathlib import Path
 
 import torch
 import transformers
@@ -96,6 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--allow-urls", action="store_true", help="fetch http(s) images")
     generate.add_argument("--compare", action="store_true", help="also generate without halting and compare")
 
+    bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
+    bench.add_argument(
+        "--preset", required=True, help="qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-7b, llava-1.5-7b, llava-next-7b, tiny"
+    )
+    bench.add_argument("--image-size", type=int, action="append", required=True, help="image side in px (repeatable)")
+    bench.add_argument("--ratios", default="0,0.5,0.667,0.8", help="comma-separated compression ratios")
+    bench.add_argument("--start-ratio", type=float, default=0.4)
+    bench.add_argument("--scope", choices=("auto", "vision", "all"), default="vision")
+    bench.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench.add_argument("--output", type=Path, required=True, help="results JSON")
+    bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size (PNG)")
     commands.add_parser("tasks", help="print the folder of the dash_* lmms-eval tasks, for --include_path")
 
     args = parser.parse_args(argv)
@@ -105,6 +122,23 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(args.ratio)
     elif args.command == "generate":
         run_generate(args)
+    elif args.command == "bench":
+        from dash_vlm import bench
+
+        config = bench.BenchConfig(
+            preset=args.preset,
+            image_sizes=args.image_size,
+            ratios=[float(ratio) for ratio in args.ratios.split(",")],
+            start_ratio=args.start_ratio,
+            scope=args.scope,
+            batch_size=args.batch_size,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            attn=args.attn,
+            **({"device": args.device} if args.device else {}),
+        )
+        bench.main(config, args.output, args.plot)
     elif args.command == "tasks":
         from dash_vlm.resources import tasks_folder
 

@@ -63,7 +63,7 @@ class MaskedReference:
             return
         scores = output[0].float().norm(dim=-1)
         batch, length = scores.shape
-        self.halted = torch.zeros(batch, length, dtype=torch.bool)
+        self.halted = torch.zeros(batch, length, dtype=torch.bool, device=scores.device)
         self.halted_per_sample = []
         for b, eligible in enumerate(self.eligible):
             n_drop = round(self.ratio * len(eligible))
@@ -83,9 +83,10 @@ class MaskedReference:
             cache = kwargs.get("past_key_values")
             keys = queries if cache is None else cache.get_seq_length(0)  # layer 0 already holds this forward's keys
             offset = keys - queries
-            mask = (torch.arange(keys)[None, :] <= (offset + torch.arange(queries))[:, None])[None, None]
+            positions = torch.arange(keys, device=hidden.device)
+            mask = (positions[None, :] <= (offset + positions[:queries])[:, None])[None, None]
             mask = mask.expand(hidden.shape[0], 1, queries, keys)
-        halted = torch.zeros(mask.shape[0], mask.shape[-1], dtype=torch.bool)
+        halted = torch.zeros(mask.shape[0], mask.shape[-1], dtype=torch.bool, device=mask.device)
         halted[:, : self.halted.shape[1]] = self.halted
         halted = halted[:, None, None, :]
         if mask.dtype == torch.bool:

@@ -27,12 +27,15 @@ class ModelAdapter:
         Whether the family takes video input.
     pixel_limits : bool
         Whether its processor resizes images to a pixel budget (``min_pixels`` / ``max_pixels``).
+    vision_tower_attribute : str, optional
+        Attribute of the prefill module that holds the vision tower (the speed harness times it).
     """
 
     model_types: tuple[str, ...]
     vision_token_attributes: tuple[str, ...] = ()
     video: bool = False
     pixel_limits: bool = False
+    vision_tower_attribute: str | None = None
 
     @property
     def is_vision_language(self) -> bool:
@@ -46,6 +49,12 @@ class ModelAdapter:
         """The decoder stack: it has ``layers`` (each with ``self_attn``) and the final ``norm``."""
         base = self.prefill_module(model)
         return getattr(base, "language_model", base)
+
+    def vision_tower(self, model: nn.Module) -> nn.Module | None:
+        """The vision tower (whose output the decoder reads), or ``None`` for a text-only model."""
+        if self.vision_tower_attribute is None:
+            return None
+        return getattr(self.prefill_module(model), self.vision_tower_attribute)
 
     def vision_token_ids(self, config: PretrainedConfig) -> list[int]:
         return [

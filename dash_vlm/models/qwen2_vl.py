@@ -49,5 +49,6 @@ QWEN2_VL = register_adapter(
         vision_token_attributes=("image_token_id", "video_token_id"),
         video=True,
         pixel_limits=True,
+        vision_tower_attribute="visual",
     )
 )

@@ -1,0 +1,317 @@
+"""Speed harness: vanilla against DASH on real model shapes with random weights (``dash-vlm bench``).
+
+For every image size and compression ratio, vanilla (no press) and DASH run in the same process, alternating, after
+warm-up; each run is one ``generate`` call timed by CUDA events on a GPU (``perf_counter`` on a CPU) through hooks
+on the vision tower, the decoder and the prefill module, plus a stopping criterion that marks the first token. The
+ideal decoder gain comes from timing one decoder layer at the prompt length ``T`` and at the kept length ``K``:
+``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``. Medians of the repeats are reported.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from tqdm import tqdm
+
+from dash_vlm.compact import take_tokens
+from dash_vlm.models import adapter_for
+from dash_vlm.models.presets import PRESETS, Preset
+from dash_vlm.press import DeltaPress, Timer
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("vision", "decoder", "prefill")
+
+
+@dataclass
+class BenchConfig:
+    """What ``dash-vlm bench`` measures; validated with ``ValueError``."""
+
+    preset: str
+    image_sizes: list[int]
+    ratios: list[float]
+    start_ratio: float = 0.4
+    scope: str = "vision"
+    batch_size: int = 1
+    new_tokens: int = 32
+    repeats: int = 10
+    warmup: int = 2
+    text_tokens: int = 64
+    attn: str = "sdpa"
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if not self.image_sizes or any(size < 28 for size in self.image_sizes):
+            raise ValueError(f"image_sizes must be pixel sides >= 28, got {self.image_sizes}")
+        DeltaPress(compression_ratio=0.0, start_ratio=self.start_ratio, scope=self.scope)  # validates both
+        for ratio in self.ratios:
+            DeltaPress(compression_ratio=ratio)
+        for name in ("batch_size", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.new_tokens < 2:
+            raise ValueError("new_tokens must be >= 2 to measure decoding")
+
+
+class StageTimers:
+    """Times the first forward of the vision tower, the decoder and the prefill module in each run."""
+
+    def __init__(self, model: nn.Module):
+        adapter = adapter_for(model)
+        modules = {"vision": adapter.vision_tower(model), "decoder": adapter.decoder(model)}
+        modules["prefill"] = adapter.prefill_module(model)
+        self.device = next(model.parameters()).device
+        self.timers: dict[str, Timer] = {}
+        self.handles = []
+        for stage, module in modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._starter(stage)))
+            self.handles.append(module.register_forward_hook(self._stopper(stage)))
+
+    def _starter(self, stage: str) -> Callable:
+        def start(module, args):
+            if stage not in self.timers:
+                self.timers[stage] = Timer(self.device)
+
+        return start
+
+    def _stopper(self, stage: str) -> Callable:
+        def stop(module, args, output):
+            timer = self.timers.get(stage)
+            if timer is not None and not getattr(timer, "stopped", False):
+                timer.stop()
+                timer.stopped = True
+
+        return stop
+
+    def reset(self) -> None:
+        self.timers = {}
+
+    def milliseconds(self) -> dict[str, float]:
+        return {f"{stage}_ms": self.timers[stage].milliseconds() for stage in STAGES}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def batch_inputs(inputs: dict, batch_size: int, device: str | torch.device, dtype: torch.dtype) -> dict:
+    """``batch_size`` copies of one prompt (equal lengths, so no padding), on the device."""
+    batched = {key: torch.cat([value] * batch_size) for key, value in inputs.items()}
+    return {
+        key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        for key, value in batched.items()
+    }
+
+
+def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: StageTimers, new_tokens: int) -> dict:
+    """One timed ``generate`` of exactly ``new_tokens`` tokens; returns the figures of that run."""
+    from dash_vlm.vlm import _FirstToken
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timers.reset()
+    first_token = _FirstToken(device)
+    total = Timer(device)
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[first_token]
+    )
+    with torch.inference_mode():
+        if press is None:
+            model.generate(**inputs, **kwargs)
+        else:
+            with press(model):
+                model.generate(**inputs, **kwargs)
+    total.stop()
+    figures = timers.milliseconds()
+    figures["ttft_ms"] = first_token.timer.milliseconds()
+    figures["decode_tokens_per_s"] = (new_tokens - 1) * 1000 / (total.milliseconds() - figures["ttft_ms"])
+    figures["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return figures
+
+
+def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repeats: int) -> dict[int, float]:
+    """Median time of one decoder layer (the first one above the decision layer) at each sequence length, replaying
+    the arguments it receives in a vanilla prefill, cut to the first ``length`` positions."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder(model).layers
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.setdefault("call", (args, kwargs))
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    args, kwargs = captured["call"]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    device = hidden.device
+    result = {}
+    for length in lengths:
+        index = torch.arange(length, device=device).expand(hidden.shape[0], -1)
+        layer_kwargs = {
+            key: value
+            for key, value in kwargs.items()
+            if key not in ("hidden_states", "past_key_values", "attention_mask")
+        }
+        layer_kwargs["position_embeddings"] = tuple(take_tokens(part, index) for part in kwargs["position_embeddings"])
+        if kwargs.get("position_ids") is not None:
+            layer_kwargs["position_ids"] = take_tokens(kwargs["position_ids"], index, trailing_dims=0)
+        mask = kwargs.get("attention_mask")
+        layer_kwargs["attention_mask"] = None if mask is None else mask[..., :length, :length]
+        layer_kwargs["use_cache"] = False
+        cut = hidden[:, :length]
+        times = []
+        with torch.inference_mode():
+            for repeat in range(repeats + 2):
+                timer = Timer(device)
+                layers[len(layers) // 2](cut, **layer_kwargs)
+                timer.stop()
+                if repeat >= 2:
+                    times.append(timer.milliseconds())
+        result[length] = statistics.median(times)
+    return result
+
+
+def ideal_decoder_speedup(num_layers: int, decision_layer: int, full_ms: float, kept_ms: float) -> float:
+    deeper = num_layers - decision_layer - 1
+    return num_layers * full_ms / ((decision_layer + 1) * full_ms + deeper * kept_ms)
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Measure every (image size, ratio): vanilla and DASH, alternating; returns the JSON document."""
+    preset: Preset = PRESETS[config.preset]
+    dtype = torch.bfloat16 if config.device.startswith("cuda") else torch.float32
+    model = preset.build(config.device, dtype, config.attn)
+    adapter = adapter_for(model)
+    num_layers = len(adapter.decoder(model).layers)
+    sizes = config.image_sizes
+    if not preset.dynamic_resolution and len(sizes) > 1:
+        logger.warning("%s has a fixed input resolution: --image-size is ignored, one size is measured", preset.name)
+        sizes = sizes[:1]
+    timers = StageTimers(model)
+    rows = []
+    steps = len(sizes) * len(config.ratios) * (config.warmup + config.repeats)
+    try:
+        with tqdm(total=steps, desc=f"bench {preset.name}") as progress:
+            for size in sizes:
+                inputs = batch_inputs(preset.inputs(size, config.text_tokens), config.batch_size, config.device, dtype)
+                for ratio in config.ratios:
+                    press = DeltaPress(compression_ratio=ratio, start_ratio=config.start_ratio, scope=config.scope)
+                    runs = {"vanilla": [], "dash": []}
+                    for repeat in range(config.warmup + config.repeats):
+                        for method in ("vanilla", "dash") if repeat % 2 == 0 else ("dash", "vanilla"):
+                            figures = run_once(
+                                model, inputs, press if method == "dash" else None, timers, config.new_tokens
+                            )
+                            if repeat >= config.warmup:
+                                runs[method].append(figures)
+                        progress.update()
+                    stats = press.last_stats[0]
+                    lengths = sorted({stats.tokens, stats.kept})
+                    layer_ms = layer_milliseconds(model, inputs, lengths, config.repeats)
+                    ideal = ideal_decoder_speedup(
+                        num_layers, stats.decision_layer, layer_ms[stats.tokens], layer_ms[stats.kept]
+                    )
+                    rows.append(summarize(size, ratio, config.batch_size, runs, stats, ideal))
+    finally:
+        timers.remove()
+    return {
+        "preset": preset.name,
+        "config": {key: value for key, value in vars(config).items()},
+        "device": torch.cuda.get_device_name() if config.device.startswith("cuda") else platform.processor() or "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "date": datetime.date.today().isoformat(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "rows": rows,
+    }
+
+
+def summarize(size: int, ratio: float, batch_size: int, runs: dict, stats, ideal: float) -> dict:
+    median = {
+        method: {key: statistics.median(run[key] for run in figures) for key in figures[0]}
+        for method, figures in runs.items()
+    }
+    vanilla, dash = median["vanilla"], median["dash"]
+    decoder_speedup = vanilla["decoder_ms"] / dash["decoder_ms"]
+    return {
+        "image_size": size,
+        "ratio": ratio,
+        "batch_size": batch_size,
+        "tokens": stats.tokens,
+        "kept": stats.kept,
+        "kv_cache_bytes": stats.kv_cache_bytes * batch_size,
+        "vanilla": vanilla,
+        "dash": dash,
+        "decoder_speedup": decoder_speedup,
+        "prefill_speedup": vanilla["prefill_ms"] / dash["prefill_ms"],
+        "ideal_decoder_speedup": ideal,
+        "fraction_of_ideal": decoder_speedup / ideal,
+        "decode_speed_ratio": dash["decode_tokens_per_s"] / vanilla["decode_tokens_per_s"],
+    }
+
+
+def table(document: dict) -> str:
+    """The results as text: per row T -> K, stage times vanilla / DASH (ms), gains and decode speed."""
+    lines = [f"{document['preset']} on {document['device']} ({document['dtype']}); times in ms, vanilla / DASH"]
+    lines.append("   px  ratio      T      K  vision      decoder      prefill        ttft  dec x ideal  frac    tok/s")
+    for row in document["rows"]:
+        v, d = row["vanilla"], row["dash"]
+        pairs = " ".join(f"{v[key]:>6.1f}/{d[key]:<6.1f}" for key in ("decoder_ms", "prefill_ms", "ttft_ms"))
+        lines.append(
+            f"{row['image_size']:>5} {row['ratio']:>6g} {row['tokens']:>6} {row['kept']:>6} {v['vision_ms']:>7.1f}"
+            f" {pairs}"
+            f" {row['decoder_speedup']:>5.2f} {row['ideal_decoder_speedup']:>5.2f} {row['fraction_of_ideal']:>5.2f}"
+            f" {v['decode_tokens_per_s']:>5.0f}/{d['decode_tokens_per_s']:<5.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(document: dict, path: Path) -> None:
+    """Prefill time against image size, vanilla and one line per ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    rows = document["rows"]
+    sizes = sorted({row["image_size"] for row in rows})
+    vanilla = [statistics.median(r["vanilla"]["prefill_ms"] for r in rows if r["image_size"] == s) for s in sizes]
+    axis.plot(sizes, vanilla, "k-o", label="vanilla")
+    for ratio in sorted({row["ratio"] for row in rows}):
+        points = sorted((r["image_size"], r["dash"]["prefill_ms"]) for r in rows if r["ratio"] == ratio)
+        axis.plot([p[0] for p in points], [p[1] for p in points], "--o", label=f"DASH {ratio:g}")
+    axis.set_xlabel("image side (px)")
+    axis.set_ylabel("prefill time (ms, median)")
+    axis.set_title(f"{document['preset']}, {document['device']}, batch {rows[0]['batch_size']}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(config: BenchConfig, output: Path, plot_path: Path | None) -> dict:
+    document = run_bench(config)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=1))
+    if plot_path is not None:
+        plot(document, plot_path)
+    print(table(document))
+    return document

@@ -1,0 +1,92 @@
+"""The speed harness on the tiny preset (CPU): the JSON's fields and their consistency; no time is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dash_vlm.bench import BenchConfig, ideal_decoder_speedup
+from dash_vlm.cli import main as cli_main
+from dash_vlm.models import adapter_for
+from dash_vlm.models.presets import PRESETS
+
+FIGURES = ("vision_ms", "decoder_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_memory_bytes")
+
+
+def test_bench_tiny_json(tmp_path, capsys):
+    output, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    cli_main(
+        ["bench", "--preset", "tiny", "--image-size", "32", "--image-size", "48", "--ratios", "0,0.5,0.8",
+         "--repeats", "3", "--warmup", "1", "--new-tokens", "4", "--batch-size", "2", "--output", str(output),
+         "--plot", str(plot)]
+    )  # fmt: skip
+    document = json.loads(output.read_text())
+    assert plot.stat().st_size > 0 and "tiny on cpu" in capsys.readouterr().out
+    assert document["preset"] == "tiny" and document["config"]["batch_size"] == 2
+    rows = document["rows"]
+    assert [(row["image_size"], row["ratio"]) for row in rows] == [(s, r) for s in (32, 48) for r in (0, 0.5, 0.8)]
+    for row in rows:
+        for method in ("vanilla", "dash"):
+            assert set(FIGURES) <= set(row[method])
+            assert all(row[method][name] >= 0 for name in FIGURES)
+            assert row[method]["ttft_ms"] > 0 and row[method]["decode_tokens_per_s"] > 0
+        assert row["decoder_speedup"] == pytest.approx(row["vanilla"]["decoder_ms"] / row["dash"]["decoder_ms"])
+        assert row["prefill_speedup"] == pytest.approx(row["vanilla"]["prefill_ms"] / row["dash"]["prefill_ms"])
+        assert row["fraction_of_ideal"] == pytest.approx(row["decoder_speedup"] / row["ideal_decoder_speedup"])
+        assert row["ideal_decoder_speedup"] >= 1
+        if row["ratio"] == 0:
+            assert row["kept"] == row["tokens"] and row["ideal_decoder_speedup"] == pytest.approx(1)
+        else:
+            assert row["kept"] < row["tokens"]
+    by_size = {size: [row for row in rows if row["image_size"] == size] for size in (32, 48)}
+    for size_rows in by_size.values():  # more halting, fewer kept tokens and a smaller cache
+        assert [r["kept"] for r in size_rows] == sorted((r["kept"] for r in size_rows), reverse=True)
+        assert [r["kv_cache_bytes"] for r in size_rows] == sorted(
+            (r["kv_cache_bytes"] for r in size_rows), reverse=True
+        )
+    assert by_size[48][0]["tokens"] > by_size[32][0]["tokens"]
+
+
+def test_ideal_speedup_formula():
+    assert ideal_decoder_speedup(28, 11, 10.0, 10.0) == pytest.approx(1.0)
+    assert ideal_decoder_speedup(28, 11, 10.0, 0.0) == pytest.approx(28 / 12)
+    assert ideal_decoder_speedup(10, 3, 2.0, 1.0) == pytest.approx(20 / (8 + 6))
+
+
+@pytest.mark.parametrize(
+    "preset, size, tokens",
+    [("qwen2-vl-7b", 448, 322), ("qwen2-vl-7b", 2016, 5250), ("qwen2.5-vl-7b", 1344, 2370), ("llava-1.5-7b", 448, 640)],
+)
+def test_presets_have_the_real_shapes(preset, size, tokens):
+    """Token counts of DESIGN.md section 5; built on the meta device, so no weights are allocated."""
+    model = PRESETS[preset].build("meta", torch.bfloat16)
+    assert PRESETS[preset].inputs(size)["input_ids"].shape[1] == tokens
+    assert adapter_for(model).vision_tower(model) is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(preset="gpt-9"), "preset must be one of"),
+        (dict(image_sizes=[]), "image_sizes"),
+        (dict(ratios=[1.2]), "compression_ratio"),
+        (dict(scope="pixels"), "scope"),
+        (dict(new_tokens=1), "new_tokens"),
+        (dict(repeats=0), "repeats"),
+    ],
+)
+def test_bad_bench_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**(dict(preset="tiny", image_sizes=[32], ratios=[0.5]) | kwargs))
+
+
+def test_bf16_reference_script_runs_on_the_tiny_preset():
+    """The H200 correctness script, in float32 on a CPU: the press and the masked reference agree."""
+    from bf16_reference import main as reference_main
+
+    result = reference_main(["--preset", "tiny", "--layers", "6", "--image-size", "48", "--steps", "6"])
+    assert result["same_halted_positions"] and result["kept"] < result["tokens"]
+    assert result["max_logits_relative_error"] < 1e-4
+    assert result["greedy_token_agreement"] == 1.0
