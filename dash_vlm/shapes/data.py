@@ -19,6 +19,7 @@ import hashlib
 import io
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -135,12 +136,14 @@ def make_sample(split: str, index: int) -> Sample:
             return Sample(render(scene), qa[0], qa[1], kind)
 
 
-def training_scene(index: int) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """Training scene ``index`` and one question of every kind it allows (in random order), with their answers."""
+def training_scene(index: int, exclude: set[str] = frozenset()) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """Training scene ``index`` and one question of every kind it allows (in random order), with their answers,
+    minus any (image, question) pair whose key is in ``exclude`` (``held_out_keys()``)."""
     rng = random.Random(SPLIT_SEEDS["train"] + index)
     scene = random_scene(rng)
+    image = render(scene)
     questions = [ask(scene, kind, rng) for kind in rng.sample(KINDS, len(KINDS))]
-    return render(scene), [qa for qa in questions if qa is not None]
+    return image, [qa for qa in questions if qa is not None and sample_key(image, qa[0]) not in exclude]
 
 
 def sample_key(image: Image.Image, question: str) -> str:
@@ -148,12 +151,25 @@ def sample_key(image: Image.Image, question: str) -> str:
 
 
 def held_out_keys(size: int = TEST_SIZE) -> set[str]:
-    """Keys of the validation and test samples, which the training stream must not repeat."""
+    """Keys of the validation and test samples, which training must not repeat."""
     return {sample_key(s.image, s.question) for split in ("validation", "test") for s in split_samples(split, size)}
 
 
-def split_samples(split: str, size: int) -> list[Sample]:
-    return [make_sample(split, i) for i in range(size)]
+@lru_cache(maxsize=4)
+def split_samples(split: str, size: int = TEST_SIZE) -> list[Sample]:
+    """The samples ``0 .. size - 1`` of ``split`` (``test`` or ``validation``) that repeat no (image, question) pair
+    taken before, by this split or, for validation, by the test split; so the two splits share none."""
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    taken = set() if split == "test" else {sample_key(s.image, s.question) for s in split_samples("test", size)}
+    samples = []
+    for index in range(size):
+        sample = make_sample(split, index)
+        key = sample_key(sample.image, sample.question)
+        if key not in taken:
+            taken.add(key)
+            samples.append(sample)
+    return samples
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dash_vlm.models import chat_prompts
 from dash_vlm.models.tiny import tiny_checkpoint
-from dash_vlm.shapes.data import ANSWERS, WORDS, Sample, held_out_keys, sample_key, split_samples, training_scene
+from dash_vlm.shapes.data import ANSWERS, WORDS, Sample, held_out_keys, split_samples, training_scene
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def training_batch(chat: ChatFormat, indices: range, exclude: set[str]) -> dict:
     """Scenes ``indices`` with a question of every kind each, left-padded, minus held-out (image, question) pairs."""
     images, texts = [], []
     for index in indices:
-        image, turns = training_scene(index)
-        turns = [(q, a) for q, a in turns if sample_key(image, q) not in exclude]
+        image, turns = training_scene(index, exclude)
         if turns:
             images.append(image)
             texts.append(chat.text(image, turns))
