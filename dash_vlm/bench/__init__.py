@@ -189,6 +189,9 @@ def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repea
 
 
 def ideal_decoder_speedup(num_layers: int, decision_layer: int, full_ms: float, kept_ms: float) -> float:
+    """``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``; a layer cannot take longer on fewer tokens, so a measured
+    ``t(K) > t(T)`` (timing noise when ``K`` is close to ``T``) counts as ``t(T)``."""
+    kept_ms = min(kept_ms, full_ms)
     deeper = num_layers - decision_layer - 1
     return num_layers * full_ms / ((decision_layer + 1) * full_ms + deeper * kept_ms)
 

@@ -179,32 +179,24 @@ class Preset:
         return QWEN_IDS
 
 
+def qwen2_vl_preset(name: str, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> Preset:
+    """A Qwen2-VL size: its decoder, and the shared 32-layer vision tower merging into the decoder's width."""
+    text = qwen2_vl_text(hidden, heads, kv_heads, ffn, vocab)
+    return Preset(
+        name, "qwen2_vl", dict(text_config=text, vision_config=QWEN2_VL_VISION | {"hidden_size": hidden}, **QWEN_IDS)
+    )
+
+
 PRESETS = {
     preset.name: preset
     for preset in (
-        Preset(
-            "qwen2-vl-2b",
-            "qwen2_vl",
-            dict(
-                text_config=qwen2_vl_text(1536, 12, 2, 8960, 151936),
-                vision_config=QWEN2_VL_VISION | {"hidden_size": 1536},
-                **QWEN_IDS,
-            ),
-        ),
-        Preset(
-            "qwen2-vl-7b",
-            "qwen2_vl",
-            dict(
-                text_config=qwen2_vl_text(3584, 28, 4, 18944, 152064),
-                vision_config=QWEN2_VL_VISION | {"hidden_size": 3584},
-                **QWEN_IDS,
-            ),
-        ),
+        qwen2_vl_preset("qwen2-vl-2b", hidden=1536, heads=12, kv_heads=2, ffn=8960, vocab=151936),
+        qwen2_vl_preset("qwen2-vl-7b", hidden=3584, heads=28, kv_heads=4, ffn=18944, vocab=152064),
         Preset(
             "qwen2.5-vl-7b",
             "qwen2_5_vl",
             dict(
-                text_config=qwen2_vl_text(3584, 28, 4, 18944, 152064),
+                text_config=qwen2_vl_text(hidden=3584, heads=28, kv_heads=4, ffn=18944, vocab=152064),
                 vision_config=dict(
                     depth=32,
                     hidden_size=1280,
