@@ -3,7 +3,7 @@
 Inside the block, every prefill (a forward on an empty cache, or without one) is executed as follows:
 
 1. the prefill module's pre-hook finds the eligible tokens and how many halt per sample (one host sync, before any
-   layer runs: the compact length is a shape);
+   layer runs: the compact length is a shape; none at compression ratio 0, where nothing else happens either);
 2. a forward hook on the decision layer's self-attention scores the tokens and selects the halted ones;
 3. a pre-hook on the first deeper layer gathers the kept tokens once; every deeper layer gets the compact hidden
    states, position embeddings and mask, all precomputed at the decision; the cache keeps compact keys and values;
@@ -157,10 +157,10 @@ class _Prefill:
 
     real: torch.Tensor  # [batch, tokens] bool
     eligible: torch.Tensor  # [batch, tokens] bool
-    tokens: list[int]
-    eligible_counts: list[int]
+    counts: torch.Tensor  # [2, batch] real and eligible tokens per sample, on the device
+    host_counts: list[list[int]] | None  # the same on the host; read lazily when nothing halts (no sync)
     halt_counts: list[int]
-    halt_counts_tensor: torch.Tensor  # on the device, made at the start so that the decision copies nothing
+    halt_counts_tensor: torch.Tensor | None  # on the device, made at the start so that the decision copies nothing
     timer: Timer
     fixed_scores: torch.Tensor | None = None  # the "random" method's scores, known before any layer runs
     halted: torch.Tensor | None = None
@@ -173,6 +173,19 @@ class _Prefill:
     @property
     def halting(self) -> bool:
         return any(self.halt_counts)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._host_counts()[0]
+
+    @property
+    def eligible_counts(self) -> list[int]:
+        return self._host_counts()[1]
+
+    def _host_counts(self) -> list[list[int]]:
+        if self.host_counts is None:
+            self.host_counts = self.counts.tolist()
+        return self.host_counts
 
     @property
     def kept_counts(self) -> list[int]:
@@ -273,15 +286,19 @@ class _Executor:
                 raise ValueError(f"protect has shape {tuple(self.protect.shape)}, the prompt is {(batch, length)}")
             protect = self.protect.to(real.device)
         eligible = eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
-        tokens, eligible_counts = torch.stack([real.sum(-1), eligible.sum(-1)]).tolist()  # the one host sync
-        halt = halt_counts(eligible_counts, self.config.compression_ratio)
+        counts = torch.stack([real.sum(-1), eligible.sum(-1)])
+        if self.config.compression_ratio == 0:  # nothing can halt: no host sync, no further work
+            self.prefill = _Prefill(real, eligible, counts, None, [0] * batch, None, timer)
+            return
+        host_counts = counts.tolist()  # the one host sync
+        halt = halt_counts(host_counts[1], self.config.compression_ratio)
         halt_tensor = torch.tensor(halt, device=real.device)
         fixed_scores = None
         if self.config.method == "random":
             if input_ids is None:
                 raise ValueError("method='random' needs input_ids to seed each sample; got only inputs_embeds")
             fixed_scores = random_scores(input_ids, real, self.config.seed)
-        self.prefill = _Prefill(real, eligible, tokens, eligible_counts, halt, halt_tensor, timer, fixed_scores)
+        self.prefill = _Prefill(real, eligible, counts, host_counts, halt, halt_tensor, timer, fixed_scores)
 
     def _on_decision(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         prefill = self.prefill
