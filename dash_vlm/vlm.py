@@ -42,7 +42,7 @@ class GenerationResult:
     generated_tokens: int = 0
 
 
-class _FirstToken(StoppingCriteria):
+class FirstTokenTimer(StoppingCriteria):
     """Stops nothing; stops its timer when generate has chosen the first token."""
 
     def __init__(self, device: torch.device):
@@ -216,7 +216,7 @@ class DashVLM:
         )
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)
         generation_kwargs.setdefault("do_sample", False)
-        first_token = _FirstToken(self.model.device)
+        first_token = FirstTokenTimer(self.model.device)
         generation_kwargs["stopping_criteria"] = [*generation_kwargs.get("stopping_criteria", []), first_token]
         with torch.inference_mode(), self.press(self.model):
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation_kwargs)

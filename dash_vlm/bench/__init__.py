@@ -27,6 +27,7 @@ from dash_vlm.compact import take_tokens
 from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS, Preset
 from dash_vlm.press import DeltaPress, Timer
+from dash_vlm.vlm import FirstTokenTimer
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +118,11 @@ def batch_inputs(inputs: dict, batch_size: int, device: str | torch.device, dtyp
 
 def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: StageTimers, new_tokens: int) -> dict:
     """One timed ``generate`` of exactly ``new_tokens`` tokens; returns the figures of that run."""
-    from dash_vlm.vlm import _FirstToken
-
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timers.reset()
-    first_token = _FirstToken(device)
+    first_token = FirstTokenTimer(device)
     total = Timer(device)
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[first_token]

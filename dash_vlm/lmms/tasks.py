@@ -8,16 +8,17 @@ the ``dash_*`` models record (``dash_vlm.lmms.figures``) to every document's sco
 from __future__ import annotations
 
 import io
+from importlib import resources
 from pathlib import Path
 
-from lmms_eval.api.registry import get_aggregation
+from lmms_eval.api.metrics import mean
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.utils import load_yaml_config
 from PIL import Image
 
 from dash_vlm.lmms.figures import SPEED_METRICS, lookup
 
-LMMS_TASKS = Path(__import__("lmms_eval.tasks", fromlist=["_"]).__file__).parent
+LMMS_TASKS = Path(str(resources.files("lmms_eval") / "tasks"))
 
 # lmms-eval task -> its YAML file inside lmms_eval/tasks, for the adapters of the tasks pruning papers report.
 REFERENCES = {
@@ -80,7 +81,7 @@ class DashTask(ConfigurableTask):
 
     def add_speed_metrics(self) -> None:
         for name in SPEED_METRICS:
-            self._aggregation_list[name] = get_aggregation("mean")
+            self._aggregation_list[name] = mean
             self._higher_is_better[name] = False
 
     @property
