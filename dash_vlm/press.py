@@ -352,8 +352,11 @@ class _Executor:
         if prefill is None or prefill.layer_output is None:
             return None
         compact = args[0]
+        device = compact.device  # the last layers may sit on another device than the decision (device_map="auto")
         restored = torch.where(
-            prefill.kept[..., None], take_tokens(compact, prefill.slot_of_position), prefill.layer_output
+            prefill.kept.to(device)[..., None],
+            take_tokens(compact, prefill.slot_of_position.to(device)),
+            prefill.layer_output.to(device),
         )
         return (restored, *args[1:])
 

@@ -363,3 +363,21 @@ def test_random_baseline_is_seeded_per_sample(family):
         assert len(positions) == round(0.5 * stats.eligible)  # as many as DASH halts
     with pytest.raises(ValueError, match="method must be one of"):
         DeltaPress(method="norm")
+
+
+def test_layers_offloaded_by_accelerate(tmp_path):
+    """A device map that offloads the deeper decoder layers to disk (accelerate's hooks move weights and inputs):
+    the same tokens, logits and halted positions as the model in memory."""
+    from accelerate import dispatch_model
+
+    inputs = qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1)
+    press = DeltaPress(compression_ratio=0.5)
+    expected = generate(tiny_qwen_vl(), inputs, press, max_new_tokens=6)
+    expected_stats = press.last_stats
+    device_map = {name: "cpu" for name in ("model.visual", "model.language_model.embed_tokens", "lm_head")}
+    device_map |= {"model.language_model.rotary_emb": "cpu", "model.language_model.norm": "disk"}
+    device_map |= {f"model.language_model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(5)}
+    offloaded = dispatch_model(tiny_qwen_vl(), device_map=device_map, offload_dir=str(tmp_path))
+    actual = generate(offloaded, inputs, press, max_new_tokens=6)
+    assert_same_generation(actual, expected, 1e-6)
+    assert press.last_stats[0].halted_positions == expected_stats[0].halted_positions

@@ -245,3 +245,22 @@ def test_cli_generate_compare(checkpoints, image_files, capsys):
     vanilla, dash = rows[-2], rows[-1]
     assert vanilla[1] == dash[2] == str(expected.stats.tokens)  # the same prompt in both runs
     assert vanilla[3] == vanilla[1] and dash[4] == str(expected.stats.kept)
+
+
+def test_offloaded_device_map_gives_the_same_answers(checkpoints, image_files, tmp_path):
+    """A device map that offloads the deeper decoder layers to disk, through from_pretrained's ordinary options."""
+    device_map = {name: "cpu" for name in ("model.visual", "model.language_model.embed_tokens", "lm_head")}
+    device_map |= {"model.language_model.rotary_emb": "cpu", "model.language_model.norm": "cpu"}
+    device_map |= {
+        f"model.language_model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(TEXT["num_hidden_layers"])
+    }
+    offloaded = DashVLM.from_pretrained(checkpoints["qwen2_vl"], device_map=device_map, offload_folder=str(tmp_path))
+    in_memory = DashVLM.from_pretrained(checkpoints["qwen2_vl"])
+    prompts = ["what colour is the shape", "how many red"]
+    images = [image_files[0], image_files[1]]
+    for actual, expected in zip(
+        offloaded.generate(image=images, prompt=prompts, max_new_tokens=NEW_TOKENS),
+        in_memory.generate(image=images, prompt=prompts, max_new_tokens=NEW_TOKENS),
+        strict=True,
+    ):
+        assert actual.text == expected.text and actual.stats.halted_positions == expected.stats.halted_positions
