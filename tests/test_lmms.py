@@ -16,6 +16,7 @@ from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.models import get_model
 from lmms_eval.utils import load_yaml_config
 
+from dash_vlm import DashVLM
 from dash_vlm.lmms import figures
 from dash_vlm.lmms.models import DashLlava, DashQwen2VL
 from dash_vlm.lmms.tasks import REFERENCES, DashShapesTask, DashTask
@@ -213,6 +214,11 @@ def test_lmms_eval_command_line_one_and_two_processes(tmp_path):
     correct = [is_correct(sample["filtered_resps"], doc.answer) for sample, doc in zip(
         sorted(one_samples, key=lambda s: s["doc_id"]), expected, strict=True)]  # fmt: skip
     assert scores["exact_match,none"] == pytest.approx(sum(correct) / limit)
+    # The trained checkpoint answers through lmms-eval exactly as through DashVLM (the same prompt and images).
+    vlm = DashVLM.from_pretrained(QWEN, compression_ratio=0.5)
+    direct = vlm.generate(image=[doc.image for doc in expected], prompt=[doc.question for doc in expected])
+    assert [s["filtered_resps"] for s in sorted(one_samples, key=lambda s: s["doc_id"])] == [r.text for r in direct]
+    assert scores["exact_match,none"] > 0.5
     for name in FIGURES:
         assert scores[f"{name},none"] > 0
         assert all(name in sample for sample in one_samples)
