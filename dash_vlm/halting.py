@@ -36,7 +36,7 @@ class HaltingConfig:
         "dash" (the rule) or "random": the same number of eligible tokens halt at the same layer, chosen by a
         pseudo-random score seeded per sample (``random_scores``), the baseline that isolates the score's value.
     seed : int
-        Seed of the "random" method (>= 0).
+        Seed of the "random" method, in [0, 2**31).
     """
 
     compression_ratio: float = 0.667
@@ -60,10 +60,12 @@ class HaltingConfig:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, minimum in (("protect_last", 1), ("protect_first", 0), ("seed", 0)):
+        for name, minimum in (("protect_last", 1), ("protect_first", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
 
     def decision_layer(self, num_layers: int) -> int:
         """Index ``s`` of the layer whose attention output scores the tokens."""

@@ -26,6 +26,7 @@ BAD_VALUES = [
     ("method", None),
     ("seed", -1),
     ("seed", 1.0),
+    ("seed", 2**31),
 ]
 
 
