@@ -225,8 +225,8 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
         last = stage["history"][-1] if stage["history"] else {}
         lines.append(
             f"- `python -m dash_vlm.shapes.train --family {arguments['family']} --output OUT {options}` on "
-            f"{stage['device']}: {last.get('step', '?')} steps in {stage['seconds']} s, validation first-token "
-            f"accuracy {last.get('validation_first_token', float('nan')):.3f}"
+            f"{stage['device']}: {stage['steps']} steps in {stage['seconds']} s; last validation first-token "
+            f"accuracy {last.get('validation_first_token', float('nan')):.3f} (step {last.get('step', '-')})"
         )
     lines += [
         "",

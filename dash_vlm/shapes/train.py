@@ -165,11 +165,11 @@ def train(
         return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    history = []
+    history, done = [], 0
     for step, batch in enumerate(loader):
         if step == steps or time.perf_counter() - started > 60 * max_minutes:
-            logger.info("stopping after %d steps", step)
             break
+        done = step + 1
         batch = {key: value.to(device) for key, value in batch.items()}
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
             loss = model(**batch).loss
@@ -194,7 +194,8 @@ def train(
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)
-    return {"seconds": round(time.perf_counter() - started), "history": history}
+    logger.info("stopping after %d steps", done)
+    return {"seconds": round(time.perf_counter() - started), "steps": done, "history": history}
 
 
 def main(argv: list[str] | None = None) -> None:
