@@ -12,7 +12,6 @@ Inside the block, every prefill (a forward on an empty cache, or without one) is
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -35,8 +34,6 @@ from dash_vlm.halting import (
     token_scores,
 )
 from dash_vlm.models import ModelAdapter, adapter_for
-
-logger = logging.getLogger(__name__)
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 

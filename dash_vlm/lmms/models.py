@@ -7,7 +7,6 @@ lmms-eval numbers. Images are passed as they are (no JPEG re-encoding).
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -21,8 +20,6 @@ from tqdm import tqdm
 
 from dash_vlm.lmms import figures
 from dash_vlm.vlm import DashVLM
-
-logger = logging.getLogger(__name__)
 
 # lmms-eval's llava_hf fallback template (lmms_eval/models/simple/llava_hf.py), written out because importing that
 # module needs decord, which lmms-eval does not install.

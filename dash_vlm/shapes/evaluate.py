@@ -21,8 +21,6 @@ from dash_vlm.resources import bundled
 from dash_vlm.shapes.data import KINDS, Sample, read_test_split
 from dash_vlm.vlm import DashVLM
 
-logger = logging.getLogger(__name__)
-
 MODELS = {"qwen2-vl": "dash-shapes-qwen2-vl", "llava": "dash-shapes-llava"}
 RATIOS = (0.0, 0.25, 0.5, 0.667, 0.8, 0.9)
 SCOPES = ("vision", "all")
