@@ -171,10 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_tables(rows))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def write_model_card(name: str, rows: list[dict]) -> Path:
     """``README.md`` of a bundled checkpoint: architecture, data, training record and measured test accuracy."""
     from transformers import AutoConfig
@@ -228,7 +224,7 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
         )
     lines += [
         "",
-        "## Test accuracy (1,000 questions, exact match, greedy)",
+        f"## Test accuracy ({len(read_test_split())} questions, exact match, greedy)",
         "",
         f"- without halting: **{baseline['accuracy']:.1%}** ("
         + ", ".join(f"{kind} {value:.1%}" for kind, value in baseline["by_kind"].items())
@@ -244,3 +240,7 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
 
 
 VISION_FIELDS = ("depth", "embed_dim", "num_hidden_layers", "hidden_size", "patch_size", "image_size", "num_heads")
+
+
+if __name__ == "__main__":
+    main()
