@@ -33,6 +33,13 @@ CLIP_L_336 = dict(
     projection_dim=768,
 )
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+LLAVA_7B = dict(  # Vicuna-7B (a Llama-7B) behind CLIP ViT-L/14-336, as llava-hf's 7B checkpoints
+    text_config=dict(LLAMA_7B, model_type="llama"),
+    vision_config=dict(CLIP_L_336, model_type="clip_vision_model"),
+    image_token_index=32000,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+)
 
 
 def qwen2_vl_text(hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> dict:
@@ -212,31 +219,8 @@ PRESETS = {
                 **QWEN_IDS,
             ),
         ),
-        Preset(
-            "llava-1.5-7b",
-            "llava",
-            dict(
-                text_config=dict(LLAMA_7B, model_type="llama"),
-                vision_config=dict(CLIP_L_336, model_type="clip_vision_model"),
-                image_token_index=32000,
-                vision_feature_layer=-2,
-                vision_feature_select_strategy="default",
-                image_seq_length=576,
-            ),
-            dynamic_resolution=False,
-        ),
-        Preset(
-            "llava-next-7b",
-            "llava_next",
-            dict(
-                text_config=dict(LLAMA_7B, model_type="llama"),
-                vision_config=dict(CLIP_L_336, model_type="clip_vision_model"),
-                image_token_index=32000,
-                vision_feature_layer=-2,
-                vision_feature_select_strategy="default",
-                image_grid_pinpoints=NEXT_PINPOINTS,
-            ),
-        ),
+        Preset("llava-1.5-7b", "llava", LLAVA_7B | {"image_seq_length": 576}, dynamic_resolution=False),
+        Preset("llava-next-7b", "llava_next", LLAVA_7B | {"image_grid_pinpoints": NEXT_PINPOINTS}),
         Preset("tiny", "tiny", {}, text_ids=(2, 100)),
     )
 }
