@@ -15,6 +15,7 @@ import logging
 import platform
 import statistics
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,12 +128,8 @@ def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: S
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[first_token]
     )
-    with torch.inference_mode():
-        if press is None:
-            model.generate(**inputs, **kwargs)
-        else:
-            with press(model):
-                model.generate(**inputs, **kwargs)
+    with torch.inference_mode(), press(model) if press is not None else nullcontext():
+        model.generate(**inputs, **kwargs)
     total.stop()
     figures = timers.milliseconds()
     figures["ttft_ms"] = first_token.timer.milliseconds()
@@ -142,8 +139,8 @@ def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: S
 
 
 def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repeats: int) -> dict[int, float]:
-    """Median time of one decoder layer (the first one above the decision layer) at each sequence length, replaying
-    the arguments it receives in a vanilla prefill, cut to the first ``length`` positions."""
+    """Median time of one decoder layer (a middle one; all have the same shape) at each sequence length, replaying
+    the arguments the first layer receives in a vanilla prefill, cut to the first ``length`` positions."""
     adapter = adapter_for(model)
     layers = adapter.decoder(model).layers
     captured = {}

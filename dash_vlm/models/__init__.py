@@ -74,9 +74,16 @@ class ModelAdapter:
 
         Image entries of the conversations hold loaded ``PIL`` images; the tokenizer pads on the side it is set to.
         """
-        images = [item["image"] for item in vision_items(conversations) if item["type"] == "image"]
         prompts = chat_prompts(processor, conversations) if prompts is None else prompts
-        return processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+        vision = self.vision_inputs(processor, vision_items(conversations), min_pixels, max_pixels)
+        return processor(text=prompts, padding=True, return_tensors="pt", **vision)
+
+    def vision_inputs(
+        self, processor: ProcessorMixin, items: list[dict], min_pixels: int | None, max_pixels: int | None
+    ) -> dict:
+        """The processor's keyword arguments for the image (and video) entries ``items`` of a batch."""
+        images = [item["image"] for item in items if item["type"] == "image"]
+        return {"images": images or None}
 
 
 def vision_items(conversations: list[list[dict]]) -> list[dict]:

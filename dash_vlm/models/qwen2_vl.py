@@ -9,38 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qwen_vl_utils import process_vision_info
-from transformers import BatchFeature, ProcessorMixin
+from transformers import ProcessorMixin
 
-from dash_vlm.models import ModelAdapter, chat_prompts, register_adapter, vision_items
+from dash_vlm.models import ModelAdapter, register_adapter
 
 
 @dataclass(frozen=True)
 class QwenVLAdapter(ModelAdapter):
-    def processor_inputs(
-        self,
-        processor: ProcessorMixin,
-        conversations: list[list[dict]],
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        prompts: list[str] | None = None,
-    ) -> BatchFeature:
+    def vision_inputs(
+        self, processor: ProcessorMixin, items: list[dict], min_pixels: int | None, max_pixels: int | None
+    ) -> dict:
         size = processor.image_processor.size
         limits = {
             "min_pixels": size["shortest_edge"] if min_pixels is None else min_pixels,
             "max_pixels": size["longest_edge"] if max_pixels is None else max_pixels,
         }
-        prompts = chat_prompts(processor, conversations) if prompts is None else prompts
-        vision = [item | limits for item in vision_items(conversations)]
         images, videos, video_kwargs = process_vision_info(
-            [[{"role": "user", "content": vision}]],
+            [[{"role": "user", "content": [item | limits for item in items]}]],
             return_video_kwargs=True,
             image_patch_size=processor.image_processor.patch_size,
         )
         # Frames were sampled already; every video here is a frame list at the same sampling rate.
         video_kwargs = {"do_sample_frames": False, "fps": video_kwargs["fps"][0]} if videos else {}
-        return processor(
-            text=prompts, images=images, videos=videos, padding=True, return_tensors="pt", **limits, **video_kwargs
-        )
+        return {"images": images, "videos": videos, **limits, **video_kwargs}
 
 
 QWEN2_VL = register_adapter(
