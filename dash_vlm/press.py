@@ -241,23 +241,40 @@ class _Executor:
         self.decision_layer = self.config.decision_layer(len(self.layers))
         self.prefill: _Prefill | None = None
         prefill_module = adapter.prefill_module(model)
-        compact_layers = self.layers[self.decision_layer + 1 :]
+        self.compact_layers = self.layers[self.decision_layer + 1 :]
         self.handles = [
             prefill_module.register_forward_pre_hook(self._on_prefill_start, with_kwargs=True),
             prefill_module.register_forward_hook(self._on_prefill_end, with_kwargs=True),
-            self.layers[self.decision_layer].self_attn.register_forward_hook(self._on_decision, with_kwargs=True),
-            *(layer.register_forward_pre_hook(self._on_compact_layer, with_kwargs=True) for layer in compact_layers),
-            self.decoder.norm.register_forward_pre_hook(self._on_final_norm),
         ]
-        self.first_compact_layer = compact_layers[0] if len(compact_layers) else None
+        self.halting_handles: list = []
+        self.first_compact_layer = self.compact_layers[0] if len(self.compact_layers) else None
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self._remove_halting_hooks()
         self.prefill = None
+
+    def _add_halting_hooks(self) -> None:
+        """The per-layer hooks, present only during a prefill that halts: a prefill at ratio 0 and every decode step
+        run the model's own forward, with no Python hook per layer."""
+        self.halting_handles = [
+            self.layers[self.decision_layer].self_attn.register_forward_hook(self._on_decision, with_kwargs=True),
+            *(
+                layer.register_forward_pre_hook(self._on_compact_layer, with_kwargs=True)
+                for layer in self.compact_layers
+            ),
+            self.decoder.norm.register_forward_pre_hook(self._on_final_norm),
+        ]
+
+    def _remove_halting_hooks(self) -> None:
+        for handle in self.halting_handles:
+            handle.remove()
+        self.halting_handles = []
 
     def _on_prefill_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.prefill = None
+        self._remove_halting_hooks()  # left by a prefill that failed
         cache = kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
             return  # a later forward on a prefilled cache: nothing halts
@@ -296,11 +313,11 @@ class _Executor:
                 raise ValueError("method='random' needs input_ids to seed each sample; got only inputs_embeds")
             fixed_scores = random_scores(input_ids, real, self.config.seed)
         self.prefill = _Prefill(real, eligible, counts, host_counts, halt, halt_tensor, timer, fixed_scores)
+        if self.prefill.halting:
+            self._add_halting_hooks()
 
     def _on_decision(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         prefill = self.prefill
-        if prefill is None or not prefill.halting:
-            return
         scores = token_scores(output[0]) if prefill.fixed_scores is None else prefill.fixed_scores
         prefill.halted = select_halted(scores, prefill.eligible, prefill.halt_counts_tensor)
         prefill.kept = prefill.real & ~prefill.halted
@@ -335,8 +352,6 @@ class _Executor:
 
     def _on_compact_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         prefill = self.prefill
-        if prefill is None or not prefill.halting:
-            return None
         if module is self.first_compact_layer:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             prefill.layer_output = hidden
@@ -346,7 +361,7 @@ class _Executor:
 
     def _on_final_norm(self, module: nn.Module, args: tuple):
         prefill = self.prefill
-        if prefill is None or prefill.layer_output is None:
+        if prefill.layer_output is None:  # no deeper layer ran on the compact sequence
             return None
         compact = args[0]
         device = compact.device  # the last layers may sit on another device than the decision (device_map="auto")
@@ -358,6 +373,7 @@ class _Executor:
         return (restored, *args[1:])
 
     def _on_prefill_end(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self._remove_halting_hooks()
         prefill = self.prefill
         if prefill is None:
             return

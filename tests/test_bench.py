@@ -36,6 +36,14 @@ def test_bench_tiny_json(tmp_path, capsys):
         assert row["prefill_speedup"] == pytest.approx(row["vanilla"]["prefill_ms"] / row["dash"]["prefill_ms"])
         assert row["fraction_of_ideal"] == pytest.approx(row["decoder_speedup"] / row["ideal_decoder_speedup"])
         assert row["ideal_decoder_speedup"] >= 1
+        runs = row["runs"]
+        assert len(runs["vanilla"]) == len(runs["dash"]) == 3
+        paired = sorted(
+            d["decode_tokens_per_s"] / v["decode_tokens_per_s"]
+            for v, d in zip(runs["vanilla"], runs["dash"], strict=True)
+        )
+        assert row["decode_speed_ratio"] == pytest.approx(paired[1])
+        assert row["dash"]["decoder_ms"] == pytest.approx(sorted(run["decoder_ms"] for run in runs["dash"])[1])
         if row["ratio"] == 0:
             assert row["kept"] == row["tokens"] and row["ideal_decoder_speedup"] == pytest.approx(1)
         else:

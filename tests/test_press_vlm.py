@@ -223,6 +223,26 @@ def hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.8])
+def test_per_layer_hooks_run_only_in_a_halting_prefill(ratio):
+    """Decode steps, and a prefill at ratio 0, run the layers with no press hook; the halted cache keeps one mask
+    pre-hook per deeper layer."""
+    model, inputs = model_for("qwen2_vl"), samples("qwen2_vl")["image"]
+    layers = model.model.language_model.layers
+    decision = DeltaPress(compression_ratio=ratio).halting_config().decision_layer(len(layers))
+    hooks_per_step = []
+    recorder = model.model.language_model.norm.register_forward_pre_hook(
+        lambda module, args: hooks_per_step.append([len(layer._forward_pre_hooks) for layer in layers])
+    )
+    try:
+        generate(model, inputs, DeltaPress(compression_ratio=ratio), max_new_tokens=4)
+    finally:
+        recorder.remove()
+    cache_hooks = [int(ratio > 0 and i > decision) for i in range(len(layers))]
+    assert hooks_per_step[1:] == [cache_hooks] * 3  # decode steps: the cache's hooks only
+    assert hooks_per_step[0] == [2 * hooks for hooks in cache_hooks]  # prefill: the press's and the cache's
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_is_restored_after_block_and_after_exception(family):
     model = model_for(family)
