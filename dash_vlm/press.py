@@ -13,7 +13,7 @@ Inside the block, every prefill (a forward on an empty cache, or without one) is
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -152,13 +152,10 @@ class Timer:
 class _Prefill:
     """State of one prefill forward under the press."""
 
-    real: torch.Tensor  # [batch, tokens] bool
-    eligible: torch.Tensor  # [batch, tokens] bool
-    counts: torch.Tensor  # [2, batch] real and eligible tokens per sample, on the device
-    host_counts: list[list[int]] | None  # the same on the host; read lazily when nothing halts (no sync)
+    token_masks: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # real and eligible, [batch, tokens] bool
     halt_counts: list[int]
-    halt_counts_tensor: torch.Tensor | None  # on the device, made at the start so that the decision copies nothing
     timer: Timer
+    halt_counts_tensor: torch.Tensor | None = None  # on the device, made at the start: the decision copies nothing
     fixed_scores: torch.Tensor | None = None  # the "random" method's scores, known before any layer runs
     halted: torch.Tensor | None = None
     kept: torch.Tensor | None = None
@@ -166,23 +163,41 @@ class _Prefill:
     slot_of_position: torch.Tensor | None = None
     compact_kwargs: dict = field(default_factory=dict)
     layer_output: torch.Tensor | None = None  # output of the decision layer, the halted tokens' final state
+    _masks: tuple[torch.Tensor, torch.Tensor] | None = None
+    _host_counts: list[list[int]] | None = None
 
     @property
     def halting(self) -> bool:
         return any(self.halt_counts)
 
     @property
+    def real(self) -> torch.Tensor:
+        return self._token_masks()[0]
+
+    @property
+    def eligible(self) -> torch.Tensor:
+        return self._token_masks()[1]
+
+    def _token_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._masks is None:  # at ratio 0 only when statistics are asked for: the prefill itself does nothing
+            self._masks = self.token_masks()
+        return self._masks
+
+    @property
+    def host_counts(self) -> list[list[int]]:
+        """Real and eligible tokens per sample (a host sync)."""
+        if self._host_counts is None:
+            real, eligible = self._token_masks()
+            self._host_counts = torch.stack([real.sum(-1), eligible.sum(-1)]).tolist()
+        return self._host_counts
+
+    @property
     def tokens(self) -> list[int]:
-        return self._host_counts()[0]
+        return self.host_counts[0]
 
     @property
     def eligible_counts(self) -> list[int]:
-        return self._host_counts()[1]
-
-    def _host_counts(self) -> list[list[int]]:
-        if self.host_counts is None:
-            self.host_counts = self.counts.tolist()
-        return self.host_counts
+        return self.host_counts[1]
 
     @property
     def kept_counts(self) -> list[int]:
@@ -284,35 +299,33 @@ class _Executor:
         reference = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         timer = Timer(reference.device)
         batch, length = reference.shape[:2]
-        attention_mask = kwargs.get("attention_mask")
-        real = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
-        if attention_mask is not None:
-            real = attention_mask.bool()
-        if self.vision_ids is None:
-            candidates = real
-        elif input_ids is None:
+        if self.vision_ids is not None and input_ids is None:
             raise ValueError("scope='vision' needs input_ids to find the vision tokens; got only inputs_embeds")
-        else:
-            candidates = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
-        protect = None
-        if self.protect is not None:
-            if tuple(self.protect.shape) != (batch, length):
-                raise ValueError(f"protect has shape {tuple(self.protect.shape)}, the prompt is {(batch, length)}")
-            protect = self.protect.to(real.device)
-        eligible = eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
-        counts = torch.stack([real.sum(-1), eligible.sum(-1)])
-        if self.config.compression_ratio == 0:  # nothing can halt: no host sync, no further work
-            self.prefill = _Prefill(real, eligible, counts, None, [0] * batch, None, timer)
+        if self.protect is not None and tuple(self.protect.shape) != (batch, length):
+            raise ValueError(f"protect has shape {tuple(self.protect.shape)}, the prompt is {(batch, length)}")
+        attention_mask = kwargs.get("attention_mask")
+
+        def token_masks() -> tuple[torch.Tensor, torch.Tensor]:
+            real = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+            if attention_mask is not None:
+                real = attention_mask.bool()
+            candidates = real
+            if self.vision_ids is not None:
+                candidates = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
+            protect = None if self.protect is None else self.protect.to(real.device)
+            return real, eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
+
+        if self.config.compression_ratio == 0:  # nothing can halt: no host sync, no work at all
+            self.prefill = _Prefill(token_masks, [0] * batch, timer)
             return
-        host_counts = counts.tolist()  # the one host sync
-        halt = halt_counts(host_counts[1], self.config.compression_ratio)
-        halt_tensor = torch.tensor(halt, device=real.device)
-        fixed_scores = None
+        self.prefill = _Prefill(token_masks, [], timer)
+        halt = halt_counts(self.prefill.eligible_counts, self.config.compression_ratio)  # the one host sync
+        self.prefill.halt_counts = halt
+        self.prefill.halt_counts_tensor = torch.tensor(halt, device=reference.device)
         if self.config.method == "random":
             if input_ids is None:
                 raise ValueError("method='random' needs input_ids to seed each sample; got only inputs_embeds")
-            fixed_scores = random_scores(input_ids, real, self.config.seed)
-        self.prefill = _Prefill(real, eligible, counts, host_counts, halt, halt_tensor, timer, fixed_scores)
+            self.prefill.fixed_scores = random_scores(input_ids, self.prefill.real, self.config.seed)
         if self.prefill.halting:
             self._add_halting_hooks()
 
