@@ -87,7 +87,8 @@ class HaltedLayer(DynamicLayer):
         decoder_layer = self._decoder_layer()
         if decoder_layer is None:
             return
-        handle = decoder_layer.register_forward_pre_hook(_continue_halted_cache(weakref.ref(self)), with_kwargs=True)
+        hook = _continue_halted_cache(weakref.ref(self), self.record)
+        handle = decoder_layer.register_forward_pre_hook(hook, with_kwargs=True)
         weakref.finalize(self, handle.remove)
 
     def __deepcopy__(self, memo: dict) -> HaltedLayer:
@@ -120,8 +121,11 @@ class HaltedLayer(DynamicLayer):
             self.record.select_batch(indices)
 
 
-def _continue_halted_cache(layer_ref: weakref.ref):
+def _continue_halted_cache(layer_ref: weakref.ref, record: HaltRecord):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
+        mask = kwargs.get("attention_mask")
+        if mask is None and not record.has_filler:  # causal, no padding: the compact keys need no mask either
+            return None  # the common decode step: checked first, as this runs in every step of every deeper layer
         layer = layer_ref()
         cache = kwargs.get("past_key_values")
         if (
@@ -135,9 +139,7 @@ def _continue_halted_cache(layer_ref: weakref.ref):
         if cached == 0:  # the halting prefill itself: the press gives this layer its compact inputs
             return None
         num_queries = (args[0] if args else kwargs["hidden_states"]).shape[-2]
-        kwargs["attention_mask"] = layer.record.later_mask(
-            kwargs.get("attention_mask"), num_queries, cached + num_queries
-        )
+        kwargs["attention_mask"] = layer.record.later_mask(mask, num_queries, cached + num_queries)
         return args, kwargs
 
     return hook
