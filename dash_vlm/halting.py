@@ -125,6 +125,12 @@ def halt_counts(eligible_counts: list[int], compression_ratio: float) -> list[in
     return [round(compression_ratio * count) for count in eligible_counts]
 
 
+def halt_counts_on_device(eligible_counts: torch.Tensor, compression_ratio: float) -> torch.Tensor:
+    """:func:`halt_counts` where the counts are, with no copy to or from the host: the same float64 product, rounded
+    half to even as Python's ``round`` does."""
+    return torch.round(eligible_counts.double() * compression_ratio).long()
+
+
 def select_halted(scores: torch.Tensor, eligible: torch.Tensor, n_halt: torch.Tensor) -> torch.Tensor:
     """The ``n_halt[b]`` eligible tokens of each sample with the smallest scores; ties halt the earlier position.
 

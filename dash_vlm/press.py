@@ -29,6 +29,7 @@ from dash_vlm.halting import (
     compact_layout,
     eligible_tokens,
     halt_counts,
+    halt_counts_on_device,
     random_scores,
     select_halted,
     token_scores,
@@ -164,6 +165,7 @@ class _Prefill:
     compact_kwargs: dict = field(default_factory=dict)
     layer_output: torch.Tensor | None = None  # output of the decision layer, the halted tokens' final state
     _masks: tuple[torch.Tensor, torch.Tensor] | None = None
+    _counts: torch.Tensor | None = None
     _host_counts: list[list[int]] | None = None
 
     @property
@@ -184,11 +186,18 @@ class _Prefill:
         return self._masks
 
     @property
-    def host_counts(self) -> list[list[int]]:
-        """Real and eligible tokens per sample (a host sync)."""
-        if self._host_counts is None:
+    def counts(self) -> torch.Tensor:
+        """``[2, batch]``: real and eligible tokens per sample, on the device."""
+        if self._counts is None:
             real, eligible = self._token_masks()
-            self._host_counts = torch.stack([real.sum(-1), eligible.sum(-1)]).tolist()
+            self._counts = torch.stack([real.sum(-1), eligible.sum(-1)])
+        return self._counts
+
+    @property
+    def host_counts(self) -> list[list[int]]:
+        """:attr:`counts` on the host (a sync)."""
+        if self._host_counts is None:
+            self._host_counts = self.counts.tolist()
         return self._host_counts
 
     @property
@@ -249,7 +258,7 @@ class _Executor:
             raise ValueError(
                 f"protect must be a [batch, tokens] bool tensor, got {protect.dtype} of shape {tuple(protect.shape)}"
             )
-        self.vision_ids = torch.tensor(adapter.vision_token_ids(model.config)) if scope == "vision" else None
+        self.vision_ids = tuple(adapter.vision_token_ids(model.config)) if scope == "vision" else None
         self.protect, self.flash = protect, attention.startswith("flash")
         self.decoder = adapter.decoder(model)
         self.layers: nn.ModuleList = self.decoder.layers
@@ -310,8 +319,10 @@ class _Executor:
             if attention_mask is not None:
                 real = attention_mask.bool()
             candidates = real
-            if self.vision_ids is not None:
-                candidates = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
+            if self.vision_ids is not None:  # compared with Python ints: nothing is copied to the device
+                candidates = torch.zeros_like(input_ids, dtype=torch.bool)
+                for token_id in self.vision_ids:
+                    candidates |= input_ids == token_id
             protect = None if self.protect is None else self.protect.to(real.device)
             return real, eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
 
@@ -321,7 +332,7 @@ class _Executor:
         self.prefill = _Prefill(token_masks, [], timer)
         halt = halt_counts(self.prefill.eligible_counts, self.config.compression_ratio)  # the one host sync
         self.prefill.halt_counts = halt
-        self.prefill.halt_counts_tensor = torch.tensor(halt, device=reference.device)
+        self.prefill.halt_counts_tensor = halt_counts_on_device(self.prefill.counts[1], self.config.compression_ratio)
         if self.config.method == "random":
             if input_ids is None:
                 raise ValueError("method='random' needs input_ids to seed each sample; got only inputs_embeds")

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from dash_vlm import DeltaPress, HaltingConfig
-from dash_vlm.halting import compact_layout, eligible_tokens, halt_counts, select_halted, token_scores
+from dash_vlm.halting import (
+    compact_layout,
+    eligible_tokens,
+    halt_counts,
+    halt_counts_on_device,
+    select_halted,
+    token_scores,
+)
 from dash_vlm.models.tiny import tiny_text_model
 
 BAD_VALUES = [
@@ -55,6 +62,12 @@ def test_good_config_and_decision_layer():
 def test_halt_counts_use_python_round():
     assert halt_counts([5, 3, 0, 7], 0.5) == [round(2.5), round(1.5), 0, round(3.5)] == [2, 2, 0, 4]
     assert halt_counts([3], 0.667) == [2]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.3, 0.5, 0.667, 0.7, 0.8, 0.9, 0.999])
+def test_halt_counts_on_device_equal_the_host_rule(ratio):
+    counts = list(range(20001))
+    assert halt_counts_on_device(torch.tensor(counts), ratio).tolist() == halt_counts(counts, ratio)
 
 
 def test_scores_are_float32_norms():

@@ -322,7 +322,7 @@ def table(document: dict) -> str:
 
 
 def plot(document: dict, path: Path) -> None:
-    """Prefill time against image size, vanilla and one line per ratio."""
+    """Prefill time against image size: vanilla, one line per ratio, and the vision tower's share."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,7 +332,9 @@ def plot(document: dict, path: Path) -> None:
     rows = document["rows"]
     sizes = sorted({row["image_size"] for row in rows})
     vanilla = [statistics.median(r["vanilla"]["prefill_ms"] for r in rows if r["image_size"] == s) for s in sizes]
+    vision = [statistics.median(r["vanilla"]["vision_ms"] for r in rows if r["image_size"] == s) for s in sizes]
     axis.plot(sizes, vanilla, "k-o", label="vanilla")
+    axis.plot(sizes, vision, "k:", label="vision tower (the same in both)")
     for ratio in sorted({row["ratio"] for row in rows}):
         points = sorted((r["image_size"], r["dash"]["prefill_ms"]) for r in rows if r["ratio"] == ratio)
         axis.plot([p[0] for p in points], [p[1] for p in points], "--o", label=f"DASH {ratio:g}")
