@@ -53,10 +53,11 @@ class HaltRecord:
         """
         if self._memo is not None and self._memo[0] is mask and self._memo[1] == compact_length:
             return self._memo[2]
-        batch, device = self.index.shape[0], self.index.device
+        device = self.index.device if mask is None else mask.device  # layers may sit on several devices
+        index, valid, batch = self.index.to(device), self.valid.to(device), self.index.shape[0]
         new_positions = self.prompt_length + torch.arange(compact_length - self.slots, device=device)
-        key_index = torch.cat([self.index, new_positions.expand(batch, -1)], dim=-1)
-        key_valid = torch.cat([self.valid, torch.ones_like(new_positions, dtype=torch.bool).expand(batch, -1)], -1)
+        key_index = torch.cat([index, new_positions.expand(batch, -1)], dim=-1)
+        key_valid = torch.cat([valid, torch.ones_like(new_positions, dtype=torch.bool).expand(batch, -1)], -1)
         query_index = new_positions[-num_queries:].expand(batch, -1)
         restricted = restrict_attention_mask(
             mask, key_index, key_valid, query_index, compact_queries=False, has_filler=self.has_filler, flash=self.flash

@@ -200,6 +200,14 @@ class _Prefill:
             self._host_counts = self.counts.tolist()
         return self._host_counts
 
+    def move_to(self, device: torch.device) -> None:
+        """Put the token masks and the halt counts on ``device`` (no copy when they are there already)."""
+        real, eligible = self._token_masks()
+        self._masks = real.to(device), eligible.to(device)
+        self.halt_counts_tensor = self.halt_counts_tensor.to(device)
+        if self.fixed_scores is not None:
+            self.fixed_scores = self.fixed_scores.to(device)
+
     @property
     def tokens(self) -> list[int]:
         return self.host_counts[0]
@@ -342,6 +350,7 @@ class _Executor:
 
     def _on_decision(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         prefill = self.prefill
+        prefill.move_to(output[0].device)  # the decision layer may sit on another device than the inputs
         scores = token_scores(output[0]) if prefill.fixed_scores is None else prefill.fixed_scores
         prefill.halted = select_halted(scores, prefill.eligible, prefill.halt_counts_tensor)
         prefill.kept = prefill.real & ~prefill.halted
