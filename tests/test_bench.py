@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dash_vlm.bench import BenchConfig, ideal_decoder_speedup
+from dash_vlm.bench import BenchConfig, TokenTimer, batch_inputs, ideal_decoder_speedup
 from dash_vlm.cli import main as cli_main
 from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS
@@ -106,3 +106,14 @@ def test_bf16_reference_script_runs_on_the_tiny_preset():
     assert result["same_halted_positions"] and result["kept"] < result["tokens"]
     assert result["max_logits_relative_error"] < 1e-4
     assert result["greedy_token_agreement"] == 1.0
+
+
+def test_token_timer_marks_every_generated_token():
+    preset = PRESETS["tiny"]
+    model = preset.build("cpu", torch.float32)
+    inputs = batch_inputs(preset.inputs(48), 2, "cpu", torch.float32)
+    timer = TokenTimer(torch.device("cpu"))
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, stopping_criteria=[timer])
+    assert timer.first.milliseconds() > 0
+    assert len(timer.steps) == 4 and all(step.milliseconds() > 0 for step in timer.steps)
