@@ -8,6 +8,9 @@ Inside the block, every prefill (a forward on an empty cache, or without one) is
 3. a pre-hook on the first deeper layer gathers the kept tokens once; every deeper layer gets the compact hidden
    states, position embeddings and mask, all precomputed at the decision; the cache keeps compact keys and values;
 4. a pre-hook on the final norm puts the kept tokens' states back among the halted tokens' layer-``s`` states.
+
+The hooks of steps 2-4 are added in step 1 and removed when the prefill ends, so a prefill at ratio 0 and every
+decode step run the model's own forward with no press hook per layer.
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ class _Prefill:
     token_masks: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # real and eligible, [batch, tokens] bool
     halt_counts: list[int]
     timer: Timer
-    halt_counts_tensor: torch.Tensor | None = None  # on the device, made at the start: the decision copies nothing
+    halt_counts_tensor: torch.Tensor | None = None  # computed on the device: nothing is copied from the host
     fixed_scores: torch.Tensor | None = None  # the "random" method's scores, known before any layer runs
     halted: torch.Tensor | None = None
     kept: torch.Tensor | None = None
