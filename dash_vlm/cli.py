@@ -7,7 +7,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 import transformers
 
 from dash_vlm.press import DeltaPress, PrefillStats
@@ -57,7 +56,7 @@ def run_generate(args: argparse.Namespace) -> None:
         compression_ratio=args.ratio,
         start_ratio=args.start_ratio,
         scope=args.scope,
-        dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+        dtype=args.dtype,
         device_map=args.device,
         attn_implementation=args.attn,
         allow_urls=args.allow_urls,

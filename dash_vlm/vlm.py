@@ -116,7 +116,8 @@ class DashVLM:
     ) -> DashVLM:
         """Load a checkpoint (hub id or local folder) the ordinary transformers way, with a ``DeltaPress``.
 
-        ``device_map=None`` puts the whole model on the first GPU if there is one, else on the CPU. The halting
+        ``dtype`` is "auto", a torch dtype or its name ("bfloat16"), as transformers takes it. ``device_map=None``
+        puts the whole model on the first GPU if there is one, else on the CPU. The halting
         parameters are validated and the model type checked before any weights load. ``model_kwargs`` go to the
         model's ``from_pretrained`` (``trust_remote_code``, ``revision``, ``quantization_config``, ...).
         """

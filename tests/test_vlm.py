@@ -155,9 +155,10 @@ def test_pixel_limits_change_the_token_count(checkpoints, image_files):
     assert tokens[0] < tokens[1]
 
 
-def test_loading_options(checkpoints, image_files):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16"])  # the CLI and lmms-eval pass the name
+def test_loading_options(checkpoints, image_files, dtype):
     vlm = DashVLM.from_pretrained(
-        checkpoints["llava"], start_ratio=0.6, scope="all", attn_implementation="eager", dtype=torch.bfloat16
+        checkpoints["llava"], start_ratio=0.6, scope="all", attn_implementation="eager", dtype=dtype
     )
     assert vlm.model.config._attn_implementation == "eager" and vlm.model.dtype == torch.bfloat16
     assert (vlm.press.start_ratio, vlm.press.scope) == (0.6, "all")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
@@ -72,7 +71,7 @@ class DashLMM(lmms):
             compression_ratio=float(compression_ratio),
             start_ratio=float(start_ratio),
             scope=scope,
-            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            dtype=dtype,
             device_map=device_map,
             attn_implementation=attn_implementation,
             **self.family_model_args(**model_args),
