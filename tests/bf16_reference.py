@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import MaskedReference, relative_error  # noqa: E402
 
 from dash_vlm import DeltaPress  # noqa: E402
+from dash_vlm.bench import batch_inputs  # noqa: E402
 from dash_vlm.models.presets import PRESETS  # noqa: E402
 
 
@@ -28,10 +29,7 @@ def compare(preset: str, layers: int, vision_layers: int, image_size: int, ratio
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     model = PRESETS[preset].build(device, dtype, layers=layers, vision_layers=vision_layers)
-    inputs = {
-        key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-        for key, value in PRESETS[preset].inputs(image_size).items()
-    }
+    inputs = batch_inputs(PRESETS[preset].inputs(image_size), 1, device, dtype)
     settings = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True)
     settings["return_dict_in_generate"] = True
     press = DeltaPress(compression_ratio=ratio, scope="vision")

@@ -115,5 +115,5 @@ def test_token_timer_marks_every_generated_token():
     timer = TokenTimer(torch.device("cpu"))
     with torch.inference_mode():
         model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, stopping_criteria=[timer])
-    assert timer.first.milliseconds() > 0
+    assert timer.timer.milliseconds() > 0
     assert len(timer.steps) == 4 and all(step.milliseconds() > 0 for step in timer.steps)

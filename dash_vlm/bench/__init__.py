@@ -23,12 +23,12 @@ import torch
 import transformers
 from torch import nn
 from tqdm import tqdm
-from transformers import StoppingCriteria
 
 from dash_vlm.compact import take_tokens
 from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS, Preset
 from dash_vlm.press import DeltaPress, Timer
+from dash_vlm.vlm import FirstTokenTimer
 
 logger = logging.getLogger(__name__)
 
@@ -117,24 +117,20 @@ def batch_inputs(inputs: dict, batch_size: int, device: str | torch.device, dtyp
     }
 
 
-class TokenTimer(StoppingCriteria):
-    """Stops nothing; marks the moment ``generate`` has chosen each token (CUDA events, read after the call).
-
-    ``first`` spans from its creation to the first token; ``steps`` hold one timer per later token.
-    """
+class TokenTimer(FirstTokenTimer):
+    """A :class:`FirstTokenTimer` that also times every later token: ``steps`` holds one timer per decode step."""
 
     def __init__(self, device: torch.device):
-        self.device, self.first, self.steps = device, Timer(device), []
-        self._current: Timer | None = None
+        super().__init__(device)
+        self.device, self.steps = device, []
+        self._current: Timer | None = None  # the step in progress; the one after the last token never ends
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self._current is None:
-            self.first.stop()
-        else:
+        if self._current is not None:
             self._current.stop()
             self.steps.append(self._current)
         self._current = Timer(self.device)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return super().__call__(input_ids, scores, **kwargs)
 
 
 def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: StageTimers, new_tokens: int) -> dict:
@@ -152,7 +148,7 @@ def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: S
     with torch.inference_mode(), press(model) if press is not None else nullcontext():
         model.generate(**inputs, **kwargs)
     figures = timers.milliseconds()
-    figures["ttft_ms"] = tokens.first.milliseconds()
+    figures["ttft_ms"] = tokens.timer.milliseconds()
     figures["decode_step_ms"] = statistics.median(step.milliseconds() for step in tokens.steps)
     figures["decode_tokens_per_s"] = 1000 / figures["decode_step_ms"]
     figures["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
