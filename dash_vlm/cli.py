@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import transformers
 
+from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
+
+ALIASES = {"compression_ratio": "--ratio"}  # the short forms of earlier releases
+
+
+def add_halting_arguments(parser: argparse.ArgumentParser, swept: str | None = None) -> None:
+    """One flag per ``DeltaPress`` field, named after it (``--compression-ratio``, ``--start-ratio``, ``--method``,
+    ...); a flag left out keeps the field's default. ``swept`` names a field given as a comma-separated list of values
+    (``--compression-ratios``), each measured in turn."""
+    for parameter in dataclasses.fields(DeltaPress):
+        if not parameter.init:
+            continue
+        flag, alias = "--" + parameter.name.replace("_", "-"), ALIASES.get(parameter.name)
+        if parameter.name == swept:
+            flag, alias = flag + "s", alias and alias + "s"
+            help_text = f"comma-separated values of DeltaPress.{parameter.name}, each measured"
+        else:
+            help_text = f"DeltaPress.{parameter.name} (default {parameter.default!r})"
+        parser.add_argument(flag, *filter(None, [alias]), dest=parameter.name, default=None, help=help_text)
+
+
+def halting_options(args: argparse.Namespace) -> dict[str, str]:
+    """The halting flags given on the command line, as text, by field name."""
+    return {name: getattr(args, name) for name in DeltaPress.parameter_names() if getattr(args, name) is not None}
+
 
 STATS_HEADER = f"{'run':<14}{'tokens':>8}{'eligible':>10}{'kept':>8}{'layer':>7}{'prefill ms':>12}{'KV MB':>10}"
 
@@ -22,7 +48,7 @@ def stats_row(name: str, stats: PrefillStats) -> str:
     )
 
 
-def run_demo(ratio: float) -> None:
+def run_demo(dash: DeltaPress) -> None:
     """Ask the bundled dash-shapes Qwen2-VL checkpoint about the bundled scene, with and without DASH."""
     from dash_vlm.resources import bundled
     from dash_vlm.shapes.evaluate import model_folder
@@ -35,7 +61,8 @@ def run_demo(ratio: float) -> None:
     print(f"dash-shapes Qwen2-VL ({vlm.model.config.text_config.num_hidden_layers} decoder layers) on {image.name}")
     vlm.generate(image=image, prompt=questions[0], max_new_tokens=1)  # warm-up, so that both timings are steady
     answers, rows = {}, []
-    for name, press in {"vanilla": DeltaPress(0.0), f"DASH {ratio:g}": DeltaPress(ratio)}.items():
+    runs = {"vanilla": dataclasses.replace(dash, compression_ratio=0.0), f"DASH {dash.compression_ratio:g}": dash}
+    for name, press in runs.items():
         vlm.press = press
         results = vlm.generate(image=[image] * len(questions), prompt=questions, max_new_tokens=4)
         answers[name] = [result.text for result in results]
@@ -47,22 +74,19 @@ def run_demo(ratio: float) -> None:
     print("\n".join(["", "halting statistics of the first question:", STATS_HEADER, *rows]))
 
 
-def run_generate(args: argparse.Namespace) -> None:
+def run_generate(args: argparse.Namespace, dash: DeltaPress) -> None:
     """Load a checkpoint with ``DashVLM`` and answer one prompt, with and without halting under ``--compare``."""
     from dash_vlm.vlm import DashVLM
 
     vlm = DashVLM.from_pretrained(
         args.model,
-        compression_ratio=args.ratio,
-        start_ratio=args.start_ratio,
-        scope=args.scope,
+        press=dash,
         dtype=args.dtype,
         device_map=args.device,
         attn_implementation=args.attn,
         allow_urls=args.allow_urls,
     )
-    dash = vlm.press
-    runs = {"vanilla": DeltaPress(0.0, dash.start_ratio, dash.scope)} if args.compare else {}
+    runs = {"vanilla": dataclasses.replace(dash, compression_ratio=0.0)} if args.compare else {}
     runs[f"DASH {dash.compression_ratio:g}"] = dash
     rows = []
     for name, press in runs.items():
@@ -79,16 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dash-vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the bundled dash-shapes checkpoint answers with and without DASH")
-    demo.add_argument("--ratio", type=float, default=0.667, help="compression ratio in [0, 1) (default 0.667)")
+    add_halting_arguments(demo)
 
     generate = commands.add_parser("generate", help="answer a prompt about images with a checkpoint under DASH")
     generate.add_argument("--model", required=True, help="hub id or local folder of a supported VLM")
     generate.add_argument("--image", nargs="+", default=[], help="image files (several: one prompt about all)")
     generate.add_argument("--video", default=None, help="a video file (Qwen2-VL family)")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--ratio", type=float, default=0.667, help="compression ratio in [0, 1) (default 0.667)")
-    generate.add_argument("--start-ratio", type=float, default=0.4, help="decision layer = floor(S * layers)")
-    generate.add_argument("--scope", choices=("auto", "vision", "all"), default="auto")
+    add_halting_arguments(generate)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--device", default=None, help="device or device map: cuda, cpu, auto (default: GPU if any)")
     generate.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
@@ -97,19 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--compare", action="store_true", help="also generate without halting and compare")
 
     bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
-    bench.add_argument(
-        "--preset", required=True, help="qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-7b, llava-1.5-7b, llava-next-7b, tiny"
-    )
+    bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
     bench.add_argument("--image-size", type=int, action="append", required=True, help="image side in px (repeatable)")
-    bench.add_argument("--ratios", default="0,0.5,0.667,0.8", help="comma-separated compression ratios")
-    bench.add_argument("--start-ratio", type=float, default=0.4)
-    bench.add_argument("--scope", choices=("auto", "vision", "all"), default="vision")
+    add_halting_arguments(bench, swept="compression_ratio")
     bench.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench.add_argument(
+        "--device-map", choices=("auto",), default=None, help="auto: build on GPU 0, then split over every GPU"
+    )
     bench.add_argument("--output", type=Path, required=True, help="results JSON")
     bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size (PNG)")
     commands.add_parser("tasks", help="print the folder of the dash_* lmms-eval tasks, for --include_path")
@@ -117,31 +138,38 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
+    if args.command == "tasks":
+        from dash_vlm.resources import tasks_folder
+
+        print(tasks_folder())
+        return
+    options = halting_options(args)
+    swept = options.pop("compression_ratio", "0,0.5,0.667,0.8") if args.command == "bench" else None
+    try:
+        dash = DeltaPress.from_options(**options)
+    except ValueError as error:
+        parser.error(str(error))
     if args.command == "demo":
-        run_demo(args.ratio)
+        run_demo(dash)
     elif args.command == "generate":
-        run_generate(args)
+        run_generate(args, dash)
     elif args.command == "bench":
         from dash_vlm import bench
 
         config = bench.BenchConfig(
             preset=args.preset,
             image_sizes=args.image_size,
-            ratios=[float(ratio) for ratio in args.ratios.split(",")],
-            start_ratio=args.start_ratio,
-            scope=args.scope,
+            ratios=[float(ratio) for ratio in swept.split(",")],
+            halting={name: getattr(dash, name) for name in options},
             batch_size=args.batch_size,
             new_tokens=args.new_tokens,
             repeats=args.repeats,
             warmup=args.warmup,
             attn=args.attn,
+            device_map=args.device_map,
             **({"device": args.device} if args.device else {}),
         )
         bench.main(config, args.output, args.plot)
-    elif args.command == "tasks":
-        from dash_vlm.resources import tasks_folder
-
-        print(tasks_folder())
 
 
 if __name__ == "__main__":

@@ -1,75 +1,26 @@
 """The DASH rule: which prompt tokens halt, as small pure tensor functions.
 
-Nothing here knows about models or hooks. ``press.py`` feeds these functions the prompt's masks and the
-self-attention output of the decision layer, and executes the plan they return.
+Nothing here knows about models or hooks. The scorers (``scorers.py``) score the tokens, the plan (``plan.py``)
+turns the scores into who halts and the compact layout with these functions, and ``press.py`` wires the plan into a
+model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 SCOPES = ("auto", "vision", "all")
-METHODS = ("dash", "random")
+
+Selection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A selection rule, the step after scoring: ``(scores, eligible, n_halt) -> halted``, as :func:`select_halted`."""
 
 
-@dataclass
-class HaltingConfig:
-    """Hyperparameters of the halting rule (DESIGN.md section 1).
-
-    Parameters
-    ----------
-    compression_ratio : float
-        Fraction of the eligible tokens that halt, in [0, 1).
-    start_ratio : float
-        The decision layer is ``floor(start_ratio * num_layers)``, in [0, 1).
-    scope : str
-        "vision" (image and video tokens), "all" (every real prompt token) or "auto" (vision for a
-        vision-language model, all for a text-only model).
-    protect_last : int
-        The last ``protect_last`` real tokens never halt (>= 1: the token that predicts the answer).
-    protect_first : int
-        The first ``protect_first`` real tokens never halt (>= 0).
-    method : str
-        "dash" (the rule) or "random": the same number of eligible tokens halt at the same layer, chosen by a
-        pseudo-random score seeded per sample (``random_scores``), the baseline that isolates the score's value.
-    seed : int
-        Seed of the "random" method, in [0, 2**31).
-    """
-
-    compression_ratio: float = 0.667
-    start_ratio: float = 0.4
-    scope: str = "auto"
-    protect_last: int = 1
-    protect_first: int = 0
-    method: str = "dash"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that is out of its accepted range."""
-        for name in ("compression_ratio", "start_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, minimum in (("protect_last", 1), ("protect_first", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
-
-    def decision_layer(self, num_layers: int) -> int:
-        """Index ``s`` of the layer whose attention output scores the tokens."""
-        return math.floor(self.start_ratio * num_layers)
+def decision_layer(start_ratio: float, num_layers: int) -> int:
+    """Index ``s = floor(start_ratio * num_layers)`` of the layer that decides; deeper layers run compact."""
+    return math.floor(start_ratio * num_layers)
 
 
 def token_scores(attention_output: torch.Tensor) -> torch.Tensor:

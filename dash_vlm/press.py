@@ -4,13 +4,15 @@ Inside the block, every prefill (a forward on an empty cache, or without one) is
 
 1. the prefill module's pre-hook finds the eligible tokens and how many halt per sample (one host sync, before any
    layer runs: the compact length is a shape; none at compression ratio 0, where nothing else happens either);
-2. a forward hook on the decision layer's self-attention scores the tokens and selects the halted ones;
-3. a pre-hook on the first deeper layer gathers the kept tokens once; every deeper layer gets the compact hidden
-   states, position embeddings and mask, all precomputed at the decision; the cache keeps compact keys and values;
+2. hooks on the decision layer give the method's scorer what it reads there (``scorers.py``);
+3. a pre-hook on the first deeper layer makes the plan (``plan.py``: who halts, the compact layout and inputs) and
+   gathers the kept tokens once; every deeper layer gets the plan's compact position embeddings and mask; the cache
+   keeps compact keys and values;
 4. a pre-hook on the final norm puts the kept tokens' states back among the halted tokens' layer-``s`` states.
 
 The hooks of steps 2-4 are added in step 1 and removed when the prefill ends, so a prefill at ratio 0 and every
-decode step run the model's own forward with no press hook per layer.
+decode step run the model's own forward with no press hook per layer. The hooks only wire: the rule is in
+``halting.py``, the methods in ``scorers.py``, the plan in ``plan.py``, the insertion points on the model adapter.
 """
 
 from __future__ import annotations
@@ -18,26 +20,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from kvpress import BasePress
 from torch import nn
 from transformers import PreTrainedModel
 
-from dash_vlm.cache import HaltRecord, attach_halted_layers, check_cache
-from dash_vlm.compact import restrict_attention_mask, take_tokens
-from dash_vlm.halting import (
-    HaltingConfig,
-    compact_layout,
-    eligible_tokens,
-    halt_counts,
-    halt_counts_on_device,
-    random_scores,
-    select_halted,
-    token_scores,
-)
+from dash_vlm.cache import attach_halted_layers, check_cache
+from dash_vlm.halting import SCOPES, eligible_tokens, halt_counts, halt_counts_on_device
 from dash_vlm.models import ModelAdapter, adapter_for
+from dash_vlm.plan import HaltPlan, plan_halting
+from dash_vlm.scorers import SCORERS, Reading, Scorer
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -62,7 +56,10 @@ class PrefillStats:
 @dataclass
 class DeltaPress(BasePress):
     """Delta Attention Selective Halting: prompt tokens whose self-attention output is smallest at the decision
-    layer skip every deeper layer of the prefill.
+    layer skip every deeper layer of the prefill (DESIGN.md section 1).
+
+    Its fields are the halting parameters, declared here only; they are validated when the press is built and again
+    when it is applied, since users reassign them.
 
     Parameters
     ----------
@@ -71,13 +68,16 @@ class DeltaPress(BasePress):
     start_ratio : float
         The decision layer is ``floor(start_ratio * num_layers)``, in [0, 1).
     scope : str
-        "vision", "all", or "auto" (vision for a vision-language model, all for a text-only model).
+        "vision" (image and video tokens), "all" (every real prompt token) or "auto" (vision for a vision-language
+        model, all for a text-only model).
     protect_last, protect_first : int
-        How many of the last (>= 1) and first (>= 0) real prompt tokens never halt.
+        How many of the last (>= 1: the token that predicts the answer) and first (>= 0) real prompt tokens never
+        halt.
     method : str
-        "dash", or "random" (the baseline: as many tokens halt, chosen pseudo-randomly per sample).
+        The scorer, a name in ``dash_vlm.scorers.SCORERS``: "dash" (the rule) or "random" (the baseline that
+        isolates the score's value: as many tokens halt at the same layer, chosen pseudo-randomly per sample).
     seed : int
-        Seed of the "random" method.
+        Seed of the "random" method, in [0, 2**31).
     """
 
     compression_ratio: float = 0.667
@@ -90,19 +90,63 @@ class DeltaPress(BasePress):
     _last_prefill: _PrefillRecord | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.halting_config()
+        self.validate()
 
-    def halting_config(self) -> HaltingConfig:
-        """The validated rule; raises ``ValueError`` if a field was set out of range."""
-        return HaltingConfig(
-            self.compression_ratio,
-            self.start_ratio,
-            self.scope,
-            self.protect_last,
-            self.protect_first,
-            self.method,
-            self.seed,
-        )
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is out of its accepted range."""
+        for name in ("compression_ratio", "start_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.method not in SCORERS:
+            raise ValueError(f"method must be one of {tuple(SCORERS)}, got {self.method!r}")
+        for name, minimum in (("protect_last", 1), ("protect_first", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
+
+    @classmethod
+    def parameter_names(cls) -> tuple[str, ...]:
+        """The halting parameters, in declaration order: every entry point (``DashVLM``, the command line, the lmms-eval
+        model args, the bench) takes exactly these, by name."""
+        return tuple(parameter.name for parameter in fields(cls) if parameter.init)
+
+    @classmethod
+    def from_options(cls, **options: object) -> DeltaPress:
+        """A press from halting parameters given by name, as values or as text (command-line flags, lmms-eval model
+        args): text is converted to the type of the field's default. ``ValueError`` names an unknown parameter or a
+        value that does not convert."""
+        defaults = {parameter.name: parameter.default for parameter in fields(cls) if parameter.init}
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown halting parameters {unknown}; DeltaPress takes {tuple(defaults)}")
+        converted = {}
+        for name, value in options.items():
+            kind = type(defaults[name])
+            if isinstance(value, str) and kind is not str:
+                try:
+                    value = kind(value)
+                except ValueError as error:
+                    raise ValueError(f"{name} must be given as {kind.__name__}, got {value!r}") from error
+            converted[name] = value
+        return cls(**converted)
+
+    def halting_config(self) -> DeltaPress:
+        """A validated copy of the halting fields (``ValueError`` if one was set out of range): what a
+        ``with press(model)`` block applies, whatever is reassigned during the block."""
+        return replace(self)
+
+    def scorer(self) -> Scorer:
+        """The scorer of ``method``, built from the fields it names."""
+        return SCORERS[self.method].from_press(self)
+
+    def decision_layer(self, num_layers: int) -> int:
+        """Index ``s`` of the layer the scorer reads; the layers above it run on the kept tokens."""
+        return self.scorer().layer(num_layers)
 
     @contextmanager
     def __call__(self, model: PreTrainedModel, protect: torch.Tensor | None = None) -> Generator:
@@ -157,16 +201,14 @@ class _Prefill:
     """State of one prefill forward under the press."""
 
     token_masks: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # real and eligible, [batch, tokens] bool
-    halt_counts: list[int]
     timer: Timer
+    halt_counts: list[int] = field(default_factory=list)
     halt_counts_tensor: torch.Tensor | None = None  # computed on the device: nothing is copied from the host
-    fixed_scores: torch.Tensor | None = None  # the "random" method's scores, known before any layer runs
-    halted: torch.Tensor | None = None
-    kept: torch.Tensor | None = None
-    index: torch.Tensor | None = None  # [batch, slots] position held by each compact slot
-    slot_of_position: torch.Tensor | None = None
+    reading: dict[str, torch.Tensor] = field(default_factory=dict)  # what the scorer has read so far
+    scores: torch.Tensor | None = None
+    plan: HaltPlan | None = None
+    decision_output: torch.Tensor | None = None  # output of the decision layer, the halted tokens' final state
     compact_kwargs: dict = field(default_factory=dict)
-    layer_output: torch.Tensor | None = None  # output of the decision layer, the halted tokens' final state
     _masks: tuple[torch.Tensor, torch.Tensor] | None = None
     _counts: torch.Tensor | None = None
     _host_counts: list[list[int]] | None = None
@@ -204,12 +246,15 @@ class _Prefill:
         return self._host_counts
 
     def move_to(self, device: torch.device) -> None:
-        """Put the token masks and the halt counts on ``device`` (no copy when they are there already)."""
+        """Put the token masks, the halt counts and the scores on ``device`` (no copy when they are there already)."""
         real, eligible = self._token_masks()
         self._masks = real.to(device), eligible.to(device)
         self.halt_counts_tensor = self.halt_counts_tensor.to(device)
-        if self.fixed_scores is not None:
-            self.fixed_scores = self.fixed_scores.to(device)
+        self.scores = self.scores.to(device)
+
+    def finish(self) -> None:
+        """Drop what only the forward needed; the statistics read the masks, the counts and the plan's ``halted``."""
+        self.reading, self.scores, self.decision_output, self.compact_kwargs = {}, None, None, {}
 
     @property
     def tokens(self) -> list[int]:
@@ -236,9 +281,9 @@ class _PrefillRecord:
         prefill = self.prefill
         milliseconds = prefill.timer.milliseconds()
         halted_positions: list[list[int]] = [[] for _ in prefill.tokens]
-        if prefill.halted is not None:
+        if prefill.plan is not None:
             rank = prefill.real.long().cumsum(-1) - 1
-            halted_positions = [rank[b][prefill.halted[b]].tolist() for b in range(len(prefill.tokens))]
+            halted_positions = [rank[b][prefill.plan.halted[b]].tolist() for b in range(len(prefill.tokens))]
         stats = []
         for tokens, eligible, kept, positions in zip(
             prefill.tokens, prefill.eligible_counts, prefill.kept_counts, halted_positions, strict=True
@@ -252,7 +297,8 @@ class _PrefillRecord:
 
 
 class _Executor:
-    """The hooks of one ``with press(model)`` block; ``remove`` restores the model exactly."""
+    """The hooks of one ``with press(model)`` block: they check the inputs and wire the scorer and the plan into the
+    model at the adapter's insertion points; ``remove`` restores the model exactly."""
 
     def __init__(self, press: DeltaPress, model: PreTrainedModel, protect: torch.Tensor | None):
         self.press, self.config = press, press.halting_config()
@@ -271,18 +317,17 @@ class _Executor:
             )
         self.vision_ids = tuple(adapter.vision_token_ids(model.config)) if scope == "vision" else None
         self.protect, self.flash = protect, attention.startswith("flash")
-        self.decoder = adapter.decoder(model)
-        self.layers: nn.ModuleList = self.decoder.layers
-        self.decision_layer = self.config.decision_layer(len(self.layers))
+        self.scorer = self.config.scorer()
+        self.layers: nn.ModuleList = adapter.decoder_layers(model)
+        self.final_norm = adapter.final_norm(model)
+        self.decision_layer = self.scorer.layer(len(self.layers))
         self.prefill: _Prefill | None = None
         prefill_module = adapter.prefill_module(model)
-        self.compact_layers = self.layers[self.decision_layer + 1 :]
         self.handles = [
             prefill_module.register_forward_pre_hook(self._on_prefill_start, with_kwargs=True),
             prefill_module.register_forward_hook(self._on_prefill_end, with_kwargs=True),
         ]
         self.halting_handles: list = []
-        self.first_compact_layer = self.compact_layers[0] if len(self.compact_layers) else None
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -293,14 +338,19 @@ class _Executor:
     def _add_halting_hooks(self) -> None:
         """The per-layer hooks, present only during a prefill that halts: a prefill at ratio 0 and every decode step
         run the model's own forward, with no Python hook per layer."""
-        self.halting_handles = [
-            self.layers[self.decision_layer].self_attn.register_forward_hook(self._on_decision, with_kwargs=True),
-            *(
-                layer.register_forward_pre_hook(self._on_compact_layer, with_kwargs=True)
-                for layer in self.compact_layers
-            ),
-            self.decoder.norm.register_forward_pre_hook(self._on_final_norm),
-        ]
+        decision = self.layers[self.decision_layer]
+        reads = self.scorer.reads
+        handles = []
+        if "layer_input" in reads:
+            handles.append(decision.register_forward_pre_hook(self._read_layer_input, with_kwargs=True))
+        if "attention_output" in reads:
+            handles.append(decision.self_attn.register_forward_hook(self._read_attention_output))
+        if "layer_output" in reads:
+            handles.append(decision.register_forward_hook(self._read_layer_output))
+        for layer in self.layers[self.decision_layer + 1 :]:
+            handles.append(layer.register_forward_pre_hook(self._on_compact_layer, with_kwargs=True))
+        handles.append(self.final_norm.register_forward_pre_hook(self._on_final_norm))
+        self.halting_handles = handles
 
     def _remove_halting_hooks(self) -> None:
         for handle in self.halting_handles:
@@ -337,76 +387,66 @@ class _Executor:
             protect = None if self.protect is None else self.protect.to(real.device)
             return real, eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
 
-        if self.config.compression_ratio == 0:  # nothing can halt: no host sync, no work at all
-            self.prefill = _Prefill(token_masks, [0] * batch, timer)
+        ratio = self.config.compression_ratio
+        if ratio == 0:  # nothing can halt: no host sync, no work at all
+            self.prefill = _Prefill(token_masks, timer, halt_counts=[0] * batch)
             return
-        self.prefill = _Prefill(token_masks, [], timer)
-        halt = halt_counts(self.prefill.eligible_counts, self.config.compression_ratio)  # the one host sync
-        self.prefill.halt_counts = halt
-        self.prefill.halt_counts_tensor = halt_counts_on_device(self.prefill.counts[1], self.config.compression_ratio)
-        if self.config.method == "random":
-            if input_ids is None:
-                raise ValueError("method='random' needs input_ids to seed each sample; got only inputs_embeds")
-            self.prefill.fixed_scores = random_scores(input_ids, self.prefill.real, self.config.seed)
-        if self.prefill.halting:
+        if "input_ids" in self.scorer.reads and input_ids is None:
+            raise ValueError(f"method={self.config.method!r} needs input_ids; got only inputs_embeds")
+        self.prefill = prefill = _Prefill(token_masks, timer)
+        prefill.halt_counts = halt_counts(prefill.eligible_counts, ratio)  # the one host sync
+        prefill.halt_counts_tensor = halt_counts_on_device(prefill.counts[1], ratio)
+        if prefill.halting:
+            if "input_ids" in self.scorer.reads:
+                self._read("input_ids", input_ids)
             self._add_halting_hooks()
 
-    def _on_decision(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+    def _read(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep one thing the scorer reads; score as soon as it has read everything, so the tensors read die here."""
         prefill = self.prefill
-        prefill.move_to(output[0].device)  # the decision layer may sit on another device than the inputs
-        scores = token_scores(output[0]) if prefill.fixed_scores is None else prefill.fixed_scores
-        prefill.halted = select_halted(scores, prefill.eligible, prefill.halt_counts_tensor)
-        prefill.kept = prefill.real & ~prefill.halted
-        kept_counts = prefill.kept_counts
-        slots = max(kept_counts)
-        index, valid = compact_layout(prefill.kept, slots)
-        batch, length = prefill.kept.shape
-        prefill.index = index
-        prefill.slot_of_position = torch.zeros_like(prefill.kept, dtype=torch.long).scatter_(
-            -1, index, torch.arange(slots, device=index.device).expand(batch, -1)
+        prefill.reading[name] = tensor
+        if len(prefill.reading) == len(self.scorer.reads):
+            prefill.scores = self.scorer.score(Reading(prefill.real.to(tensor.device), **prefill.reading))
+            prefill.reading = {}
+
+    def _read_layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._read("layer_input", args[0] if args else kwargs["hidden_states"])
+
+    def _read_attention_output(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self._read("attention_output", output[0])
+
+    def _read_layer_output(self, module: nn.Module, args: tuple, output) -> None:
+        self._read("layer_output", output[0] if isinstance(output, tuple) else output)
+
+    def _decide(self, device: torch.device) -> HaltPlan:
+        prefill = self.prefill
+        prefill.move_to(device)  # the decision may sit on another device than the inputs (device_map="auto")
+        prefill.plan = plan_halting(
+            prefill.scores, prefill.real, prefill.eligible, prefill.halt_counts_tensor, prefill.kept_counts
         )
-        has_filler = min(kept_counts) < slots
-        position_ids = kwargs.get("position_ids")
-        prefill.compact_kwargs = {
-            "attention_mask": restrict_attention_mask(
-                kwargs.get("attention_mask"),
-                index,
-                valid,
-                index,
-                compact_queries=True,
-                has_filler=has_filler,
-                flash=self.flash,
-            ),
-            "position_embeddings": tuple(take_tokens(part, index) for part in kwargs["position_embeddings"]),
-            "position_ids": None if position_ids is None else take_tokens(position_ids, index, trailing_dims=0),
-        }
-        cache = kwargs.get("past_key_values")
-        if cache is not None and self.first_compact_layer is not None:
-            check_cache(cache, self.decision_layer + 1)
-            record = HaltRecord(index, valid, length, has_filler, self.flash)
-            attach_halted_layers(cache, self.layers, record, self.decision_layer + 1)
+        return prefill.plan
 
     def _on_compact_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         prefill = self.prefill
-        if module is self.first_compact_layer:
+        if prefill.plan is None:  # the first layer above the decision layer: decide, gather the kept tokens once
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            prefill.layer_output = hidden
-            args = (take_tokens(hidden, prefill.index), *args[1:])
+            plan = self._decide(hidden.device)
+            prefill.decision_output = hidden
+            prefill.compact_kwargs = plan.compact_inputs(kwargs, self.flash)
+            cache = kwargs.get("past_key_values")
+            if cache is not None:
+                check_cache(cache, self.decision_layer + 1)
+                attach_halted_layers(cache, self.layers, plan.cache_record(self.flash), self.decision_layer + 1)
+            args = (plan.gather(hidden), *args[1:])
         kwargs.update(prefill.compact_kwargs)
         return args, kwargs
 
     def _on_final_norm(self, module: nn.Module, args: tuple):
         prefill = self.prefill
-        if prefill.layer_output is None:  # no deeper layer ran on the compact sequence
+        if prefill.plan is None:  # no layer above the decision layer: the plan only feeds the statistics
+            self._decide(args[0].device)
             return None
-        compact = args[0]
-        device = compact.device  # the last layers may sit on another device than the decision (device_map="auto")
-        restored = torch.where(
-            prefill.kept.to(device)[..., None],
-            take_tokens(compact, prefill.slot_of_position.to(device)),
-            prefill.layer_output.to(device),
-        )
-        return (restored, *args[1:])
+        return (prefill.plan.restore(args[0], prefill.decision_output), *args[1:])
 
     def _on_prefill_end(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self._remove_halting_hooks()
@@ -414,8 +454,7 @@ class _Executor:
         if prefill is None:
             return
         prefill.timer.stop()
-        prefill.layer_output = prefill.slot_of_position = None  # keep only what the statistics read
-        prefill.compact_kwargs = {}
+        prefill.finish()
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = getattr(output, "past_key_values", None)

@@ -103,9 +103,7 @@ class DashVLM:
         cls,
         name_or_path: str | Path,
         *,
-        compression_ratio: float = 0.667,
-        start_ratio: float = 0.4,
-        scope: str = "auto",
+        press: DeltaPress | None = None,
         dtype: str | torch.dtype = "auto",
         device_map: str | dict | None = None,
         attn_implementation: str | None = None,
@@ -116,12 +114,17 @@ class DashVLM:
     ) -> DashVLM:
         """Load a checkpoint (hub id or local folder) the ordinary transformers way, with a ``DeltaPress``.
 
-        ``dtype`` is "auto", a torch dtype or its name ("bfloat16"), as transformers takes it. ``device_map=None``
-        puts the whole model on the first GPU if there is one, else on the CPU. The halting
-        parameters are validated and the model type checked before any weights load. ``model_kwargs`` go to the
-        model's ``from_pretrained`` (``trust_remote_code``, ``revision``, ``quantization_config``, ...).
+        The halting parameters are ``DeltaPress``'s fields, taken here by name (``compression_ratio=0.5,
+        method="random"``, ...), or a whole ``press``; they are validated and the model type checked before any
+        weights load. ``dtype`` is "auto", a torch dtype or its name ("bfloat16"), as transformers takes it.
+        ``device_map=None`` puts the whole model on the first GPU if there is one, else on the CPU. The other
+        keyword arguments go to the model's ``from_pretrained`` (``trust_remote_code``, ``revision``,
+        ``quantization_config``, ...).
         """
-        press = DeltaPress(compression_ratio=compression_ratio, start_ratio=start_ratio, scope=scope)
+        halting = {name: model_kwargs.pop(name) for name in DeltaPress.parameter_names() if name in model_kwargs}
+        if press is not None and halting:
+            raise ValueError(f"give either press or halting parameters, not both (got press and {sorted(halting)})")
+        press = press if press is not None else DeltaPress(**halting)
         hub_kwargs = {
             key: model_kwargs[key] for key in ("trust_remote_code", "revision", "token") if key in model_kwargs
         }

@@ -88,9 +88,13 @@ def test_presets_have_the_real_shapes(preset, size, tokens):
         (dict(preset="gpt-9"), "preset must be one of"),
         (dict(image_sizes=[]), "image_sizes"),
         (dict(ratios=[1.2]), "compression_ratio"),
-        (dict(scope="pixels"), "scope"),
+        (dict(halting={"scope": "pixels"}), "scope"),
         (dict(new_tokens=1), "new_tokens"),
         (dict(repeats=0), "repeats"),
+        (dict(device_map="balanced"), "device_map must be one of"),
+        (dict(device="cpu", device_map="auto"), "device_map='auto' splits the model over several GPUs"),
+        (dict(halting={"compression_ratio": 0.5}), "ratios sweeps it"),
+        (dict(halting={"method": "norm"}), "method must be one of"),
     ],
 )
 def test_bad_bench_config(kwargs, match):

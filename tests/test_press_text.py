@@ -7,16 +7,19 @@ import torch
 from reference import MaskedReference, relative_error
 from transformers import pipeline
 
-from dash_vlm import DeltaPress
-from dash_vlm.models.tiny import TEXT_MODELS, left_pad_batch, text_sample, tiny_text_model, tiny_tokenizer
+from dash_vlm import DeltaPress, supported_model_types
+from dash_vlm.models import adapter_for, model_types_with
+from dash_vlm.models.text import text_sample
+from dash_vlm.models.tiny import left_pad_batch, tiny_tokenizer
 
+TEXT_MODELS = sorted(set(supported_model_types()) - set(model_types_with("is_vision_language")))
 ATTENTION = ["sdpa", "eager"]
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 @cache
 def model_for(model_type: str, attention: str = "sdpa"):
-    return tiny_text_model(model_type, attention)
+    return adapter_for(model_type).tiny_model(model_type, attention)
 
 
 def generate(model, inputs, new_tokens=5):

@@ -4,70 +4,33 @@ reference, and each sample alone."""
 import copy
 from functools import cache
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from reference import MaskedReference, relative_error
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from dash_vlm import DeltaPress
-from dash_vlm.models.tiny import (
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    left_pad_batch,
-    qwen_vl_sample,
-    tiny_llava,
-    tiny_llava_processor,
-    tiny_qwen_vl,
-    tiny_text_model,
-)
+from dash_vlm.models import adapter_for, model_types_with
+from dash_vlm.models.qwen2_vl import qwen_vl_sample, tiny_qwen_vl
+from dash_vlm.models.text import tiny_text_model
+from dash_vlm.models.tiny import IMAGE_TOKEN, VIDEO_TOKEN
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next"]
+FAMILIES = model_types_with("is_vision_language")
 ATTENTION = ["sdpa", "eager"]
 
 
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def llava_inputs(family: str, prompts: list[str], images: list[list[Image.Image]]) -> dict:
-    processor = tiny_llava_processor(family == "llava_next")
-    flat = [image for sample in images for image in sample]
-    return dict(processor(text=prompts, images=flat, return_tensors="pt", padding=True, padding_side="left"))
-
-
 def samples(family: str) -> dict:
-    """Single-prompt inputs by kind: one image, several images, video (Qwen only)."""
-    if family.startswith("qwen"):
-        return {
-            "image": qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1),
-            "images": qwen_vl_sample([(1, 4, 8), (1, 8, 4)], [3, 2, 9], seed=2),
-            "video": qwen_vl_sample([(2, 4, 4)], [4, 6], video=True, seed=3),
-        }
-    return {
-        "image": llava_inputs(family, ["w5 w6 w7 <image> w8 w9 w10 w11"], [[picture(40, 90, 1)]]),
-        "images": llava_inputs(family, ["w3 <image> w4 w5 <image> w9 w10"], [[picture(64, 64, 2), picture(50, 30, 3)]]),
-    }
+    """Single-prompt inputs by kind: one image, several images, video (families with video)."""
+    return adapter_for(family).tiny_inputs(family)
 
 
 def batch_and_singles(family: str) -> tuple[dict, list[dict]]:
     """A left-padded batch of differently sized samples (image sizes and prompts), and each sample alone."""
-    if family.startswith("qwen"):
-        singles = [
-            qwen_vl_sample([(1, 8, 8)], [5, 7], seed=11),
-            qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12),
-            qwen_vl_sample([(1, 4, 8), (1, 8, 8)], [3, 4, 6], seed=13),
-        ]
-        return left_pad_batch(singles), singles
-    prompts = ["w5 w6 <image> w7 w8 w9", "w9 <image> w10", "w11 w12 w13 w14 <image> w15 w16"]
-    images = [[picture(40, 90, 4)], [picture(64, 64, 5)], [picture(90, 40, 6)]]
-    singles = [llava_inputs(family, [p], [i]) for p, i in zip(prompts, images, strict=True)]
-    return llava_inputs(family, prompts, images), singles
+    return adapter_for(family).tiny_batch(family)
 
 
 def kinds(family: str) -> list[str]:
-    return ["image", "images", "video"] if family.startswith("qwen") else ["image", "images"]
+    return list(samples(family))
 
 
 FAMILY_KINDS = [(family, kind) for family in FAMILIES for kind in kinds(family)]
@@ -75,9 +38,7 @@ FAMILY_KINDS = [(family, kind) for family in FAMILIES for kind in kinds(family)]
 
 @cache
 def model_for(family: str, attention: str = "sdpa"):
-    if family.startswith("qwen"):
-        return tiny_qwen_vl(family, attention)
-    return tiny_llava(family == "llava_next", attention)
+    return adapter_for(family).tiny_model(family, attention)
 
 
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)

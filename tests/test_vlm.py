@@ -12,10 +12,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dash_vlm import DashVLM, GenerationResult
 from dash_vlm.cli import main as cli_main
+from dash_vlm.models import model_types_with
 from dash_vlm.models.tiny import TEXT, tiny_checkpoint
 
 WORDS = "what colour is the shape how many red blue left right describe image".split()
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
+FAMILIES = model_types_with("is_vision_language")
 NEW_TOKENS = 6
 
 
@@ -214,7 +215,7 @@ def test_unsupported_or_mismatched_checkpoints(checkpoints, tmp_path):
         DashVLM.from_pretrained(checkpoints["llava"], max_pixels=1000)
     with pytest.raises(ValueError, match="min_pixels .* must not exceed max_pixels"):
         DashVLM.from_pretrained(checkpoints["qwen2_vl"], min_pixels=5000, max_pixels=1000)
-    from dash_vlm.models.tiny import tiny_text_model
+    from dash_vlm.models.text import tiny_text_model
 
     tiny_text_model("llama").config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="text-only"):

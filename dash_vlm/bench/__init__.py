@@ -5,6 +5,10 @@ warm-up; each run is one ``generate`` call timed by CUDA events on a GPU (``perf
 on the vision tower, the decoder and the prefill module, plus a stopping criterion that marks the first token. The
 ideal decoder gain comes from timing one decoder layer at the prompt length ``T`` and at the kept length ``K``:
 ``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``. Medians of the repeats are reported.
+
+With ``device_map="auto"`` the model is built on the first GPU and dispatched over every visible GPU by accelerate
+(balanced, as transformers' ``device_map="auto"``); CUDA events of one device do not wait for another, so every
+timer then synchronises all the GPUs the model uses and reads the wall clock.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +38,54 @@ from dash_vlm.vlm import FirstTokenTimer
 logger = logging.getLogger(__name__)
 
 STAGES = ("vision", "decoder", "prefill")
+DEVICE_MAPS = (None, "auto")
+
+
+class WallTimer:
+    """Wall time between construction and ``stop``, each taken after synchronising ``devices``: the timer of a model
+    split over several GPUs (a host sync at both ends, so only for measuring)."""
+
+    def __init__(self, devices: list[torch.device]):
+        self.devices = devices
+        self._synchronize()
+        self.start_time = time.perf_counter()
+
+    def _synchronize(self) -> None:
+        for device in self.devices:
+            torch.cuda.synchronize(device)
+
+    def stop(self) -> None:
+        self._synchronize()
+        self.end_time = time.perf_counter()
+
+    def milliseconds(self) -> float:
+        return (self.end_time - self.start_time) * 1000
+
+
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The devices holding the model's parameters, in first-use order."""
+    return list(dict.fromkeys(parameter.device for parameter in model.parameters()))
+
+
+def timer_factory(model: nn.Module) -> Callable[[], Timer | WallTimer]:
+    """Timers for ``model``: CUDA events (or ``perf_counter``) on one device, synchronised wall time on several."""
+    devices = model_devices(model)
+    if len(devices) > 1:
+        return lambda: WallTimer(devices)
+    return lambda: Timer(devices[0])
+
+
+def dispatch_over_gpus(model: nn.Module) -> dict[str, int]:
+    """Spread ``model`` (on the first GPU) over every visible GPU, balanced as transformers' ``device_map="auto"``;
+    returns the device map."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = model._no_split_modules
+    memory = get_balanced_memory(model, no_split_module_classes=no_split, dtype=model.dtype)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=model.dtype)
+    dispatch_model(model, device_map=device_map)
+    return device_map
 
 
 @dataclass
@@ -42,8 +95,7 @@ class BenchConfig:
     preset: str
     image_sizes: list[int]
     ratios: list[float]
-    start_ratio: float = 0.4
-    scope: str = "vision"
+    halting: dict = field(default_factory=dict)  # every other DeltaPress field, by name; the press's defaults else
     batch_size: int = 1
     new_tokens: int = 32
     repeats: int = 10
@@ -51,15 +103,24 @@ class BenchConfig:
     text_tokens: int = 64
     attn: str = "sdpa"
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    device_map: str | None = None
 
     def __post_init__(self) -> None:
+        if self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"device_map must be one of {DEVICE_MAPS}, got {self.device_map!r}")
+        if self.device_map is not None and (not self.device.startswith("cuda") or torch.cuda.device_count() < 2):
+            raise ValueError(
+                f"device_map={self.device_map!r} splits the model over several GPUs; this machine has "
+                f"{torch.cuda.device_count()} and device is {self.device!r}"
+            )
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if not self.image_sizes or any(size < 28 for size in self.image_sizes):
             raise ValueError(f"image_sizes must be pixel sides >= 28, got {self.image_sizes}")
-        DeltaPress(compression_ratio=0.0, start_ratio=self.start_ratio, scope=self.scope)  # validates both
+        if "compression_ratio" in self.halting:
+            raise ValueError("halting must not hold compression_ratio: ratios sweeps it")
         for ratio in self.ratios:
-            DeltaPress(compression_ratio=ratio)
+            DeltaPress(**self.halting, compression_ratio=ratio)  # validates every field
         for name in ("batch_size", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -74,8 +135,8 @@ class StageTimers:
         adapter = adapter_for(model)
         modules = {"vision": adapter.vision_tower(model), "decoder": adapter.decoder(model)}
         modules["prefill"] = adapter.prefill_module(model)
-        self.device = next(model.parameters()).device
-        self.timers: dict[str, Timer] = {}
+        self.new_timer = timer_factory(model)
+        self.timers: dict[str, Timer | WallTimer] = {}
         self.handles = []
         for stage, module in modules.items():
             self.handles.append(module.register_forward_pre_hook(self._starter(stage)))
@@ -84,7 +145,7 @@ class StageTimers:
     def _starter(self, stage: str) -> Callable:
         def start(module, args):
             if stage not in self.timers:
-                self.timers[stage] = Timer(self.device)
+                self.timers[stage] = self.new_timer()
 
         return start
 
@@ -118,18 +179,21 @@ def batch_inputs(inputs: dict, batch_size: int, device: str | torch.device, dtyp
 
 
 class TokenTimer(FirstTokenTimer):
-    """A :class:`FirstTokenTimer` that also times every later token: ``steps`` holds one timer per decode step."""
+    """A :class:`FirstTokenTimer` that also times every later token: ``steps`` holds one timer per decode step.
 
-    def __init__(self, device: torch.device):
+    ``new_timer`` makes the timers (default: CUDA events, or ``perf_counter``, on ``device``)."""
+
+    def __init__(self, device: torch.device, new_timer: Callable[[], Timer | WallTimer] | None = None):
         super().__init__(device)
-        self.device, self.steps = device, []
-        self._current: Timer | None = None  # the step in progress; the one after the last token never ends
+        self.new_timer = new_timer or (lambda: Timer(device))
+        self.timer, self.steps = self.new_timer(), []
+        self._current: Timer | WallTimer | None = None  # the step in progress; the one after the last never ends
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         if self._current is not None:
             self._current.stop()
             self.steps.append(self._current)
-        self._current = Timer(self.device)
+        self._current = self.new_timer()
         return super().__call__(input_ids, scores, **kwargs)
 
 
@@ -139,11 +203,12 @@ def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: S
     The decode speed comes from the median decode step: a shared host stalls now and then for a few milliseconds,
     and a mean over a few dozen host-bound steps would carry each stall into the figure.
     """
-    device = next(model.parameters()).device
-    if device.type == "cuda":
+    devices = model_devices(model)
+    gpus = [device for device in devices if device.type == "cuda"]
+    for device in gpus:
         torch.cuda.reset_peak_memory_stats(device)
     timers.reset()
-    tokens = TokenTimer(device)
+    tokens = TokenTimer(devices[0], timers.new_timer)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[tokens])
     with torch.inference_mode(), press(model) if press is not None else nullcontext():
         model.generate(**inputs, **kwargs)
@@ -151,13 +216,14 @@ def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: S
     figures["ttft_ms"] = tokens.timer.milliseconds()
     figures["decode_step_ms"] = statistics.median(step.milliseconds() for step in tokens.steps)
     figures["decode_tokens_per_s"] = 1000 / figures["decode_step_ms"]
-    figures["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    figures["peak_memory_bytes"] = max((torch.cuda.max_memory_allocated(device) for device in gpus), default=0)
     return figures
 
 
 def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repeats: int) -> dict[int, float]:
     """Time of one decoder layer (a middle one; all have the same shape) at each sequence length, replaying the
-    arguments the first layer receives in a vanilla prefill, cut to the first ``length`` positions.
+    arguments the first layer receives in a vanilla prefill, cut to the first ``length`` positions (moved to the timed
+    layer's device first, when the model is split over several GPUs).
 
     The layer runs ``repeats`` times back to back per timing, as in a whole forward, where the host queues the next
     kernels while the GPU works; one call after an idle GPU would add the launch latency. Median of three timings.
@@ -176,8 +242,17 @@ def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repea
     finally:
         handle.remove()
     args, kwargs = captured["call"]
-    hidden = args[0] if args else kwargs["hidden_states"]
-    device = hidden.device
+    layer = layers[len(layers) // 2]
+    device = next(layer.parameters()).device  # in a split model the inputs move to it once, before any timing
+
+    def to_layer(value):
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    hidden = to_layer(args[0] if args else kwargs["hidden_states"])
+    kwargs = {
+        key: tuple(map(to_layer, value)) if isinstance(value, tuple) else to_layer(value)
+        for key, value in kwargs.items()
+    }
     result = {}
     for length in lengths:
         index = torch.arange(length, device=device).expand(hidden.shape[0], -1)
@@ -192,9 +267,10 @@ def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repea
         mask = kwargs.get("attention_mask")
         layer_kwargs["attention_mask"] = None if mask is None else mask[..., :length, :length]
         layer_kwargs["use_cache"] = False
-        cut, layer = hidden[:, :length], layers[len(layers) // 2]
+        cut = hidden[:, :length]
         times = []
-        with torch.inference_mode():
+        # CUDA events record on the current device: make it the layer's (GPU 1 in a split model)
+        with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             layer(cut, **layer_kwargs)  # warm-up
             for _ in range(3):
                 timer = Timer(device)
@@ -223,6 +299,7 @@ def run_bench(config: BenchConfig) -> dict:
     preset: Preset = PRESETS[config.preset]
     dtype = torch.bfloat16 if config.device.startswith("cuda") else torch.float32
     model = preset.build(config.device, dtype, config.attn)
+    device_map = dispatch_over_gpus(model) if config.device_map is not None else None
     adapter = adapter_for(model)
     num_layers = len(adapter.decoder(model).layers)
     sizes = config.image_sizes
@@ -231,10 +308,7 @@ def run_bench(config: BenchConfig) -> dict:
         sizes = sizes[:1]
     timers = StageTimers(model)
     rows = []
-    presses = {
-        ratio: DeltaPress(compression_ratio=ratio, start_ratio=config.start_ratio, scope=config.scope)
-        for ratio in config.ratios
-    }
+    presses = {ratio: DeltaPress(**config.halting, compression_ratio=ratio) for ratio in config.ratios}
     variants = [None, *config.ratios]  # None: vanilla
     steps = len(sizes) * (config.warmup + config.repeats) * len(variants)
     try:
@@ -263,12 +337,22 @@ def run_bench(config: BenchConfig) -> dict:
     return {
         "preset": preset.name,
         "config": {key: value for key, value in vars(config).items()},
-        "device": torch.cuda.get_device_name() if config.device.startswith("cuda") else platform.processor() or "cpu",
+        "device": device_name(model),
+        "device_map": device_map,
         "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "rows": rows,
     }
+
+
+def device_name(model: nn.Module) -> str:
+    """The device the model runs on, in words ("2 x NVIDIA H200" when split)."""
+    devices = model_devices(model)
+    if devices[0].type != "cuda":
+        return platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(devices[0])
+    return name if len(devices) == 1 else f"{len(devices)} x {name}"
 
 
 def median_figures(runs: list[dict]) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """lmms-eval models ``dash_qwen2vl``, ``dash_qwen2_5_vl`` and ``dash_llava``: DashVLM behind lmms-eval's interface.
 
-``DashLMM`` holds the request loop, batching, timing and the figures; a family subclass only says how lmms-eval's
-own model of that family turns a request into a prompt, so that ratio-0 scores are comparable with published
-lmms-eval numbers. Images are passed as they are (no JPEG re-encoding).
+``DashLMM`` holds the request loop, batching, timing and the figures; the prompt rule (how lmms-eval's own model of
+the family turns a request into a prompt, so that ratio-0 scores are comparable with published lmms-eval numbers)
+is the family adapter's ``lmms_conversation``. A family subclass only names its default checkpoint and its own
+settings. Images are passed as they are (no JPEG re-encoding).
 """
 
 from __future__ import annotations
@@ -18,17 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dash_vlm.lmms import figures
+from dash_vlm.press import DeltaPress
 from dash_vlm.vlm import DashVLM
-
-# lmms-eval's llava_hf fallback template (lmms_eval/models/simple/llava_hf.py), written out because importing that
-# module needs decord, which lmms-eval does not install.
-VICUNA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an artificial "
-    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. "
-    "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} {% else %} "
-    "ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 
 class DashLMM(lmms):
@@ -38,22 +30,20 @@ class DashLMM(lmms):
     ----------
     pretrained : str
         Hub id or local folder of the checkpoint.
-    compression_ratio, start_ratio, scope :
-        The halting rule (``DeltaPress``).
     attn_implementation, dtype, device_map :
         As in ``DashVLM.from_pretrained``; with several processes each loads on its own device.
     max_new_tokens : int
         Default generation length when the task sets none.
     batch_size : int
         Requests per batch (lmms-eval's ``--batch_size``).
+    **model_args
+        The halting parameters, any field of ``DeltaPress`` by name (``compression_ratio``, ``method``, ...), and the
+        family's own settings (``family_model_args``).
     """
 
     def __init__(
         self,
         pretrained: str,
-        compression_ratio: float = 0.667,
-        start_ratio: float = 0.4,
-        scope: str = "auto",
         attn_implementation: str | None = None,
         dtype: str = "auto",
         device_map: str | None = None,
@@ -66,11 +56,10 @@ class DashLMM(lmms):
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         if device_map is None and self._world_size > 1:
             device_map = str(self.accelerator.device)
+        halting = {name: model_args.pop(name) for name in DeltaPress.parameter_names() if name in model_args}
         self.vlm = DashVLM.from_pretrained(
             pretrained,
-            compression_ratio=float(compression_ratio),
-            start_ratio=float(start_ratio),
-            scope=scope,
+            press=DeltaPress.from_options(**halting),
             dtype=dtype,
             device_map=device_map,
             attn_implementation=attn_implementation,
@@ -85,10 +74,14 @@ class DashLMM(lmms):
             raise ValueError(f"{type(self).__name__} got unknown model args {sorted(model_args)}")
         return {}
 
+    def prompt_options(self) -> dict:
+        """Settings of the family's prompt rule (``ModelAdapter.lmms_conversation``); none by default."""
+        return {}
+
     def conversation(self, context: str, visuals: list) -> tuple[list[dict], str | None]:
         """The chat conversation of a request (images as loaded ``PIL`` images) and, when the family's lmms-eval
-        model renders the prompt in its own way, that prompt text."""
-        raise NotImplementedError
+        model renders the prompt in its own way, that prompt text: the family adapter's prompt rule."""
+        return self.vlm.adapter.lmms_conversation(context, visuals, self.vlm.processor, **self.prompt_options())
 
     @property
     def batch_size(self) -> int:
@@ -101,6 +94,11 @@ class DashLMM(lmms):
     @property
     def world_size(self) -> int:
         return self._world_size
+
+    @property
+    def device(self):
+        """This process's device: lmms-eval gathers its request counts there with several processes."""
+        return self.accelerator.device
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
@@ -196,7 +194,7 @@ class DashLMM(lmms):
 
 
 class DashQwen2VL(DashLMM):
-    """Prompts as lmms-eval's ``qwen2_vl``: a system message, the images, then the text without ``<image>`` tags."""
+    """Prompts as lmms-eval's ``qwen2_vl``, whose pixel budget is the default here."""
 
     def __init__(
         self,
@@ -211,10 +209,8 @@ class DashQwen2VL(DashLMM):
         super().family_model_args(**model_args)
         return {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
 
-    def conversation(self, context: str, visuals: list) -> tuple[list[dict], str | None]:
-        content = [{"type": "image", "image": visual} for visual in visuals]
-        content.append({"type": "text", "text": context.replace("<image>", "")})
-        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": content}], None
+    def prompt_options(self) -> dict:
+        return {"system_prompt": self.system_prompt}
 
 
 class DashQwen2_5_VL(DashQwen2VL):  # noqa: N801 - named like lmms-eval's Qwen2_5_VL
@@ -223,21 +219,7 @@ class DashQwen2_5_VL(DashQwen2VL):  # noqa: N801 - named like lmms-eval's Qwen2_
 
 
 class DashLlava(DashLMM):
-    """Prompts as lmms-eval's ``llava_hf``: ``<image>`` tags before the text (unless it has them), one user message
-    rendered by the tokenizer's chat template, or lmms-eval's Vicuna template when the tokenizer has none."""
+    """Prompts as lmms-eval's ``llava_hf``."""
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", **kwargs):
         super().__init__(pretrained, **kwargs)
-
-    def conversation(self, context: str, visuals: list) -> tuple[list[dict], str | None]:
-        if visuals and "<image>" not in context:
-            context = " ".join(["<image>"] * len(visuals)) + "\n" + context
-        tokenizer = self.vlm.processor.tokenizer
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": context}],
-            chat_template=tokenizer.chat_template or VICUNA_CHAT_TEMPLATE,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        content = [{"type": "image", "image": visual} for visual in visuals] + [{"type": "text", "text": context}]
-        return [{"role": "user", "content": content}], prompt

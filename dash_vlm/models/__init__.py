@@ -1,16 +1,22 @@
-"""Model-family adapters: the only place that knows how a supported model is laid out.
+"""Model-family adapters: the only place that knows about model families.
 
-An adapter tells the press where the module that runs a whole prefill is (it sees ``input_ids``), where the decoder
-stack is, and which token ids are vision placeholders. Everything else (M-RoPE or 1-D positions, GQA, masks) is
-handled generically because it reaches the decoder layers as ordinary tensors.
+A family is one module here (``qwen2_vl.py``, ``llava.py``, ``text.py``) that registers its adapter. The adapter tells
+the press where the module that runs a whole prefill is (it sees ``input_ids``), where its insertion points are (the
+decoder layers, the final norm, the vision blocks), and which token ids are vision placeholders; everything else
+(M-RoPE or 1-D positions, GQA, masks) is handled generically because it reaches the decoder layers as ordinary
+tensors. The adapter also carries what the rest of the project needs of the family: its processor inputs, its
+tiny test models and inputs, its real-shape speed presets, and its lmms-eval prompt rule.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import BatchFeature, PretrainedConfig, ProcessorMixin
+from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
+
+from dash_vlm.models.presets import PRESETS, Preset
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,10 @@ class ModelAdapter:
         Whether its processor resizes images to a pixel budget (``min_pixels`` / ``max_pixels``).
     vision_tower_attribute : str, optional
         Attribute of the prefill module that holds the vision tower (the speed harness times it).
+    vision_blocks_path : str, optional
+        Dotted path, from the vision tower, of its list of transformer blocks.
+    presets : tuple of Preset
+        Real model shapes with random weights, for the speed harness (``dash_vlm.models.presets.PRESETS``).
     """
 
     model_types: tuple[str, ...]
@@ -36,6 +46,8 @@ class ModelAdapter:
     video: bool = False
     pixel_limits: bool = False
     vision_tower_attribute: str | None = None
+    vision_blocks_path: str | None = None
+    presets: tuple[Preset, ...] = ()
 
     @property
     def is_vision_language(self) -> bool:
@@ -50,11 +62,25 @@ class ModelAdapter:
         base = self.prefill_module(model)
         return getattr(base, "language_model", base)
 
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers, each with ``self_attn``: the decision layer and the compact layers are among them."""
+        return self.decoder(model).layers
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm after the last decoder layer, where the halted tokens' states rejoin the kept ones."""
+        return self.decoder(model).norm
+
     def vision_tower(self, model: nn.Module) -> nn.Module | None:
         """The vision tower (whose output the decoder reads), or ``None`` for a text-only model."""
         if self.vision_tower_attribute is None:
             return None
         return getattr(self.prefill_module(model), self.vision_tower_attribute)
+
+    def vision_blocks(self, model: nn.Module) -> nn.ModuleList | None:
+        """The vision tower's transformer blocks (the vision-halting site, DESIGN.md section 6), or ``None``."""
+        if self.vision_blocks_path is None:
+            return None
+        return functools.reduce(getattr, self.vision_blocks_path.split("."), self.vision_tower(model))
 
     def vision_token_ids(self, config: PretrainedConfig) -> list[int]:
         return [
@@ -85,6 +111,42 @@ class ModelAdapter:
         images = [item["image"] for item in items if item["type"] == "image"]
         return {"images": images or None}
 
+    def lmms_conversation(
+        self, context: str, visuals: list, processor: ProcessorMixin, **options
+    ) -> tuple[list[dict], str | None]:
+        """The lmms-eval prompt rule: the chat conversation of a request (images as loaded ``PIL`` images) and, when
+        lmms-eval's own model of the family renders the prompt in its own way, that prompt text; so that ratio-0
+        scores are comparable with published lmms-eval numbers. ``options`` are the family's prompt settings."""
+        raise NotImplementedError(f"{self.model_types} has no lmms-eval prompt rule")
+
+    # The tiny models below run on a CPU in seconds: the test suite checks every family through them.
+
+    def tiny_model(self, model_type: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
+        """A 5-layer model of ``model_type`` with random weights, float32, eval mode."""
+        raise NotImplementedError(f"{model_type} has no tiny model")
+
+    def tiny_inputs(self, model_type: str) -> dict[str, dict]:
+        """Single-prompt inputs of the tiny model by kind ("image", "images", and "video" for a family with video)."""
+        raise NotImplementedError(f"{model_type} has no tiny inputs")
+
+    def tiny_batch(self, model_type: str) -> tuple[dict, list[dict]]:
+        """A left-padded batch of differently sized prompts for the tiny model, and each prompt alone."""
+        raise NotImplementedError(f"{model_type} has no tiny batch")
+
+    def tiny_checkpoint(
+        self,
+        model_type: str,
+        words: list[str],
+        seed: int,
+        vision_layers: int,
+        vision_width: int,
+        image_side: int,
+        **text_overrides,
+    ) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """A tiny model with its real processor class and a word-level tokenizer over ``words``, ready for
+        ``save_pretrained`` (``tiny.tiny_checkpoint`` documents the arguments)."""
+        raise NotImplementedError(f"{model_type} has no tiny checkpoint")
+
 
 def vision_items(conversations: list[list[dict]]) -> list[dict]:
     """The image and video entries of the conversations, in order."""
@@ -107,8 +169,10 @@ _REGISTRY: dict[str, ModelAdapter] = {}
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Make ``adapter`` serve its model types, and its presets available to the speed harness."""
     for model_type in adapter.model_types:
         _REGISTRY[model_type] = adapter
+    PRESETS.update({preset.name: preset for preset in adapter.presets})
     return adapter
 
 
@@ -117,13 +181,14 @@ def supported_model_types() -> list[str]:
 
 
 def model_types_with(capability: str) -> list[str]:
-    """The supported model types whose adapter has ``capability`` (a bool field: ``video``, ``pixel_limits``)."""
+    """The supported model types whose adapter has ``capability`` (a bool attribute: ``video``, ``pixel_limits``,
+    ``is_vision_language``)."""
     return sorted(model_type for model_type, adapter in _REGISTRY.items() if getattr(adapter, capability))
 
 
-def adapter_for(model: nn.Module | PretrainedConfig) -> ModelAdapter:
-    """The adapter of a model (or config), by ``model_type``; ``ValueError`` for an unsupported model."""
-    model_type = getattr(getattr(model, "config", model), "model_type", None)
+def adapter_for(model: nn.Module | PretrainedConfig | str) -> ModelAdapter:
+    """The adapter of a model, a config or a ``model_type``; ``ValueError`` for an unsupported model."""
+    model_type = model if isinstance(model, str) else getattr(getattr(model, "config", model), "model_type", None)
     if model_type not in _REGISTRY:
         raise ValueError(
             f"DASH does not support model_type {model_type!r} ({type(model).__name__}); "

@@ -1,17 +1,45 @@
 """Qwen2-VL and Qwen2.5-VL: image and video placeholders are eligible; M-RoPE positions pass through unchanged.
 
 Images and videos go through ``qwen-vl-utils`` (the resizing the Qwen checkpoints were trained with) before the
-processor, under the same pixel budget.
+processor, under the same pixel budget. The family's tiny test models, its speed presets (``qwen2-vl-2b``,
+``qwen2-vl-7b``, ``qwen2.5-vl-7b``, ``tiny``) and its lmms-eval prompt rule live here too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+import torch
+from PIL import Image
 from qwen_vl_utils import process_vision_info
-from transformers import ProcessorMixin
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 from dash_vlm.models import ModelAdapter, register_adapter
+from dash_vlm.models.presets import Preset
+from dash_vlm.models.tiny import (
+    IMAGE_TOKEN,
+    TEXT,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    left_pad_batch,
+    special_token_ids,
+    word_tokenizer,
+)
+
+MODEL_CLASSES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+}
 
 
 @dataclass(frozen=True)
@@ -33,13 +61,316 @@ class QwenVLAdapter(ModelAdapter):
         video_kwargs = {"do_sample_frames": False, "fps": video_kwargs["fps"][0]} if videos else {}
         return {"images": images, "videos": videos, **limits, **video_kwargs}
 
+    def lmms_conversation(
+        self,
+        context: str,
+        visuals: list,
+        processor: ProcessorMixin,
+        system_prompt: str = "You are a helpful assistant.",
+    ) -> tuple[list[dict], str | None]:
+        """As lmms-eval's ``qwen2_vl``: a system message, the images, then the text without ``<image>`` tags."""
+        content = [{"type": "image", "image": visual} for visual in visuals]
+        content.append({"type": "text", "text": context.replace("<image>", "")})
+        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}], None
+
+    def tiny_model(self, model_type: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
+        return tiny_qwen_vl(model_type, attn_implementation)
+
+    def tiny_inputs(self, model_type: str) -> dict[str, dict]:
+        return {
+            "image": qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1),
+            "images": qwen_vl_sample([(1, 4, 8), (1, 8, 4)], [3, 2, 9], seed=2),
+            "video": qwen_vl_sample([(2, 4, 4)], [4, 6], video=True, seed=3),
+        }
+
+    def tiny_batch(self, model_type: str) -> tuple[dict, list[dict]]:
+        singles = [
+            qwen_vl_sample([(1, 8, 8)], [5, 7], seed=11),
+            qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12),
+            qwen_vl_sample([(1, 4, 8), (1, 8, 8)], [3, 4, 6], seed=13),
+        ]
+        return left_pad_batch(singles), singles
+
+    def tiny_checkpoint(
+        self,
+        model_type: str,
+        words: list[str],
+        seed: int,
+        vision_layers: int,
+        vision_width: int,
+        image_side: int,
+        **text_overrides,
+    ) -> tuple[PreTrainedModel, ProcessorMixin]:
+        tokenizer = word_tokenizer(words, QWEN_VL_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE)
+        model = tiny_qwen_vl(
+            model_type,
+            seed=seed,
+            vocab_size=len(tokenizer),
+            vision_layers=vision_layers,
+            vision_width=vision_width,
+            **special_token_ids(tokenizer, QWEN_VL_SPECIAL_TOKENS),
+            **text_overrides,
+        )
+        return model, tiny_qwen_vl_processor(tokenizer)
+
+
+# Tiny models: 4 px patches, 2x2 merge, 2 frames per temporal patch.
+PATCH, TEMPORAL_PATCH, MERGE = 4, 2, 2
+
+
+def tiny_qwen_vl(
+    family: str = "qwen2_vl",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    vision_layers: int = 2,
+    vision_width: int = 32,
+    **text_overrides,
+) -> PreTrainedModel:
+    """A 5-layer Qwen2-VL (``family="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) in float32, eval mode.
+
+    ``text_overrides`` replace entries of the decoder config ``TEXT``; the vision token ids stay those of ``TEXT``'s
+    vocabulary unless overridden too (``image_token_id``, ``video_token_id``, ...).
+    """
+    torch.manual_seed(seed)
+    vision = dict(
+        depth=vision_layers,
+        num_heads=2,
+        in_channels=3,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
+        temporal_patch_size=TEMPORAL_PATCH,
+    )
+    ids = dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    ids.update({key: text_overrides.pop(key) for key in list(ids) if key in text_overrides})
+    text = TEXT | text_overrides
+    # M-RoPE splits the head_dim / 2 rotary pairs 2 : 3 : 3 over time, height and width, as Qwen2-VL-7B does.
+    pairs = text["head_dim"] // 2
+    temporal = pairs // 4
+    height = (pairs - temporal) // 2
+    sections = [temporal, height, pairs - temporal - height]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+    if family == "qwen2_vl":
+        vision |= dict(embed_dim=vision_width, hidden_size=text["hidden_size"], mlp_ratio=2)
+    else:
+        vision |= dict(
+            hidden_size=vision_width,
+            out_hidden_size=text["hidden_size"],
+            intermediate_size=2 * vision_width,
+            window_size=16,
+            fullatt_block_indexes=[vision_layers - 1],
+        )
+    config_class, model_class = MODEL_CLASSES[family]
+    config = config_class(text_config=text, vision_config=vision, **ids)
+    config._attn_implementation = attn_implementation
+    return model_class(config).eval()
+
+
+def vision_block(grid: tuple[int, int, int], video: bool = False, seed: int = 0) -> tuple[list[int], torch.Tensor]:
+    """Placeholder ids (with start/end markers) and pixel patches for one image or video of ``grid`` = (t, h, w)."""
+    t, h, w = grid
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=generator)
+    placeholder = VIDEO_TOKEN if video else IMAGE_TOKEN
+    return [VISION_START] + [placeholder] * (t * h * w // MERGE**2) + [VISION_END], pixels
+
+
+def qwen_vl_sample(
+    grids: list[tuple[int, int, int]], text_lengths: list[int], video: bool = False, seed: int = 0
+) -> dict:
+    """One prompt: text chunks interleaved with images (or videos). ``len(text_lengths) == len(grids) + 1``."""
+    generator = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    pixels = []
+    for i, length in enumerate(text_lengths):
+        ids += torch.randint(1, 100, (length,), generator=generator).tolist()
+        if i < len(grids):
+            block, patch = vision_block(grids[i], video, seed=seed * 7 + i)
+            ids += block
+            pixels.append(patch)
+    key = "video" if video else "image"
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        f"pixel_values{'_videos' if video else ''}": torch.cat(pixels),
+        f"{key}_grid_thw": torch.tensor(grids),
+    }
+
+
+# The chat template of the Qwen/Qwen2-VL-7B-Instruct checkpoint.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_VL_SPECIAL_TOKENS = {
+    "pad_token": "<|endoftext|>",
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+
+
+def tiny_qwen_vl_processor(
+    tokenizer: PreTrainedTokenizerFast, min_pixels: int = 16 * 16, max_pixels: int = 128 * 128
+) -> ProcessorMixin:
+    """The real Qwen2-VL processor classes at the tiny model's patch sizes (4 px patches, 2x2 merge, 2 frames)."""
+    from transformers import Qwen2VLImageProcessorFast, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    patches = dict(patch_size=PATCH, temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE)
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorFast(**patches, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**patches, **pixels),
+        chat_template=tokenizer.chat_template,
+    )
+
+
+# Speed presets: the real shapes with random weights.
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2)
+
+
+@dataclass(frozen=True)
+class QwenVLPreset(Preset):
+    """A Qwen2-VL (``model_type="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) shape; images keep their side."""
+
+    model_type: str = "qwen2_vl"
+    special_tokens: ClassVar[dict[str, str]] = QWEN_VL_SPECIAL_TOKENS
+    chat_template: ClassVar[str] = QWEN_VL_CHAT_TEMPLATE
+
+    def model_classes(self) -> tuple[type, type]:
+        return MODEL_CLASSES[self.model_type]
+
+    def processor(self, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
+        from transformers import Qwen2VLImageProcessorFast, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        vision = self.config["vision_config"]
+        patches = dict(patch_size=vision["patch_size"], temporal_patch_size=2, merge_size=vision["spatial_merge_size"])
+        pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)  # the Qwen2-VL checkpoints' budget
+        return Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessorFast(**patches, **pixels),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(**patches, **pixels),
+            chat_template=tokenizer.chat_template,
+        )
+
+    def shorten_vision(self, vision_config: dict, blocks: int) -> None:
+        vision_config["depth"] = blocks
+        if "fullatt_block_indexes" in vision_config:  # Qwen2.5-VL: the last block attends over the whole image
+            vision_config["fullatt_block_indexes"] = [blocks - 1]
+
+    def image_inputs(self, image: Image.Image) -> tuple[dict, list[int]]:
+        from transformers import Qwen2VLImageProcessorFast
+
+        vision, ids = self.config["vision_config"], self.config
+        merge = vision["spatial_merge_size"]
+        processor = Qwen2VLImageProcessorFast(
+            patch_size=vision["patch_size"], merge_size=merge, min_pixels=64, max_pixels=4096 * 4096
+        )
+        pixels = dict(processor(images=[image], return_tensors="pt"))
+        count = int(pixels["image_grid_thw"].prod()) // merge**2
+        return pixels, [ids["vision_start_token_id"], *[ids["image_token_id"]] * count, ids["vision_end_token_id"]]
+
+
+@dataclass(frozen=True)
+class TinyQwenVLPreset(QwenVLPreset):
+    """The tests' tiny Qwen2-VL (``tiny_qwen_vl``); ``config`` holds only what its inputs need, ``vision_layers`` is
+    ignored (the tiny tower has 2 blocks)."""
+
+    def build(
+        self,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        attn_implementation: str = "sdpa",
+        layers: int | None = None,
+        vision_layers: int | None = None,
+    ) -> torch.nn.Module:
+        overrides = {"num_hidden_layers": layers} if layers else {}
+        return tiny_qwen_vl(attn_implementation=attn_implementation, **overrides).to(device, dtype)
+
+
+def qwen2_vl_text(hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=28,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    )
+
+
+def qwen2_vl_preset(name: str, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> QwenVLPreset:
+    """A Qwen2-VL size: its decoder, and the shared 32-layer vision tower merging into the decoder's width."""
+    text = qwen2_vl_text(hidden, heads, kv_heads, ffn, vocab)
+    return QwenVLPreset(
+        name, dict(text_config=text, vision_config=QWEN2_VL_VISION | {"hidden_size": hidden}, **QWEN_IDS)
+    )
+
+
+PRESETS = (
+    qwen2_vl_preset("qwen2-vl-2b", hidden=1536, heads=12, kv_heads=2, ffn=8960, vocab=151936),
+    qwen2_vl_preset("qwen2-vl-7b", hidden=3584, heads=28, kv_heads=4, ffn=18944, vocab=152064),
+    QwenVLPreset(
+        "qwen2.5-vl-7b",
+        dict(
+            text_config=qwen2_vl_text(hidden=3584, heads=28, kv_heads=4, ffn=18944, vocab=152064),
+            vision_config=dict(
+                depth=32,
+                hidden_size=1280,
+                intermediate_size=3420,
+                num_heads=16,
+                out_hidden_size=3584,
+                patch_size=14,
+                spatial_merge_size=2,
+                window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31],
+                tokens_per_second=2,
+            ),
+            **QWEN_IDS,
+        ),
+        model_type="qwen2_5_vl",
+    ),
+    TinyQwenVLPreset(
+        "tiny",
+        dict(
+            vision_config=dict(patch_size=PATCH, spatial_merge_size=MERGE),
+            image_token_id=IMAGE_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        ),
+        text_ids=(2, 100),
+    ),
+)
 
 QWEN2_VL = register_adapter(
     QwenVLAdapter(
-        model_types=("qwen2_vl", "qwen2_5_vl"),
+        model_types=tuple(MODEL_CLASSES),
         vision_token_attributes=("image_token_id", "video_token_id"),
         video=True,
         pixel_limits=True,
         vision_tower_attribute="visual",
+        vision_blocks_path="blocks",
+        presets=PRESETS,
     )
 )

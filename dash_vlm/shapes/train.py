@@ -36,7 +36,7 @@ ARCHITECTURE = dict(
     head_dim=32,
     vision_layers=4,
     vision_width=64,
-    llava_image_side=64,
+    image_side=64,
 )
 
 

@@ -1,0 +1,109 @@
+"""The plan of one halting prefill (DESIGN.md section 1, items 4-7), as pure tensor functions: which tokens halt, where
+the kept ones sit in the compact sequence, and the inputs of the layers that run on it.
+
+Nothing here knows about hooks: ``press.py`` calls :func:`plan_halting` once per prefill and hands each deeper layer
+the plan's precomputed inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dash_vlm.cache import HaltRecord
+from dash_vlm.compact import restrict_attention_mask, take_tokens
+from dash_vlm.halting import Selection, compact_layout, select_halted
+
+
+@dataclass(frozen=True)
+class HaltPlan:
+    """Who halts in one prefill, and where the kept tokens go in the compact sequence of the deeper layers.
+
+    Parameters
+    ----------
+    halted, kept : torch.Tensor
+        ``[batch, tokens]`` bool; padding is neither.
+    index : torch.Tensor
+        ``[batch, slots]`` long, the position each compact slot holds (``halting.compact_layout``).
+    valid : torch.Tensor
+        ``[batch, slots]`` bool, False on filler slots.
+    slot_of_position : torch.Tensor
+        ``[batch, tokens]`` long, the slot that holds each kept position.
+    has_filler : bool
+        Whether some sample keeps fewer tokens than there are slots.
+    """
+
+    halted: torch.Tensor
+    kept: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+    slot_of_position: torch.Tensor
+    has_filler: bool
+
+    def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The kept tokens' states: ``[batch, tokens, hidden] -> [batch, slots, hidden]``."""
+        return self._take(hidden_states)
+
+    def compact_inputs(self, layer_kwargs: dict, flash: bool) -> dict:
+        """The attention mask, position embeddings and position ids of the compact sequence, from a layer's keyword
+        arguments for the full prompt; ``flash``: whether the layers run FlashAttention (2-D masks)."""
+        mask, position_ids = layer_kwargs.get("attention_mask"), layer_kwargs.get("position_ids")
+        device = self.index.device if mask is None else mask.device  # a layer's inputs may sit on another device
+        index, valid = self.index.to(device), self.valid.to(device)
+        return {
+            "attention_mask": restrict_attention_mask(
+                mask, index, valid, index, compact_queries=True, has_filler=self.has_filler, flash=flash
+            ),
+            "position_embeddings": tuple(self._take(part) for part in layer_kwargs["position_embeddings"]),
+            "position_ids": None if position_ids is None else self._take(position_ids, trailing_dims=0),
+        }
+
+    def _take(self, tensor: torch.Tensor, trailing_dims: int = 1) -> torch.Tensor:
+        return take_tokens(tensor, self.index.to(tensor.device), trailing_dims)
+
+    def restore(self, compact: torch.Tensor, decision_output: torch.Tensor) -> torch.Tensor:
+        """The full sequence after the last layer: each kept token's state from its slot of ``compact``, each halted
+        (and padding) token's from ``decision_output``, the decision layer's output. On ``compact``'s device."""
+        device = compact.device  # the last layers may sit on another device than the decision (device_map="auto")
+        return torch.where(
+            self.kept.to(device)[..., None],
+            take_tokens(compact, self.slot_of_position.to(device)),
+            decision_output.to(device),
+        )
+
+    def cache_record(self, flash: bool) -> HaltRecord:
+        """What a halted KV cache keeps of this plan, for the forwards that continue it."""
+        return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash)
+
+
+def plan_halting(
+    scores: torch.Tensor,
+    real: torch.Tensor,
+    eligible: torch.Tensor,
+    n_halt: torch.Tensor,
+    kept_counts: list[int],
+    select: Selection = select_halted,
+) -> HaltPlan:
+    """Select the halted tokens and lay the kept ones out, with no copy to or from the host.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``[batch, tokens]``, the scorer's; the lowest halt first.
+    real, eligible : torch.Tensor
+        ``[batch, tokens]`` bool: False on padding; the tokens that may halt.
+    n_halt : torch.Tensor
+        ``[batch]`` long, how many tokens halt per sample, on the device.
+    kept_counts : list of int
+        The same knowledge on the host, real tokens minus halted per sample: the compact length is a shape.
+    select : Selection
+        The selection rule; the global rule by default.
+    """
+    halted = select(scores, eligible, n_halt)
+    kept = real & ~halted
+    slots = max(kept_counts)
+    index, valid = compact_layout(kept, slots)
+    slot_numbers = torch.arange(slots, device=index.device).expand(kept.shape[0], -1)
+    slot_of_position = torch.zeros_like(kept, dtype=torch.long).scatter_(-1, index, slot_numbers)
+    return HaltPlan(halted, kept, index, valid, slot_of_position, has_filler=min(kept_counts) < slots)
