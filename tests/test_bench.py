@@ -121,3 +121,22 @@ def test_token_timer_marks_every_generated_token():
         model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, stopping_criteria=[timer])
     assert timer.timer.milliseconds() > 0
     assert len(timer.steps) == 4 and all(step.milliseconds() > 0 for step in timer.steps)
+
+
+def test_two_gpu_script_verdict_on_the_published_runs():
+    """The two-GPU script's verdict: the published H200 runs pass; a statistic or a DASH decode step out of line
+    fails."""
+    from two_gpu import find_failures
+
+    from dash_vlm.resources import bundled
+
+    for name in ("two_gpu.json", "two_gpu-run2.json"):
+        document = json.loads((bundled("assets") / "bench" / "two-gpu" / name).read_text())
+        assert find_failures(document) == []
+    cases = document["results"][0]["cases"]
+    cases["ratio 0.667, batch 1"]["split_against_one_gpu"]["same_statistics"] = False
+    cases["ratio 0.667, padded batch 3"]["split_against_one_gpu"]["max_logits_relative_error_while_agreeing"] = 1
+    assert find_failures(document) == [
+        "qwen2-vl-7b, ratio 0.667, batch 1: statistics differ",
+        "qwen2-vl-7b, ratio 0.667, padded batch 3: decode logits differ beyond the noise floor (2.07%)",
+    ]
