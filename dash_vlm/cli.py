@@ -10,6 +10,7 @@ from pathlib import Path
 
 import transformers
 
+from dash_vlm.bench import DEVICE_MAPS
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     bench.add_argument(
-        "--device-map", choices=("auto",), default=None, help="auto: build on GPU 0, then split over every GPU"
+        "--device-map", choices=[m for m in DEVICE_MAPS if m], help="auto: build on GPU 0, then split over every GPU"
     )
     bench.add_argument("--output", type=Path, required=True, help="results JSON")
     bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size (PNG)")
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     swept = options.pop("compression_ratio", "0,0.5,0.667,0.8") if args.command == "bench" else None
     try:
         dash = DeltaPress.from_options(**options)
+        ratios = None if swept is None else [float(ratio) for ratio in swept.split(",")]
     except ValueError as error:
         parser.error(str(error))
     if args.command == "demo":
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         config = bench.BenchConfig(
             preset=args.preset,
             image_sizes=args.image_size,
-            ratios=[float(ratio) for ratio in swept.split(",")],
+            ratios=ratios,
             halting={name: getattr(dash, name) for name in options},
             batch_size=args.batch_size,
             new_tokens=args.new_tokens,
