@@ -17,6 +17,7 @@ decode step run the model's own forward with no press hook per layer. The hooks 
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
@@ -91,12 +92,15 @@ class DeltaPress(BasePress):
 
     def __post_init__(self) -> None:
         self.validate()
+        for parameter in fields(self):  # NumPy and other numeric scalars become Python numbers of the field's type
+            if parameter.init and isinstance(parameter.default, (int, float)):
+                setattr(self, parameter.name, type(parameter.default)(getattr(self, parameter.name)))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of its accepted range."""
         for name in ("compression_ratio", "start_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
@@ -104,9 +108,9 @@ class DeltaPress(BasePress):
             raise ValueError(f"method must be one of {tuple(SCORERS)}, got {self.method!r}")
         for name, minimum in (("protect_last", 1), ("protect_first", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
 
     @classmethod

@@ -133,6 +133,7 @@ class DashVLM:
         _check_pixel_limits(adapter, config.model_type, min_pixels, max_pixels)
         if device_map is None:
             device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        _check_device_map(device_map)
         if attn_implementation is not None:
             model_kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(
@@ -171,6 +172,8 @@ class DashVLM:
         -------
         GenerationResult, or a list of them for a batch.
         """
+        if not isinstance(prompt, (str, Sequence)):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         batched = not isinstance(prompt, str)
         prompts = list(prompt) if batched else [prompt]
         if not prompts or not all(isinstance(text, str) and text.strip() for text in prompts):
@@ -215,6 +218,10 @@ class DashVLM:
         ``prompts`` replaces the chat template's rendering of each conversation (the lmms-eval models use it to
         follow lmms-eval's own prompt format); the conversations then only supply the images.
         """
+        if not conversations:
+            raise ValueError("conversations must hold at least one conversation, got none")
+        if prompts is not None and len(prompts) != len(conversations):
+            raise ValueError(f"prompts must have one entry per conversation ({len(conversations)}), got {len(prompts)}")
         inputs = self.adapter.processor_inputs(
             self.processor, conversations, self.min_pixels, self.max_pixels, prompts=prompts
         )
@@ -337,6 +344,14 @@ def _vision_adapter(config: PretrainedConfig) -> ModelAdapter:
             "(apply DeltaPress to text LLMs directly)"
         )
     return adapter
+
+
+def _check_device_map(device_map: str | dict) -> None:
+    """``ValueError`` naming ``device_map`` when it asks for a GPU that torch cannot see, before any weights load."""
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    wants_gpu = any(str(target).startswith("cuda") or isinstance(target, int) for target in targets)
+    if wants_gpu and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} asks for a GPU, but torch sees none; use device_map='cpu'")
 
 
 def _check_pixel_limits(adapter: ModelAdapter, model_type: str, min_pixels: int | None, max_pixels: int | None):
