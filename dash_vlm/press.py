@@ -120,6 +120,12 @@ class DeltaPress(BasePress):
         return tuple(parameter.name for parameter in fields(cls) if parameter.init)
 
     @classmethod
+    def pop_parameters(cls, options: dict) -> dict:
+        """Remove the halting parameters from ``options`` (keyword arguments meant for several receivers) and return
+        them, by name."""
+        return {name: options.pop(name) for name in cls.parameter_names() if name in options}
+
+    @classmethod
     def from_options(cls, **options: object) -> DeltaPress:
         """A press from halting parameters given by name, as values or as text (command-line flags, lmms-eval model
         args): text is converted to the type of the field's default. ``ValueError`` names an unknown parameter or a

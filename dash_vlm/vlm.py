@@ -121,7 +121,7 @@ class DashVLM:
         keyword arguments go to the model's ``from_pretrained`` (``trust_remote_code``, ``revision``,
         ``quantization_config``, ...).
         """
-        halting = {name: model_kwargs.pop(name) for name in DeltaPress.parameter_names() if name in model_kwargs}
+        halting = DeltaPress.pop_parameters(model_kwargs)
         if press is not None and halting:
             raise ValueError(f"give either press or halting parameters, not both (got press and {sorted(halting)})")
         press = press if press is not None else DeltaPress(**halting)

@@ -56,10 +56,9 @@ class DashLMM(lmms):
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         if device_map is None and self._world_size > 1:
             device_map = str(self.accelerator.device)
-        halting = {name: model_args.pop(name) for name in DeltaPress.parameter_names() if name in model_args}
         self.vlm = DashVLM.from_pretrained(
             pretrained,
-            press=DeltaPress.from_options(**halting),
+            press=DeltaPress.from_options(**DeltaPress.pop_parameters(model_args)),
             dtype=dtype,
             device_map=device_map,
             attn_implementation=attn_implementation,
