@@ -122,3 +122,39 @@ def compact_layout(kept: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, to
     keyed = torch.where(kept, positions, positions - kept.shape[-1])  # non-kept first, then kept, each ascending
     index = torch.sort(keyed, dim=-1).values[:, -num_slots:] % kept.shape[-1]
     return index, kept.gather(-1, index)
+
+
+def segment_halt_counts(lengths: list[int], compression_ratio: float) -> list[int]:
+    """The vision tower's halt counts: ``min(round(compression_ratio * n), n - 1)`` per segment of ``n`` patches, so
+    that every segment keeps a patch (DESIGN.md section 6)."""
+    halted = halt_counts(lengths, compression_ratio)
+    return [min(count, length - 1) for count, length in zip(halted, lengths, strict=True)]
+
+
+def segment_halt_counts_on_device(lengths: torch.Tensor, compression_ratio: float) -> torch.Tensor:
+    """:func:`segment_halt_counts` where ``lengths`` is, with no copy to or from the host."""
+    return torch.minimum(halt_counts_on_device(lengths, compression_ratio), lengths.long() - 1)
+
+
+def segment_rows(cu_seqlens: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segments of a flat sequence as rows of a padded ``[segments, longest]`` batch, so that the per-sample rule
+    (:func:`select_halted`) applies per segment.
+
+    Parameters
+    ----------
+    cu_seqlens : torch.Tensor
+        ``[segments + 1]`` segment boundaries, from 0 to the sequence length ``n``.
+    longest : int
+        The longest segment (a shape).
+
+    Returns
+    -------
+    index : torch.Tensor
+        ``[segments, longest]`` long, the flat position of each slot; ``n`` (one past the end) outside the segment.
+    inside : torch.Tensor
+        ``[segments, longest]`` bool, False on padding.
+    """
+    starts = cu_seqlens[:-1].long()
+    offsets = torch.arange(longest, device=cu_seqlens.device)
+    inside = offsets < (cu_seqlens[1:].long() - starts)[:, None]
+    return torch.where(inside, starts[:, None] + offsets, cu_seqlens[-1].long()), inside

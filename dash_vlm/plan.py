@@ -107,3 +107,60 @@ def plan_halting(
     slot_numbers = torch.arange(slots, device=index.device).expand(kept.shape[0], -1)
     slot_of_position = torch.zeros_like(kept, dtype=torch.long).scatter_(-1, index, slot_numbers)
     return HaltPlan(halted, kept, index, valid, slot_of_position, has_filler=min(kept_counts) < slots)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Who halts in one pass of a vision tower over its flat sequence of patches (DESIGN.md section 6), and the
+    inputs of the blocks that run on the kept patches.
+
+    Parameters
+    ----------
+    halted : torch.Tensor
+        ``[patches]`` bool.
+    index : torch.Tensor
+        ``[kept]`` long, the kept positions, ascending: the compact sequence.
+    kept_before : torch.Tensor
+        ``[patches + 1]`` long, how many patches before each position are kept (maps segment boundaries).
+    """
+
+    halted: torch.Tensor
+    index: torch.Tensor
+    kept_before: torch.Tensor
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The kept patches' rows: ``[patches, ...] -> [kept, ...]`` (hidden states, rotary embeddings)."""
+        return tensor.index_select(0, self.index.to(tensor.device))
+
+    def compact_segments(self, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """The boundaries of the same segments in the compact sequence, a segment left without a kept patch dropped
+        (one host sync: the number of segments left is a shape)."""
+        compact = self.kept_before.to(cu_seqlens.device)[cu_seqlens.long()].to(cu_seqlens.dtype)
+        return torch.unique_consecutive(compact)
+
+    def restore(self, compact: torch.Tensor, decision_output: torch.Tensor) -> torch.Tensor:
+        """Every patch again: the kept ones from ``compact``, the halted ones from the decision block's output."""
+        return decision_output.index_copy(0, self.index.to(compact.device), compact)
+
+
+def plan_segment_halting(
+    scores: torch.Tensor, index: torch.Tensor, inside: torch.Tensor, n_halt: torch.Tensor, patches: int, kept: int
+) -> SegmentPlan:
+    """Select the halted patches per segment and lay the kept ones out, with no copy to or from the host.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``[segments, longest]``, the scorer's, over the segments' padded rows (``halting.segment_rows``: ``index``,
+        ``inside``); the lowest halt first.
+    n_halt : torch.Tensor
+        ``[segments]`` long, on the device.
+    patches, kept : int
+        The numbers of patches and of kept patches, known on the host: both are shapes.
+    """
+    halted_rows = select_halted(scores, inside, n_halt)
+    halted = torch.zeros(patches + 1, dtype=torch.bool, device=index.device)  # the last slot takes the padding
+    halted = halted.scatter_(0, index.flatten(), halted_rows.flatten())[:patches]
+    compact_index, _ = compact_layout(~halted[None], kept)
+    kept_before = torch.nn.functional.pad((~halted).long().cumsum(0), (1, 0))
+    return SegmentPlan(halted, compact_index[0], kept_before)

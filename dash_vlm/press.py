@@ -30,9 +30,10 @@ from transformers import PreTrainedModel
 
 from dash_vlm.cache import attach_halted_layers, check_cache
 from dash_vlm.halting import SCOPES, eligible_tokens, halt_counts, halt_counts_on_device
-from dash_vlm.models import ModelAdapter, adapter_for
+from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.scorers import SCORERS, Reading, Scorer
+from dash_vlm.vision import VisionHalting, VisionPass, vision_counts
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -43,6 +44,9 @@ class PrefillStats:
 
     ``halted_positions`` index the sample's unpadded prompt; ``prefill_ms`` is the whole prefill call, the same for
     every sample of a batch; ``kv_cache_bytes`` counts this sample's keys and values after the prefill.
+    ``vision_patches`` counts the sample's patches in the vision tower and ``vision_kept`` those that ran every block
+    (all of them unless ``vision_compression_ratio > 0``); both are ``None`` for a family whose placeholder tokens do
+    not stand for a fixed number of patches (LLaVA) or a prefill given only ``inputs_embeds``.
     """
 
     tokens: int
@@ -52,6 +56,8 @@ class PrefillStats:
     halted_positions: list[int]
     kv_cache_bytes: int
     prefill_ms: float
+    vision_patches: int | None = None
+    vision_kept: int | None = None
 
 
 @dataclass
@@ -79,6 +85,11 @@ class DeltaPress(BasePress):
         isolates the score's value: as many tokens halt at the same layer, chosen pseudo-randomly per sample).
     seed : int
         Seed of the "random" method, in [0, 2**31).
+    vision_compression_ratio : float
+        Fraction of the patches of each image (each frame group of a video) that halt inside the vision tower, in
+        [0, 1); 0 (the default) leaves the tower untouched. Qwen2-VL and Qwen2.5-VL (DESIGN.md section 6).
+    vision_start_ratio : float
+        The tower's decision block is ``floor(vision_start_ratio * blocks)``, in [0, 1).
     """
 
     compression_ratio: float = 0.667
@@ -88,6 +99,8 @@ class DeltaPress(BasePress):
     protect_first: int = 0
     method: str = "dash"
     seed: int = 0
+    vision_compression_ratio: float = 0.0
+    vision_start_ratio: float = 0.3
     _last_prefill: _PrefillRecord | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,7 +111,7 @@ class DeltaPress(BasePress):
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of its accepted range."""
-        for name in ("compression_ratio", "start_ratio"):
+        for name in ("compression_ratio", "start_ratio", "vision_compression_ratio", "vision_start_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -158,6 +171,10 @@ class DeltaPress(BasePress):
         """Index ``s`` of the layer the scorer reads; the layers above it run on the kept tokens."""
         return self.scorer().layer(num_layers)
 
+    def vision_scorer(self) -> Scorer:
+        """The scorer of ``method`` in the vision tower: it reads block ``floor(vision_start_ratio * blocks)``."""
+        return replace(self.scorer(), start_ratio=self.vision_start_ratio)
+
     @contextmanager
     def __call__(self, model: PreTrainedModel, protect: torch.Tensor | None = None) -> Generator:
         """Apply DASH to every prefill of ``model`` inside the block.
@@ -212,6 +229,8 @@ class _Prefill:
 
     token_masks: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # real and eligible, [batch, tokens] bool
     timer: Timer
+    input_ids: torch.Tensor | None = None
+    vision_passes: list[VisionPass] = field(default_factory=list)  # the vision tower's, when it halts
     halt_counts: list[int] = field(default_factory=list)
     halt_counts_tensor: torch.Tensor | None = None  # computed on the device: nothing is copied from the host
     reading: dict[str, torch.Tensor] = field(default_factory=dict)  # what the scorer has read so far
@@ -286,23 +305,42 @@ class _PrefillRecord:
     prefill: _Prefill
     decision_layer: int
     bytes_per_token: list[int]  # per layer, keys and values of one position
+    vision_token_ids: list[int]
+    patches_per_token: int | None
 
     def stats(self) -> list[PrefillStats]:
         prefill = self.prefill
         milliseconds = prefill.timer.milliseconds()
+        batch = len(prefill.tokens)
+        vision_patches: list[int | None] = [None] * batch
+        vision_kept: list[int | None] = [None] * batch
+        if self.patches_per_token is not None and prefill.input_ids is not None:
+            vision_patches, vision_kept = vision_counts(
+                prefill.input_ids, self.vision_token_ids, self.patches_per_token, prefill.vision_passes
+            )
         halted_positions: list[list[int]] = [[] for _ in prefill.tokens]
         if prefill.plan is not None:
             rank = prefill.real.long().cumsum(-1) - 1
             halted_positions = [rank[b][prefill.plan.halted[b]].tolist() for b in range(len(prefill.tokens))]
         stats = []
-        for tokens, eligible, kept, positions in zip(
-            prefill.tokens, prefill.eligible_counts, prefill.kept_counts, halted_positions, strict=True
+        for tokens, eligible, kept, positions, *vision_figures in zip(
+            prefill.tokens,
+            prefill.eligible_counts,
+            prefill.kept_counts,
+            halted_positions,
+            vision_patches,
+            vision_kept,
+            strict=True,
         ):
             kv_bytes = sum(
                 size * (tokens if layer <= self.decision_layer else kept)
                 for layer, size in enumerate(self.bytes_per_token)
             )
-            stats.append(PrefillStats(tokens, eligible, kept, self.decision_layer, positions, kv_bytes, milliseconds))
+            stats.append(
+                PrefillStats(
+                    tokens, eligible, kept, self.decision_layer, positions, kv_bytes, milliseconds, *vision_figures
+                )
+            )
         return stats
 
 
@@ -326,12 +364,23 @@ class _Executor:
                 f"protect must be a [batch, tokens] bool tensor, got {protect.dtype} of shape {tuple(protect.shape)}"
             )
         self.vision_ids = tuple(adapter.vision_token_ids(model.config)) if scope == "vision" else None
+        self.vision_token_ids = adapter.vision_token_ids(model.config)
+        self.patches_per_token = adapter.vision_patches_per_token(model.config)
         self.protect, self.flash = protect, attention.startswith("flash")
         self.scorer = self.config.scorer()
         self.layers: nn.ModuleList = adapter.decoder_layers(model)
         self.final_norm = adapter.final_norm(model)
         self.decision_layer = self.scorer.layer(len(self.layers))
         self.prefill: _Prefill | None = None
+        self.vision: VisionHalting | None = None
+        if self.config.vision_compression_ratio > 0:
+            if not adapter.halts_in_vision_tower:
+                raise ValueError(
+                    f"vision_compression_ratio > 0 needs a model whose vision tower can halt "
+                    f"({', '.join(model_types_with('halts_in_vision_tower'))}); {model.config.model_type!r} has none"
+                )
+            ratio, scorer = self.config.vision_compression_ratio, self.config.vision_scorer()
+            self.vision = VisionHalting(model, adapter, ratio, scorer)
         prefill_module = adapter.prefill_module(model)
         self.handles = [
             prefill_module.register_forward_pre_hook(self._on_prefill_start, with_kwargs=True),
@@ -343,6 +392,8 @@ class _Executor:
         for handle in self.handles:
             handle.remove()
         self._remove_halting_hooks()
+        if self.vision is not None:
+            self.vision.remove()
         self.prefill = None
 
     def _add_halting_hooks(self) -> None:
@@ -398,12 +449,14 @@ class _Executor:
             return real, eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
 
         ratio = self.config.compression_ratio
-        if ratio == 0:  # nothing can halt: no host sync, no work at all
-            self.prefill = _Prefill(token_masks, timer, halt_counts=[0] * batch)
-            return
-        if "input_ids" in self.scorer.reads and input_ids is None:
+        if ratio > 0 and "input_ids" in self.scorer.reads and input_ids is None:
             raise ValueError(f"method={self.config.method!r} needs input_ids; got only inputs_embeds")
-        self.prefill = prefill = _Prefill(token_masks, timer)
+        self.prefill = prefill = _Prefill(token_masks, timer, input_ids=input_ids)
+        if self.vision is not None:
+            self.vision.passes = prefill.vision_passes
+        if ratio == 0:  # nothing can halt in the decoder: no host sync, no work at all
+            prefill.halt_counts = [0] * batch
+            return
         prefill.halt_counts = halt_counts(prefill.eligible_counts, ratio)  # the one host sync
         prefill.halt_counts_tensor = halt_counts_on_device(prefill.counts[1], ratio)
         if prefill.halting:
@@ -476,5 +529,7 @@ class _Executor:
                     keys.shape[1] * keys.shape[-1] * keys.element_size()
                     + values.shape[1] * values.shape[-1] * values.element_size()
                 )
-        self.press._last_prefill = _PrefillRecord(prefill, self.decision_layer, bytes_per_token)
+        self.press._last_prefill = _PrefillRecord(
+            prefill, self.decision_layer, bytes_per_token, self.vision_token_ids, self.patches_per_token
+        )
         self.prefill = None

@@ -120,5 +120,79 @@ class MaskedReference:
                 handle.remove()
 
 
+class MaskedVisionReference:
+    """DESIGN.md section 6, masked: every patch runs every vision block. Above the decision block each block's output
+    is recomputed with attention written out here (queries and keys of one attention segment only, halted keys
+    masked), and halted rows are reset to their decision-block output. Selection is a Python sort per image or frame
+    group; segments come from ``grid_thw`` alone."""
+
+    def __init__(self, model, compression_ratio: float, start_ratio: float = 0.3):
+        self.tower = model.model.visual
+        self.blocks = self.tower.blocks
+        self.ratio = compression_ratio
+        self.s = math.floor(start_ratio * len(self.blocks))
+        self.halted_per_pass: list[torch.Tensor] = []
+
+    def _on_tower(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.segments = [h * w for t, h, w in grid.tolist() for _ in range(t)]
+
+    def _on_decision(self, module, args, output):
+        scores = output.float().norm(dim=-1)
+        self.halted = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+        start = 0
+        for length in self.segments:
+            n_halt = min(round(self.ratio * length), length - 1)
+            chosen = sorted(range(start, start + length), key=lambda p: (scores[p].item(), p))[:n_halt]
+            self.halted[chosen] = True
+            start += length
+        self.halted_per_pass.append(self.halted.clone())
+
+    def _on_decision_block(self, module, args, output):
+        self.block_s_output = output.clone()
+
+    def _masked_block(self, block, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cu_seqlens = kwargs["cu_seqlens"].tolist()
+        cos, sin = kwargs["position_embeddings"]
+        attention = block.attn
+        n = hidden.shape[0]
+        q, k, v = attention.qkv(block.norm1(hidden)).reshape(n, 3, attention.num_heads, -1).unbind(1)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        segment = torch.zeros(n, dtype=torch.long, device=hidden.device)
+        for boundary in cu_seqlens[1:-1]:
+            segment[boundary:] += 1
+        allowed = (segment[:, None] == segment[None, :]) & ~self.halted[None, :]
+        logits = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * attention.scaling
+        weights = logits.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num()  # a fully halted window: no row
+        attended = torch.einsum("hqk,khd->qhd", weights, v.float()).to(hidden.dtype).reshape(n, -1)
+        hidden = hidden + attention.proj(attended)
+        hidden = hidden + block.mlp(block.norm2(hidden))
+        return torch.where(self.halted[:, None], self.block_s_output, hidden)
+
+    @contextmanager
+    def __call__(self):
+        handles = [
+            self.tower.register_forward_pre_hook(self._on_tower, with_kwargs=True),
+            self.blocks[self.s].attn.register_forward_hook(self._on_decision),
+            self.blocks[self.s].register_forward_hook(self._on_decision_block),
+        ]
+        handles += [
+            block.register_forward_hook(self._masked_block, with_kwargs=True) for block in self.blocks[self.s + 1 :]
+        ]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``[patches, heads, dim]`` by ``[patches, dim]`` angles, in float32."""
+    first, second = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x.float() * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()

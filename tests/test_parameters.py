@@ -19,6 +19,8 @@ NON_DEFAULT = {
     "protect_first": 1,
     "method": "random",
     "seed": 7,
+    "vision_compression_ratio": 0.5,
+    "vision_start_ratio": 0.5,
 }
 QWEN = model_folder("qwen2-vl")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
@@ -28,7 +29,8 @@ class ModelAdapter:
     model_types : tuple of str
         The ``config.model_type`` values this adapter serves.
     vision_token_attributes : tuple of str
-        Config attributes holding the ids of the vision placeholder tokens; empty for a text-only model.
+        Config attributes holding the ids of the vision placeholder tokens, in the order the model runs its vision
+        tower over them (images, then videos); empty for a text-only model.
     video : bool
         Whether the family takes video input.
     pixel_limits : bool
@@ -37,6 +39,11 @@ class ModelAdapter:
         Attribute of the prefill module that holds the vision tower (the speed harness times it).
     vision_blocks_path : str, optional
         Dotted path, from the vision tower, of its list of transformer blocks.
+    vision_merger_path : str, optional
+        Dotted path, from the vision tower, of the module after its last block that must see every patch; set only
+        for a family whose tower supports halting (DESIGN.md section 6, with :meth:`vision_segments`).
+    vision_attention_attribute : str
+        Attribute of a vision block that holds its attention sublayer.
     presets : tuple of Preset
         Real model shapes with random weights, for the speed harness (``dash_vlm.models.presets.PRESETS``).
     """
@@ -47,6 +54,8 @@ class ModelAdapter:
     pixel_limits: bool = False
     vision_tower_attribute: str | None = None
     vision_blocks_path: str | None = None
+    vision_merger_path: str | None = None
+    vision_attention_attribute: str = "attn"
     presets: tuple[Preset, ...] = ()
 
     @property
@@ -81,6 +90,28 @@ class ModelAdapter:
         if self.vision_blocks_path is None:
             return None
         return functools.reduce(getattr, self.vision_blocks_path.split("."), self.vision_tower(model))
+
+    @property
+    def halts_in_vision_tower(self) -> bool:
+        """Whether the vision tower is a halting site (``vision_compression_ratio``)."""
+        return self.vision_merger_path is not None
+
+    def vision_merger(self, model: nn.Module) -> nn.Module:
+        """The module after the last vision block, where halted patches rejoin the kept ones."""
+        return functools.reduce(getattr, self.vision_merger_path.split("."), self.vision_tower(model))
+
+    def vision_attention(self, block: nn.Module) -> nn.Module:
+        """The attention sublayer of a vision block: the vision scorer reads its output."""
+        return getattr(block, self.vision_attention_attribute)
+
+    def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
+        """The patches of each attention segment (an image, a frame group of a video) of one vision-tower pass, from
+        the tower's arguments: on the host, and on the device of the tower's inputs."""
+        raise NotImplementedError(f"{self.model_types} does not halt in its vision tower")
+
+    def vision_patches_per_token(self, config: PretrainedConfig) -> int | None:
+        """How many tower patches one vision placeholder token stands for, or ``None`` when that is not fixed."""
+        return None
 
     def vision_token_ids(self, config: PretrainedConfig) -> list[int]:
         return [

@@ -61,6 +61,17 @@ class QwenVLAdapter(ModelAdapter):
         video_kwargs = {"do_sample_frames": False, "fps": video_kwargs["fps"][0]} if videos else {}
         return {"images": images, "videos": videos, **limits, **video_kwargs}
 
+    def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
+        """One segment per temporal patch of each image or video: the full-attention segments of the tower."""
+        grid = tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+        rows = grid.tolist()  # the tower reads its grid on the host as well
+        lengths = [height * width for frames, height, width in rows for _ in range(frames)]
+        on_device = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0], output_size=len(lengths))
+        return lengths, on_device
+
+    def vision_patches_per_token(self, config) -> int:
+        return config.vision_config.spatial_merge_size**2
+
     def lmms_conversation(
         self,
         context: str,
@@ -371,6 +382,7 @@ QWEN2_VL = register_adapter(
         pixel_limits=True,
         vision_tower_attribute="visual",
         vision_blocks_path="blocks",
+        vision_merger_path="merger",
         presets=PRESETS,
     )
 )

@@ -1,0 +1,183 @@
+"""The vision-tower halting site (DESIGN.md section 6): the hooks that halt patches inside Qwen2-VL's vision tower.
+
+In a ``with press(model)`` block with ``vision_compression_ratio > 0``, every pass of the tower (one per kind of
+visual input: the images, then the videos of a prefill) is executed as follows:
+
+1. the tower's pre-hook reads the segments (one per image or frame group) and the halt counts per segment (one host
+   sync, on the grid the tower reads on the host itself); without a block above the decision block nothing else
+   happens;
+2. hooks on the decision block give the scorer what it reads there, each segment read as one sample (a row of a
+   padded batch); its output hook makes the plan (``plan.plan_segment_halting``);
+3. a pre-hook on every deeper block hands it the kept patches (gathered once), their rotary embeddings and the
+   segment boundaries of the compact sequence (each computed once per pass);
+4. a pre-hook on the merger puts every halted patch back, with its decision-block output.
+
+The hooks of steps 2-4 are added in step 1 and removed when the pass ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dash_vlm.halting import segment_halt_counts, segment_halt_counts_on_device, segment_rows
+from dash_vlm.models import ModelAdapter
+from dash_vlm.plan import SegmentPlan, plan_segment_halting
+from dash_vlm.scorers import Reading, Scorer
+
+
+@dataclass(frozen=True)
+class VisionPass:
+    """One pass of the tower under the press: the patches of each segment, and how many of them were kept."""
+
+    segment_patches: list[int]
+    segment_kept: list[int]
+
+
+@dataclass
+class _PassState:
+    """What the hooks of one pass that halts share."""
+
+    index: torch.Tensor  # [segments, longest]: the segments (halt counts are per segment) as padded rows
+    inside: torch.Tensor
+    n_halt: torch.Tensor
+    patches: int
+    kept: int
+    reading: dict[str, torch.Tensor] = field(default_factory=dict)
+    plan: SegmentPlan | None = None
+    decision_output: torch.Tensor | None = None
+    compact: dict[int, tuple[object, object]] = field(default_factory=dict)  # id of a block input -> (it, compact)
+
+
+class VisionHalting:
+    """The hooks of the vision-tower site for one ``with press(model)`` block; ``remove`` restores the model."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, compression_ratio: float, scorer: Scorer):
+        self.adapter, self.ratio, self.scorer = adapter, compression_ratio, scorer
+        tower = adapter.vision_tower(model)
+        self.blocks: nn.ModuleList = adapter.vision_blocks(model)
+        self.merger = adapter.vision_merger(model)
+        self.decision_block = scorer.layer(len(self.blocks))
+        self.passes: list[VisionPass] = []  # the passes of the current prefill; the press hands a fresh list to each
+        self.state: _PassState | None = None
+        self.handles = [
+            tower.register_forward_pre_hook(self._on_pass_start, with_kwargs=True),
+            tower.register_forward_hook(self._on_pass_end),
+        ]
+        self.pass_handles: list = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._remove_pass_hooks()
+
+    def _remove_pass_hooks(self) -> None:
+        for handle in self.pass_handles:
+            handle.remove()
+        self.pass_handles, self.state = [], None
+
+    def _on_pass_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._remove_pass_hooks()  # left by a pass that failed
+        lengths, lengths_on_device = self.adapter.vision_segments(args, kwargs)
+        n_halt = segment_halt_counts(lengths, self.ratio)
+        kept = [length - halted for length, halted in zip(lengths, n_halt, strict=True)]
+        self.passes.append(VisionPass(lengths, kept))
+        if not any(n_halt) or self.decision_block + 1 >= len(self.blocks):
+            return  # nothing halts, or no block runs above the decision block
+        index, inside = segment_rows(torch.nn.functional.pad(lengths_on_device.cumsum(0), (1, 0)), max(lengths))
+        n_halt_on_device = segment_halt_counts_on_device(lengths_on_device, self.ratio)
+        self.state = _PassState(index, inside, n_halt_on_device, sum(lengths), sum(kept))
+        if "input_ids" in self.scorer.reads:  # patches have no token ids: a hash reads the position in the segment
+            self.state.reading["input_ids"] = torch.zeros_like(index)
+        decision = self.blocks[self.decision_block]
+        reads = self.scorer.reads
+        handles = []
+        if "layer_input" in reads:
+            handles.append(decision.register_forward_pre_hook(self._read_block_input, with_kwargs=True))
+        if "attention_output" in reads:
+            handles.append(self.adapter.vision_attention(decision).register_forward_hook(self._read_attention_output))
+        handles.append(decision.register_forward_hook(self._on_decision_output))
+        for block in self.blocks[self.decision_block + 1 :]:
+            handles.append(block.register_forward_pre_hook(self._on_compact_block, with_kwargs=True))
+        handles.append(self.merger.register_forward_pre_hook(self._on_merger))
+        self.pass_handles = handles
+
+    def _read(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep a reading of the flat patches as the segments' padded rows: each segment is scored as one sample."""
+        padded = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])
+        self.state.reading[name] = padded[self.state.index]
+
+    def _read_block_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._read("layer_input", args[0] if args else kwargs["hidden_states"])
+
+    def _read_attention_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._read("attention_output", output[0] if isinstance(output, tuple) else output)
+
+    def _on_decision_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        state = self.state
+        if "layer_output" in self.scorer.reads:
+            self._read("layer_output", output)
+        scores = self.scorer.score(Reading(state.inside, **state.reading))
+        state.reading = {}
+        state.plan = plan_segment_halting(scores, state.index, state.inside, state.n_halt, state.patches, state.kept)
+        state.decision_output = output
+
+    def _on_compact_block(self, module: nn.Module, args: tuple, kwargs: dict):
+        if module is self.blocks[self.decision_block + 1]:  # the first block above the decision: gather once
+            if args:
+                args = (self.state.plan.gather(args[0]), *args[1:])
+            else:
+                kwargs["hidden_states"] = self.state.plan.gather(kwargs["hidden_states"])
+        for name in ("cu_seqlens", "position_embeddings"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = self._compact(kwargs[name], name)
+        return args, kwargs
+
+    def _compact(self, value, name: str):
+        """The compact form of a block input, computed once per pass (every block receives the same objects)."""
+        cached = self.state.compact.get(id(value))
+        if cached is not None and cached[0] is value:
+            return cached[1]
+        plan = self.state.plan
+        if name == "cu_seqlens":
+            compact = plan.compact_segments(value)
+        else:
+            compact = tuple(plan.gather(part) for part in value)
+        self.state.compact[id(value)] = (value, compact)
+        return compact
+
+    def _on_merger(self, module: nn.Module, args: tuple):
+        state = self.state
+        return (state.plan.restore(args[0], state.decision_output), *args[1:])
+
+    def _on_pass_end(self, module: nn.Module, args: tuple, output) -> None:
+        self._remove_pass_hooks()
+
+
+def vision_counts(
+    input_ids: torch.Tensor, token_ids: list[int], patches_per_token: int, passes: list[VisionPass]
+) -> tuple[list[int], list[int]]:
+    """Each sample's patches and kept patches. The tower makes one pass per kind of placeholder present, in the order
+    of ``token_ids``, over the samples' images (or videos) in order; a kind without a recorded pass kept every patch.
+    """
+    batch = input_ids.shape[0]
+    patches, kept = [0] * batch, [0] * batch
+    per_kind = [(input_ids == token_id).sum(-1).tolist() for token_id in token_ids]
+    present = [counts for counts in per_kind if any(counts)]
+    for number, counts in enumerate(present):
+        segments = passes[number] if number < len(passes) else None
+        position = 0
+        for b, count in enumerate(counts):
+            sample_patches = count * patches_per_token
+            patches[b] += sample_patches
+            if segments is None:
+                kept[b] += sample_patches
+                continue
+            covered = 0
+            while covered < sample_patches:
+                covered += segments.segment_patches[position]
+                kept[b] += segments.segment_kept[position]
+                position += 1
+    return patches, kept
