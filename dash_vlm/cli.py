@@ -15,17 +15,18 @@ from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
 
 ALIASES = {"compression_ratio": "--ratio"}  # the short forms of earlier releases
+SWEPT_DEFAULTS = {"compression_ratio": "0,0.5,0.667,0.8", "vision_compression_ratio": "0"}  # bench's sweeps
 
 
-def add_halting_arguments(parser: argparse.ArgumentParser, swept: str | None = None) -> None:
+def add_halting_arguments(parser: argparse.ArgumentParser, swept: tuple[str, ...] = ()) -> None:
     """One flag per ``DeltaPress`` field, named after it (``--compression-ratio``, ``--start-ratio``, ``--method``,
-    ...); a flag left out keeps the field's default. ``swept`` names a field given as a comma-separated list of values
-    (``--compression-ratios``), each measured in turn."""
+    ...); a flag left out keeps the field's default. ``swept`` names fields given as comma-separated lists of values
+    (``--compression-ratios``, ``--vision-compression-ratios``), each measured in turn."""
     for parameter in dataclasses.fields(DeltaPress):
         if not parameter.init:
             continue
         flag, alias = "--" + parameter.name.replace("_", "-"), ALIASES.get(parameter.name)
-        if parameter.name == swept:
+        if parameter.name in swept:
             flag, alias = flag + "s", alias and alias + "s"
             help_text = f"comma-separated values of DeltaPress.{parameter.name}, each measured"
         else:
@@ -38,15 +39,29 @@ def halting_options(args: argparse.Namespace) -> dict[str, str]:
     return {name: getattr(args, name) for name in DeltaPress.parameter_names() if getattr(args, name) is not None}
 
 
-STATS_HEADER = f"{'run':<14}{'tokens':>8}{'eligible':>10}{'kept':>8}{'layer':>7}{'prefill ms':>12}{'KV MB':>10}"
+STATS_HEADER = (
+    f"{'run':<14}{'tokens':>8}{'eligible':>10}{'kept':>8}{'layer':>7}{'patches':>9}{'kept':>7}{'prefill ms':>12}"
+    f"{'KV MB':>10}"
+)
 
 
 def stats_row(name: str, stats: PrefillStats) -> str:
-    """One line of the statistics table under ``STATS_HEADER``."""
+    """One line of the statistics table under ``STATS_HEADER``; vision patches are "-" where not counted."""
+    patches, patches_kept = ("-" if value is None else value for value in (stats.vision_patches, stats.vision_kept))
     return (
-        f"{name:<14}{stats.tokens:>8}{stats.eligible:>10}{stats.kept:>8}{stats.decision_layer:>7}"
-        f"{stats.prefill_ms:>12.1f}{stats.kv_cache_bytes / 2**20:>10.3f}"
+        f"{name:<14}{stats.tokens:>8}{stats.eligible:>10}{stats.kept:>8}{stats.decision_layer:>7}{patches:>9}"
+        f"{patches_kept:>7}{stats.prefill_ms:>12.1f}{stats.kv_cache_bytes / 2**20:>10.3f}"
     )
+
+
+def vanilla_of(press: DeltaPress) -> DeltaPress:
+    """The same press halting nothing, in the decoder or in the vision tower."""
+    return dataclasses.replace(press, compression_ratio=0.0, vision_compression_ratio=0.0)
+
+
+def run_name(press: DeltaPress) -> str:
+    vision = f", vision {press.vision_compression_ratio:g}" if press.vision_compression_ratio else ""
+    return f"DASH {press.compression_ratio:g}{vision}"
 
 
 def run_demo(dash: DeltaPress) -> None:
@@ -62,7 +77,7 @@ def run_demo(dash: DeltaPress) -> None:
     print(f"dash-shapes Qwen2-VL ({vlm.model.config.text_config.num_hidden_layers} decoder layers) on {image.name}")
     vlm.generate(image=image, prompt=questions[0], max_new_tokens=1)  # warm-up, so that both timings are steady
     answers, rows = {}, []
-    runs = {"vanilla": dataclasses.replace(dash, compression_ratio=0.0), f"DASH {dash.compression_ratio:g}": dash}
+    runs = {"vanilla": vanilla_of(dash), run_name(dash): dash}
     for name, press in runs.items():
         vlm.press = press
         results = vlm.generate(image=[image] * len(questions), prompt=questions, max_new_tokens=4)
@@ -87,8 +102,8 @@ def run_generate(args: argparse.Namespace, dash: DeltaPress) -> None:
         attn_implementation=args.attn,
         allow_urls=args.allow_urls,
     )
-    runs = {"vanilla": dataclasses.replace(dash, compression_ratio=0.0)} if args.compare else {}
-    runs[f"DASH {dash.compression_ratio:g}"] = dash
+    runs = {"vanilla": vanilla_of(dash)} if args.compare else {}
+    runs[run_name(dash)] = dash
     rows = []
     for name, press in runs.items():
         vlm.press = press
@@ -122,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
     bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
     bench.add_argument("--image-size", type=int, action="append", required=True, help="image side in px (repeatable)")
-    add_halting_arguments(bench, swept="compression_ratio")
+    add_halting_arguments(bench, swept=SWEPT_DEFAULTS)
     bench.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--new-tokens", type=int, default=32)
@@ -145,10 +160,14 @@ def main(argv: list[str] | None = None) -> None:
         print(tasks_folder())
         return
     options = halting_options(args)
-    swept = options.pop("compression_ratio", "0,0.5,0.667,0.8") if args.command == "bench" else None
+    swept = (
+        {name: options.pop(name, default) for name, default in SWEPT_DEFAULTS.items()}
+        if args.command == "bench"
+        else {}
+    )
     try:
         dash = DeltaPress.from_options(**options)
-        ratios = None if swept is None else [float(ratio) for ratio in swept.split(",")]
+        sweeps = {name: [float(value) for value in values.split(",")] for name, values in swept.items()}
     except ValueError as error:
         parser.error(str(error))
     if args.command == "demo":
@@ -161,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         config = bench.BenchConfig(
             preset=args.preset,
             image_sizes=args.image_size,
-            ratios=ratios,
+            ratios=sweeps["compression_ratio"],
+            vision_ratios=sweeps["vision_compression_ratio"],
             halting={name: getattr(dash, name) for name in options},
             batch_size=args.batch_size,
             new_tokens=args.new_tokens,

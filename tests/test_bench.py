@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dash_vlm.bench import BenchConfig, TokenTimer, batch_inputs, ideal_decoder_speedup
+from dash_vlm.bench import BenchConfig, TokenTimer, batch_inputs, ideal_speedup
 from dash_vlm.cli import main as cli_main
 from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS
@@ -64,11 +64,34 @@ def test_bench_tiny_json(tmp_path, capsys):
     assert by_size[64][0]["tokens"] > by_size[48][0]["tokens"]
 
 
+def test_bench_sweeps_vision_ratios(tmp_path, capsys):
+    output = tmp_path / "bench.json"
+    cli_main(
+        ["bench", "--preset", "tiny", "--image-size", "64", "--ratios", "0,0.5", "--vision-compression-ratios", "0,0.5",
+         "--repeats", "2", "--warmup", "1", "--new-tokens", "3", "--output", str(output)]
+    )  # fmt: skip
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["ratio"], row["vision_ratio"]) for row in rows] == [(0, 0), (0.5, 0), (0, 0.5), (0.5, 0.5)]
+    patches = 16 * 16  # a 64 px image in 4 px patches
+    for row in rows:
+        assert row["vision_patches"] == patches
+        assert row["vision_speedup"] == pytest.approx(row["vanilla"]["vision_ms"] / row["dash"]["vision_ms"])
+        assert row["fraction_of_ideal_vision"] == pytest.approx(row["vision_speedup"] / row["ideal_vision_speedup"])
+        if row["vision_ratio"] == 0:
+            assert row["vision_kept"] == patches and row["ideal_vision_speedup"] == 1 and "vision_block_ms" not in row
+        else:
+            assert row["vision_kept"] == patches // 2 and row["ideal_vision_speedup"] >= 1
+            timing = row["vision_block_ms"]
+            assert timing["block"] == 1 and timing["every_patch"] > 0 and timing["kept"] > 0
+        assert row["tokens"] == rows[0]["tokens"]  # the merger sees every patch: as many image tokens
+    assert "vision" in capsys.readouterr().out
+
+
 def test_ideal_speedup_formula():
-    assert ideal_decoder_speedup(28, 11, 10.0, 10.0) == pytest.approx(1.0)
-    assert ideal_decoder_speedup(28, 11, 10.0, 0.0) == pytest.approx(28 / 12)
-    assert ideal_decoder_speedup(10, 3, 2.0, 1.0) == pytest.approx(20 / (8 + 6))
-    assert ideal_decoder_speedup(10, 3, 2.0, 2.1) == pytest.approx(1.0)  # noise never makes the ideal a loss
+    assert ideal_speedup(28, 11, 10.0, 10.0) == pytest.approx(1.0)
+    assert ideal_speedup(28, 11, 10.0, 0.0) == pytest.approx(28 / 12)
+    assert ideal_speedup(10, 3, 2.0, 1.0) == pytest.approx(20 / (8 + 6))
+    assert ideal_speedup(10, 3, 2.0, 2.1) == pytest.approx(1.0)  # noise never makes the ideal a loss
 
 
 @pytest.mark.parametrize(
@@ -95,6 +118,10 @@ def test_presets_have_the_real_shapes(preset, size, tokens):
         (dict(device="cpu", device_map="auto"), "device_map='auto' splits the model over several GPUs"),
         (dict(halting={"compression_ratio": 0.5}), "ratios sweeps it"),
         (dict(halting={"method": "norm"}), "method must be one of"),
+        (dict(halting={"vision_compression_ratio": 0.5}), "vision_ratios sweeps it"),
+        (dict(vision_ratios=[]), "vision_ratios must hold at least one value"),
+        (dict(vision_ratios=[1.5]), "vision_compression_ratio must be a number in"),
+        (dict(preset="llava-1.5-7b", vision_ratios=[0.5]), "preset 'llava-1.5-7b' is 'llava'"),
     ],
 )
 def test_bad_bench_config(kwargs, match):

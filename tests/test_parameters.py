@@ -97,12 +97,14 @@ def test_command_line_short_forms_and_errors(monkeypatch, capsys):
 def test_bench_takes_every_field(monkeypatch):
     seen = {}
     monkeypatch.setattr("dash_vlm.bench.main", lambda config, output, plot: seen.setdefault("config", config))
-    others = {name: value for name, value in NON_DEFAULT.items() if name != "compression_ratio"}
+    swept = ("compression_ratio", "vision_compression_ratio")
+    others = {name: value for name, value in NON_DEFAULT.items() if name not in swept}
     argv = ["bench", "--preset", "tiny", "--image-size", "48", "--output", "unused.json", *flags(others)]
-    cli_main([*argv, "--compression-ratios", "0,0.5"])
+    cli_main([*argv, "--compression-ratios", "0,0.5", "--vision-compression-ratios", "0,0.5"])
     config = seen.pop("config")
-    assert config.ratios == [0.0, 0.5] and config.halting == others
-    assert halting_of(DeltaPress(**config.halting, compression_ratio=0.5)) == NON_DEFAULT
+    assert config.ratios == config.vision_ratios == [0.0, 0.5] and config.halting == others
+    press = DeltaPress(**config.halting, compression_ratio=0.5, vision_compression_ratio=0.5)
+    assert halting_of(press) == NON_DEFAULT
     cli_main([*argv, "--ratios", "0.3"])  # the short form
     assert seen["config"].ratios == [0.3]
 

@@ -1,10 +1,12 @@
 """Speed harness: vanilla against DASH on real model shapes with random weights (``dash-vlm bench``).
 
-For every image size, vanilla (no press) and DASH at every compression ratio run in the same process, in turns, after
-warm-up; each run is one ``generate`` call timed by CUDA events on a GPU (``perf_counter`` on a CPU) through hooks
-on the vision tower, the decoder and the prefill module, plus a stopping criterion that marks the first token. The
-ideal decoder gain comes from timing one decoder layer at the prompt length ``T`` and at the kept length ``K``:
-``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``. Medians of the repeats are reported.
+For every image size, vanilla (no press) and DASH at every pair of a decoder compression ratio and a vision-tower
+compression ratio run in the same process, in turns, after warm-up; each run is one ``generate`` call timed by CUDA
+events on a GPU (``perf_counter`` on a CPU) through hooks on the vision tower, the decoder and the prefill module,
+plus a stopping criterion that marks the first token. The ideal decoder gain comes from timing one decoder layer at
+the prompt length ``T`` and at the kept length ``K``: ``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``; the ideal
+tower gain likewise from one vision block at every patch and at the kept patches (the block's arguments in a vanilla
+and in a halting pass): ``B t(N) / ((s_v + 1) t(N) + (B - s_v - 1) t(K_v))``. Medians of the repeats are reported.
 
 With ``device_map="auto"`` the model is built on the first GPU and dispatched over every visible GPU by accelerate
 (balanced, as transformers' ``device_map="auto"``); CUDA events of one device do not wait for another, so every
@@ -30,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dash_vlm.compact import take_tokens
-from dash_vlm.models import adapter_for
+from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS, Preset
 from dash_vlm.press import DeltaPress, Timer
 from dash_vlm.vlm import FirstTokenTimer
@@ -95,6 +97,7 @@ class BenchConfig:
     preset: str
     image_sizes: list[int]
     ratios: list[float]
+    vision_ratios: list[float] = field(default_factory=lambda: [0.0])
     halting: dict = field(default_factory=dict)  # every other DeltaPress field, by name; the press's defaults else
     batch_size: int = 1
     new_tokens: int = 32
@@ -117,15 +120,28 @@ class BenchConfig:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if not self.image_sizes or any(size < 28 for size in self.image_sizes):
             raise ValueError(f"image_sizes must be pixel sides >= 28, got {self.image_sizes}")
-        if "compression_ratio" in self.halting:
-            raise ValueError("halting must not hold compression_ratio: ratios sweeps it")
-        for ratio in self.ratios:
-            DeltaPress(**self.halting, compression_ratio=ratio)  # validates every field
+        for name, sweep in (("compression_ratio", "ratios"), ("vision_compression_ratio", "vision_ratios")):
+            if name in self.halting:
+                raise ValueError(f"halting must not hold {name}: {sweep} sweeps it")
+            if not getattr(self, sweep):
+                raise ValueError(f"{sweep} must hold at least one value")
+        for ratio, vision_ratio in self.variants():
+            DeltaPress(**self.halting, compression_ratio=ratio, vision_compression_ratio=vision_ratio)  # validates
+        model_type = PRESETS[self.preset].model_classes()[0].model_type
+        if any(self.vision_ratios) and not adapter_for(model_type).halts_in_vision_tower:
+            raise ValueError(
+                f"vision_ratios > 0 need a model whose vision tower can halt "
+                f"({', '.join(model_types_with('halts_in_vision_tower'))}); preset {self.preset!r} is {model_type!r}"
+            )
         for name in ("batch_size", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.new_tokens < 2:
             raise ValueError("new_tokens must be >= 2 to measure decoding")
+
+    def variants(self) -> list[tuple[float, float]]:
+        """Every (decoder ratio, vision ratio) pair measured against vanilla; (0, 0) is the noise control."""
+        return [(ratio, vision_ratio) for vision_ratio in self.vision_ratios for ratio in self.ratios]
 
 
 class StageTimers:
@@ -223,11 +239,7 @@ def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: S
 def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repeats: int) -> dict[int, float]:
     """Time of one decoder layer (a middle one; all have the same shape) at each sequence length, replaying the
     arguments the first layer receives in a vanilla prefill, cut to the first ``length`` positions (moved to the timed
-    layer's device first, when the model is split over several GPUs).
-
-    The layer runs ``repeats`` times back to back per timing, as in a whole forward, where the host queues the next
-    kernels while the GPU works; one call after an idle GPU would add the launch latency. Median of three timings.
-    """
+    layer's device first, when the model is split over several GPUs); :func:`replay_milliseconds` times it."""
     adapter = adapter_for(model)
     layers = adapter.decoder(model).layers
     captured = {}
@@ -267,49 +279,87 @@ def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repea
         mask = kwargs.get("attention_mask")
         layer_kwargs["attention_mask"] = None if mask is None else mask[..., :length, :length]
         layer_kwargs["use_cache"] = False
-        cut = hidden[:, :length]
-        times = []
-        # CUDA events record on the current device: make it the layer's (GPU 1 in a split model)
-        with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            layer(cut, **layer_kwargs)  # warm-up
-            for _ in range(3):
-                timer = Timer(device)
-                for _ in range(repeats):
-                    layer(cut, **layer_kwargs)
-                timer.stop()
-                times.append(timer.milliseconds() / repeats)
-        result[length] = statistics.median(times)
+        result[length] = replay_milliseconds(layer, (hidden[:, :length],), layer_kwargs, repeats)
     return result
 
 
-def ideal_decoder_speedup(num_layers: int, decision_layer: int, full_ms: float, kept_ms: float) -> float:
-    """``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``; a layer cannot take longer on fewer tokens, so a measured
-    ``t(K) > t(T)`` (timing noise when ``K`` is close to ``T``) counts as ``t(T)``."""
+def replay_milliseconds(module: nn.Module, args: tuple, kwargs: dict, repeats: int) -> float:
+    """Time of one call of ``module`` on recorded arguments: ``repeats`` calls back to back per timing, as in a whole
+    forward, where the host queues the next kernels while the GPU works (one call after an idle GPU would add the
+    launch latency); the median of three timings."""
+    device = next(module.parameters()).device
+    times = []
+    # CUDA events record on the current device: make it the module's (GPU 1 in a split model)
+    with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        module(*args, **kwargs)  # warm-up
+        for _ in range(3):
+            timer = Timer(device)
+            for _ in range(repeats):
+                module(*args, **kwargs)
+            timer.stop()
+            times.append(timer.milliseconds() / repeats)
+    return statistics.median(times)
+
+
+def vision_block_milliseconds(
+    model: nn.Module, inputs: dict, presses: dict[float, DeltaPress | None], repeats: int
+) -> tuple[int, dict[float, float]]:
+    """Time of one vision block above every decision block, per vision ratio (``None`` press: vanilla), replaying the
+    arguments it receives in a prefill under that press: every patch, or the kept patches with their compact
+    segments. Returns the block's index and the times."""
+    blocks = adapter_for(model).vision_blocks(model)
+    decisions = [press.vision_scorer().layer(len(blocks)) for press in presses.values() if press is not None]
+    index = min(max([len(blocks) // 2, *(decision + 1 for decision in decisions)]), len(blocks) - 1)
+    result = {}
+    for vision_ratio, press in presses.items():
+        captured = {}
+
+        def capture(module, args, kwargs, output, captured=captured):
+            captured.setdefault("call", (args, dict(kwargs)))
+
+        handle = blocks[index].register_forward_hook(capture, with_kwargs=True)
+        try:
+            with torch.inference_mode(), press(model) if press is not None else nullcontext():
+                model(**inputs, use_cache=False)
+        finally:
+            handle.remove()
+        result[vision_ratio] = replay_milliseconds(blocks[index], *captured["call"], repeats)
+    return index, result
+
+
+def ideal_speedup(num_layers: int, decision_layer: int, full_ms: float, kept_ms: float) -> float:
+    """``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``, for the decoder's layers or the vision tower's blocks; a layer
+    cannot take longer on fewer tokens, so a measured ``t(K) > t(T)`` (timing noise when ``K`` is close to ``T``)
+    counts as ``t(T)``."""
     kept_ms = min(kept_ms, full_ms)
     deeper = num_layers - decision_layer - 1
     return num_layers * full_ms / ((decision_layer + 1) * full_ms + deeper * kept_ms)
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Measure every image size: vanilla and DASH at each ratio, in turns; returns the JSON document.
+    """Measure every image size: vanilla and DASH at each (decoder ratio, vision ratio), in turns; returns the JSON
+    document.
 
-    Each repeat runs vanilla and every ratio once, the order rotated by one each repeat, so that drift of the shared
-    machine spreads evenly; every ratio's gain is against the same vanilla runs.
+    Each repeat runs vanilla and every variant once, the order rotated by one each repeat, so that drift of the shared
+    machine spreads evenly; every variant's gain is against the same vanilla runs.
     """
     preset: Preset = PRESETS[config.preset]
     dtype = torch.bfloat16 if config.device.startswith("cuda") else torch.float32
     model = preset.build(config.device, dtype, config.attn)
     device_map = dispatch_over_gpus(model) if config.device_map is not None else None
-    adapter = adapter_for(model)
-    num_layers = len(adapter.decoder(model).layers)
     sizes = config.image_sizes
     if not preset.dynamic_resolution and len(sizes) > 1:
         logger.warning("%s has a fixed input resolution: --image-size is ignored, one size is measured", preset.name)
         sizes = sizes[:1]
     timers = StageTimers(model)
     rows = []
-    presses = {ratio: DeltaPress(**config.halting, compression_ratio=ratio) for ratio in config.ratios}
-    variants = [None, *config.ratios]  # None: vanilla
+    presses = {
+        (ratio, vision_ratio): DeltaPress(
+            **config.halting, compression_ratio=ratio, vision_compression_ratio=vision_ratio
+        )
+        for ratio, vision_ratio in config.variants()
+    }
+    variants = [None, *presses]  # None: vanilla
     steps = len(sizes) * (config.warmup + config.repeats) * len(variants)
     try:
         with tqdm(total=steps, desc=f"bench {preset.name}") as progress:
@@ -324,14 +374,7 @@ def run_bench(config: BenchConfig) -> dict:
                         if repeat >= config.warmup:
                             runs[variant].append(figures)
                         progress.update()
-                stats = {ratio: press.last_stats[0] for ratio, press in presses.items()}
-                lengths = sorted({length for s in stats.values() for length in (s.tokens, s.kept)})
-                layer_ms = layer_milliseconds(model, inputs, lengths, config.repeats)
-                for ratio, ratio_stats in stats.items():
-                    ideal = ideal_decoder_speedup(
-                        num_layers, ratio_stats.decision_layer, layer_ms[ratio_stats.tokens], layer_ms[ratio_stats.kept]
-                    )
-                    rows.append(summarize(size, ratio, config.batch_size, runs[None], runs[ratio], ratio_stats, ideal))
+                rows += size_rows(model, inputs, size, config, presses, runs)
     finally:
         timers.remove()
     return {
@@ -344,6 +387,55 @@ def run_bench(config: BenchConfig) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "rows": rows,
     }
+
+
+def size_rows(
+    model: nn.Module,
+    inputs: dict,
+    size: int,
+    config: BenchConfig,
+    presses: dict[tuple[float, float], DeltaPress],
+    runs: dict,
+) -> list[dict]:
+    """The rows of one image size from its runs, with the ideal gains of the decoder and the vision tower from
+    per-layer and per-block timings."""
+    adapter = adapter_for(model)
+    num_layers = len(adapter.decoder(model).layers)
+    stats = {variant: press.last_stats[0] for variant, press in presses.items()}
+    lengths = sorted({length for s in stats.values() for length in (s.tokens, s.kept)})
+    layer_ms = layer_milliseconds(model, inputs, lengths, config.repeats)
+    if any(config.vision_ratios):
+        vision_presses = {0.0: None} | {  # the tower's gain is timed without decoder halting
+            vision_ratio: DeltaPress(**config.halting, compression_ratio=0.0, vision_compression_ratio=vision_ratio)
+            for vision_ratio in config.vision_ratios
+            if vision_ratio > 0
+        }
+        block, block_ms = vision_block_milliseconds(model, inputs, vision_presses, config.repeats)
+    num_blocks = len(adapter.vision_blocks(model) or ())
+    rows = []
+    for (ratio, vision_ratio), press in presses.items():
+        variant_stats = stats[(ratio, vision_ratio)]
+        ideal = ideal_speedup(
+            num_layers, variant_stats.decision_layer, layer_ms[variant_stats.tokens], layer_ms[variant_stats.kept]
+        )
+        row = summarize(size, ratio, config.batch_size, runs[None], runs[(ratio, vision_ratio)], variant_stats)
+        row |= {"ideal_decoder_speedup": ideal, "fraction_of_ideal": row["decoder_speedup"] / ideal}
+        vision_speedup = row["vanilla"]["vision_ms"] / row["dash"]["vision_ms"]
+        ideal_vision = 1.0
+        if vision_ratio > 0:
+            decision = press.vision_scorer().layer(num_blocks)
+            ideal_vision = ideal_speedup(num_blocks, decision, block_ms[0.0], block_ms[vision_ratio])
+            row["vision_block_ms"] = {"block": block, "every_patch": block_ms[0.0], "kept": block_ms[vision_ratio]}
+        row |= {
+            "vision_ratio": vision_ratio,
+            "vision_patches": variant_stats.vision_patches,
+            "vision_kept": variant_stats.vision_kept,
+            "vision_speedup": vision_speedup,
+            "ideal_vision_speedup": ideal_vision,
+            "fraction_of_ideal_vision": vision_speedup / ideal_vision,
+        }
+        rows.append(row)
+    return rows
 
 
 def device_name(model: nn.Module) -> str:
@@ -359,12 +451,9 @@ def median_figures(runs: list[dict]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def summarize(
-    size: int, ratio: float, batch_size: int, vanilla_runs: list, dash_runs: list, stats, ideal: float
-) -> dict:
+def summarize(size: int, ratio: float, batch_size: int, vanilla_runs: list, dash_runs: list, stats) -> dict:
     """One row: medians of the repeats, the gains as ratios of medians, and every repeat's figures (``runs``)."""
     vanilla, dash = median_figures(vanilla_runs), median_figures(dash_runs)
-    decoder_speedup = vanilla["decoder_ms"] / dash["decoder_ms"]
     return {
         "image_size": size,
         "ratio": ratio,
@@ -374,29 +463,33 @@ def summarize(
         "kv_cache_bytes": stats.kv_cache_bytes * batch_size,
         "vanilla": vanilla,
         "dash": dash,
-        "decoder_speedup": decoder_speedup,
+        "decoder_speedup": vanilla["decoder_ms"] / dash["decoder_ms"],
         "prefill_speedup": vanilla["prefill_ms"] / dash["prefill_ms"],
-        "ideal_decoder_speedup": ideal,
-        "fraction_of_ideal": decoder_speedup / ideal,
+        "ttft_speedup": vanilla["ttft_ms"] / dash["ttft_ms"],
         "decode_speed_ratio": dash["decode_tokens_per_s"] / vanilla["decode_tokens_per_s"],
         "runs": {"vanilla": vanilla_runs, "dash": dash_runs},
     }
 
 
 def table(document: dict) -> str:
-    """The results as text: per row T -> K, stage times vanilla / DASH (ms), gains and decode speed."""
+    """The results as text: per row the ratios, T -> K, stage times vanilla / DASH (ms), gains and decode speed."""
     lines = [f"{document['preset']} on {document['device']} ({document['dtype']}); times in ms, vanilla / DASH"]
     lines.append(
-        "   px  ratio      T      K  vision      decoder      prefill        ttft  dec x ideal  frac    tok/s    x"
+        "   px  ratio vision      T      K       vision x ideal       decoder x ideal       prefill x"
+        "          ttft x    tok/s    x"
     )
     for row in document["rows"]:
         v, d = row["vanilla"], row["dash"]
-        pairs = " ".join(f"{v[key]:>6.1f}/{d[key]:<6.1f}" for key in ("decoder_ms", "prefill_ms", "ttft_ms"))
+
+        def pair(key: str, v: dict = v, d: dict = d) -> str:
+            return f"{v[key]:>6.1f}/{d[key]:<6.1f}"
+
         lines.append(
-            f"{row['image_size']:>5} {row['ratio']:>6g} {row['tokens']:>6} {row['kept']:>6} {v['vision_ms']:>7.1f}"
-            f" {pairs}"
-            f" {row['decoder_speedup']:>5.2f} {row['ideal_decoder_speedup']:>5.2f} {row['fraction_of_ideal']:>5.2f}"
-            f" {v['decode_tokens_per_s']:>5.0f}/{d['decode_tokens_per_s']:<5.0f} {row['decode_speed_ratio']:>4.2f}"
+            f"{row['image_size']:>5} {row['ratio']:>6g} {row['vision_ratio']:>6g} {row['tokens']:>6} {row['kept']:>6}"
+            f" {pair('vision_ms')} {row['vision_speedup']:>4.2f} {row['ideal_vision_speedup']:>5.2f}"
+            f" {pair('decoder_ms')} {row['decoder_speedup']:>4.2f} {row['ideal_decoder_speedup']:>5.2f}"
+            f" {pair('prefill_ms')} {row['prefill_speedup']:>4.2f} {pair('ttft_ms')} {row['ttft_speedup']:>4.2f}"
+            f" {v['decode_tokens_per_s']:>4.0f}/{d['decode_tokens_per_s']:<4.0f} {row['decode_speed_ratio']:>4.2f}"
         )
     return "\n".join(lines)
 
@@ -414,10 +507,13 @@ def plot(document: dict, path: Path) -> None:
     vanilla = [statistics.median(r["vanilla"]["prefill_ms"] for r in rows if r["image_size"] == s) for s in sizes]
     vision = [statistics.median(r["vanilla"]["vision_ms"] for r in rows if r["image_size"] == s) for s in sizes]
     axis.plot(sizes, vanilla, "k-o", label="vanilla")
-    axis.plot(sizes, vision, "k:", label="vision tower (the same in both)")
-    for ratio in sorted({row["ratio"] for row in rows}):
-        points = sorted((r["image_size"], r["dash"]["prefill_ms"]) for r in rows if r["ratio"] == ratio)
-        axis.plot([p[0] for p in points], [p[1] for p in points], "--o", label=f"DASH {ratio:g}")
+    axis.plot(sizes, vision, "k:", label="vision tower, vanilla")
+    for variant in sorted({(row["ratio"], row["vision_ratio"]) for row in rows}):
+        points = sorted(
+            (r["image_size"], r["dash"]["prefill_ms"]) for r in rows if (r["ratio"], r["vision_ratio"]) == variant
+        )
+        label = f"DASH {variant[0]:g}" + (f", vision {variant[1]:g}" if variant[1] else "")
+        axis.plot([p[0] for p in points], [p[1] for p in points], "--o", label=label)
     axis.set_xlabel("image side (px)")
     axis.set_ylabel("prefill time (ms, median)")
     axis.set_title(f"{document['preset']}, {document['device']}, batch {rows[0]['batch_size']}")
