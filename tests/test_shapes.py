@@ -19,7 +19,7 @@ from dash_vlm.shapes.data import (
     split_samples,
     training_scene,
 )
-from dash_vlm.shapes.evaluate import MODELS, answer_all, model_folder, score
+from dash_vlm.shapes.evaluate import MODELS, answer_all, configurations, markdown_tables, model_folder, score
 
 RESULTS = bundled("assets") / "dash_shapes_accuracy.json"
 
@@ -73,19 +73,42 @@ def test_accuracy_matches_the_published_results(test_split, name):
     prompting, positions or halting moves them)."""
     published = json.loads(RESULTS.read_text())
     vlm = DashVLM.from_pretrained(model_folder(name))
-    for ratio, scope, method in ((0.0, "vision", "dash"), (0.667, "vision", "dash"), (0.667, "all", "random")):
-        vlm.press = DeltaPress(compression_ratio=ratio, scope=scope, method=method)
+    checks = [
+        dict(compression_ratio=0.0, scope="vision"),
+        dict(compression_ratio=0.667, scope="vision"),
+        dict(compression_ratio=0.667, scope="all", method="random"),
+    ]
+    if name == "qwen2-vl":  # halting inside the vision tower too
+        checks.append(dict(compression_ratio=0.667, scope="vision", vision_compression_ratio=0.5))
+    for parameters in checks:
+        vlm.press = press = DeltaPress(**parameters)
         texts, _ = answer_all(vlm, test_split, batch_size=250)
         measured = score(texts, test_split)
+        key = (name, press.compression_ratio, press.method, press.vision_compression_ratio)
         row = next(
             r
             for r in published
-            if (r["model"], r["ratio"], r["method"]) == (name, ratio, method) and (ratio == 0 or r["scope"] == scope)
+            if (r["model"], r["ratio"], r["method"], r["vision_ratio"]) == key
+            and (press.compression_ratio == 0 or r["scope"] == press.scope)
         )
-        assert measured["accuracy"] == pytest.approx(row["accuracy"], abs=0.005), (ratio, scope, method)
+        assert measured["accuracy"] == pytest.approx(row["accuracy"], abs=0.005), parameters
         for kind, value in measured["by_kind"].items():
-            assert value == pytest.approx(row["by_kind"][kind], abs=0.02), (ratio, scope, method, kind)
+            assert value == pytest.approx(row["by_kind"][kind], abs=0.02), (parameters, kind)
     assert next(r for r in published if r["model"] == name and r["ratio"] == 0)["accuracy"] > 0.7
+
+
+def test_vision_rows_only_where_the_tower_halts():
+    assert not any("vision_compression_ratio" in c for c in configurations(vision_tower_halts=False))
+    vision = [c for c in configurations(vision_tower_halts=True) if "vision_compression_ratio" in c]
+    assert sorted((c["method"], c["compression_ratio"], c["vision_compression_ratio"]) for c in vision) == [
+        (method, ratio, vision_ratio)
+        for method in ("dash", "random")
+        for ratio in (0, 0.667)
+        for vision_ratio in (0.3, 0.5)
+    ]
+    tables = markdown_tables(json.loads(RESULTS.read_text()))
+    assert tables.count("halting inside the vision tower") == 1  # the Qwen2-VL checkpoint only
+    assert "| dash | 0.667 | **all** | 71.9% | 70.2% | 67.4% |" in tables
 
 
 def test_demo(capsys):

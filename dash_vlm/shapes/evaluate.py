@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dash_vlm.models import adapter_for
 from dash_vlm.press import DeltaPress
 from dash_vlm.resources import bundled
 from dash_vlm.shapes.data import KINDS, Sample, read_test_split
@@ -25,6 +26,8 @@ MODELS = {"qwen2-vl": "dash-shapes-qwen2-vl", "llava": "dash-shapes-llava"}
 RATIOS = (0.0, 0.25, 0.5, 0.667, 0.8, 0.9)
 SCOPES = ("vision", "all")
 METHODS = ("dash", "random")
+VISION_RATIOS = (0.0, 0.3, 0.5)  # halting inside the vision tower, where the family can (scope vision)
+VISION_DECODER_RATIOS = (0.0, 0.667)  # the decoder ratios measured with each vision ratio
 
 
 def model_folder(name: str) -> Path:
@@ -56,25 +59,47 @@ def score(texts: list[str], samples: list[Sample]) -> dict:
     }
 
 
-def evaluate(models: list[str], samples: list[Sample], batch_size: int, device: str | None) -> list[dict]:
-    configurations = [(0.0, "vision", "dash")] + [
-        (ratio, scope, method) for scope in SCOPES for method in METHODS for ratio in RATIOS if ratio > 0
+def configurations(vision_tower_halts: bool) -> list[dict]:
+    """The halting parameters of every row of a model: the decoder sweep, then, where the tower can halt, each vision
+    ratio alone and with the decoder's."""
+    decoder = [dict(compression_ratio=0.0, scope="vision")] + [
+        dict(compression_ratio=ratio, scope=scope, method=method)
+        for scope in SCOPES
+        for method in METHODS
+        for ratio in RATIOS
+        if ratio > 0
     ]
+    vision = [
+        dict(compression_ratio=ratio, vision_compression_ratio=vision_ratio, scope="vision", method=method)
+        for method in METHODS
+        for ratio in VISION_DECODER_RATIOS
+        for vision_ratio in VISION_RATIOS
+        if vision_ratio > 0
+    ]
+    return decoder + (vision if vision_tower_halts else [])
+
+
+def evaluate(models: list[str], samples: list[Sample], batch_size: int, device: str | None) -> list[dict]:
+    vlms = {name: DashVLM.from_pretrained(model_folder(name), device_map=device) for name in models}
+    plans = {name: configurations(adapter_for(vlm.model).halts_in_vision_tower) for name, vlm in vlms.items()}
     rows = []
-    with tqdm(total=len(models) * len(configurations), desc="dash-shapes accuracy") as progress:
-        for name in models:
-            vlm = DashVLM.from_pretrained(model_folder(name), device_map=device)
-            for ratio, scope, method in configurations:
-                vlm.press = DeltaPress(compression_ratio=ratio, scope=scope, method=method)
+    with tqdm(total=sum(map(len, plans.values())), desc="dash-shapes accuracy") as progress:
+        for name, vlm in vlms.items():
+            for parameters in plans[name]:
+                vlm.press = press = DeltaPress(**parameters)
                 texts, kept = answer_all(vlm, samples, batch_size)
-                row = {"model": name, "ratio": ratio, "scope": scope, "method": method, "kept_fraction": kept}
+                row = {"model": name, "ratio": press.compression_ratio, "scope": press.scope, "method": press.method}
+                row |= {"vision_ratio": press.vision_compression_ratio, "kept_fraction": kept}
                 rows.append(row | score(texts, samples))
                 progress.update()
     return rows
 
 
 def markdown_tables(rows: list[dict]) -> str:
-    """One table per model: rows are scope / method / question kind, columns are compression ratios."""
+    """One table per model: rows are scope / method / question kind, columns are compression ratios; then, for a model
+    whose vision tower halts, one table of the vision ratios."""
+    vision_rows = [row for row in rows if row["vision_ratio"] > 0]
+    rows = [row for row in rows if row["vision_ratio"] == 0]
     lines = []
     for model in dict.fromkeys(row["model"] for row in rows):
         baseline = next(r for r in rows if r["model"] == model and r["ratio"] == 0)
@@ -100,7 +125,34 @@ def markdown_tables(rows: list[dict]) -> str:
             if r["model"] == model and r["scope"] == "vision" and r["method"] == "dash"
         }
         lines += ["", "Prompt tokens kept (scope vision): " + ", ".join(f"{r:g}: {k:.0%}" for r, k in kept.items()), ""]
+        mine = [row for row in vision_rows if row["model"] == model]
+        if mine:
+            lines += vision_table(model, rows, mine)
     return "\n".join(lines)
+
+
+def vision_table(model: str, decoder_rows: list[dict], vision_rows: list[dict]) -> list[str]:
+    """Rows: method / decoder ratio / question kind; columns: vision ratios (0: the decoder-only rows)."""
+    lines = [f"**{model}, halting inside the vision tower** (`vision_start_ratio=0.3`, scope vision)", ""]
+    lines.append("| method | decoder ratio | kind | " + " | ".join(f"vision {r:g}" for r in VISION_RATIOS) + " |")
+    lines.append("|---|---|---|" + "---|" * len(VISION_RATIOS))
+    for method in METHODS:
+        for ratio in VISION_DECODER_RATIOS:
+            by_vision = {
+                row["vision_ratio"]: row
+                for row in decoder_rows + vision_rows
+                if row["model"] == model
+                and row["ratio"] == ratio
+                and row["scope"] == "vision"
+                and (row["method"] == method or row["ratio"] == row["vision_ratio"] == 0)
+            }
+            for kind in ("all", *KINDS):
+                values = [
+                    by_vision[v]["accuracy"] if kind == "all" else by_vision[v]["by_kind"][kind] for v in VISION_RATIOS
+                ]
+                label = "**all**" if kind == "all" else kind
+                lines.append(f"| {method} | {ratio:g} | {label} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+    return [*lines, ""]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -110,6 +162,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [row for row in rows if row["vision_ratio"] == 0]
     models = list(dict.fromkeys(row["model"] for row in rows))
     figure, axes = plt.subplots(len(models), len(SCOPES), figsize=(11, 4 * len(models)), squeeze=False)
     colours = dict(zip(("all", *KINDS), ("black", "tab:red", "tab:blue", "tab:green", "tab:purple"), strict=True))
@@ -180,7 +233,7 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
     text = config.text_config
     vision = config.vision_config
     stages = json.loads((folder / "training.json").read_text())["stages"]
-    mine = [r for r in rows if r["model"] == name]
+    mine = [r for r in rows if r["model"] == name and r["vision_ratio"] == 0]
     baseline = next(r for r in mine if r["ratio"] == 0)
     dash = {r["ratio"]: r["accuracy"] for r in mine if r["scope"] == "vision" and r["method"] == "dash"}
     lines = [
