@@ -1,0 +1,301 @@
+"""The fast path (DESIGN.md section 8): greedy decode steps over a static KV cache, replayed as CUDA graphs.
+
+A prefill runs as ``generate`` would run it (the model's own input preparation, eagerly, under the press when one is
+given). Its cache, full-length or halted, is copied into static buffers: transformers' ``StaticLayer``s, one per
+decoder layer, each as long as that layer's prompt part (``T`` below the decision layer, the kept slots ``K`` above
+it), rounded up to a bucket, plus one slot per new token. One decode step (embedding, every decoder layer, final
+norm, LM head, greedy choice) runs on those buffers with no host sync: its masks, cache positions and rotary
+positions are computed on the device from a step counter, so the step can be captured once as a CUDA graph and
+replayed for every token. Graphs are kept per shape (batch, bucketed lengths, steps) in a small LRU that shares one
+memory pool. With ``capture=False`` the same step runs eagerly, which is how the tests check it on a CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, StaticLayer
+
+from dash_vlm.cache import HaltedLayer
+from dash_vlm.models import adapter_for
+from dash_vlm.press import DeltaPress, Timer
+
+logger = logging.getLogger(__name__)
+
+BUCKET = 256  # prompt parts of the static cache are rounded up to a multiple of this, so graphs serve many prompts
+
+
+def bucket(length: int, size: int = BUCKET) -> int:
+    """``length`` rounded up to a multiple of ``size``."""
+    return -(-length // size) * size
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """What a captured graph is specialised to: the batch, each layer's static cache length and group (0 for full
+    layers, 1 for halted ones where there are both), the steps it writes, and whether it keeps every step's logits."""
+
+    batch: int
+    lengths: tuple[int, ...]
+    groups: tuple[int, ...]
+    steps: int
+    keep_logits: bool
+
+
+@dataclass
+class FastGeneration:
+    """The output of :meth:`StaticDecoder.generate`.
+
+    ``tokens`` are the ``[batch, steps]`` new tokens (padding after a sample's end-of-sequence token, as
+    ``generate`` pads); ``logits`` the ``steps`` ``[batch, vocab]`` scores when asked for; ``first_token`` the timer
+    of the prefill up to the first token; ``captured`` whether this call captured a new graph (its time is then not a
+    replay's).
+    """
+
+    tokens: torch.Tensor
+    logits: list[torch.Tensor] | None
+    first_token: object
+    captured: bool
+
+
+class _DecodeGraph:
+    """The static buffers of one :class:`DecodeShape` and the step that runs on them.
+
+    The layers of a group (below or above the decision layer) share a prompt-slot mask and a start, the first slot a
+    new token takes.
+    """
+
+    def __init__(self, model: PreTrainedModel, shape: DecodeShape, prefill: DynamicCache, positions: torch.Tensor):
+        adapter = adapter_for(model)
+        self.layers = adapter.decoder_layers(model)
+        self.embed, self.rotary = model.get_input_embeddings(), adapter.decoder(model).rotary_emb
+        self.norm, self.lm_head = adapter.final_norm(model), model.get_output_embeddings()
+        self.additive = model.config._attn_implementation == "eager"
+        keys = prefill.layers[0].keys
+        batch, device, self.dtype = shape.batch, keys.device, keys.dtype
+        self.cache = Cache(layers=[StaticLayer(length) for length in shape.lengths])
+        self.cache.early_initialization(batch, keys.shape[1], keys.shape[-1], keys.dtype, device)
+        self.group_of_layer = shape.groups
+        group_lengths = [shape.lengths[shape.groups.index(group)] for group in range(max(shape.groups) + 1)]
+        self.prompt_slots = [torch.zeros(batch, length, dtype=torch.bool, device=device) for length in group_lengths]
+        self.starts = torch.zeros(len(group_lengths), dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.base_positions = torch.zeros_like(positions)
+        self.tokens = torch.zeros(batch, shape.steps, dtype=torch.long, device=device)
+        vocab = self.lm_head.out_features
+        self.logits = torch.zeros(shape.steps, batch, vocab, device=device) if shape.keep_logits else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def load(self, prefill: DynamicCache, allowed: list[torch.Tensor], positions: torch.Tensor, first: torch.Tensor):
+        """Copy a prefill into the buffers: its keys and values, the prompt slots each group may attend to (one
+        ``[batch, slots]`` mask per group), the next rotary position of each sample, and the first new token."""
+        for layer, static in zip(prefill.layers, self.cache.layers, strict=True):
+            slots = layer.keys.shape[-2]
+            static.keys[:, :, :slots].copy_(layer.keys)
+            static.values[:, :, :slots].copy_(layer.values)
+        for buffer, mask in zip(self.prompt_slots, allowed, strict=True):
+            buffer.zero_()[:, : mask.shape[-1]].copy_(mask)
+        self.starts.copy_(torch.tensor([mask.shape[-1] for mask in allowed]))
+        self.base_positions.copy_(positions)
+        self.token.copy_(first[:, None])
+        self.step.zero_()
+        self.tokens.zero_()[:, 0] = first
+
+    def _group_inputs(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention mask and cache position of a group's layers at the current step."""
+        slots, start = self.prompt_slots[group], self.starts[group]
+        columns = torch.arange(slots.shape[-1], device=slots.device)
+        allowed = (slots | ((columns >= start) & (columns <= start + self.step)))[:, None, None, :]
+        if self.additive:
+            minimum = torch.finfo(self.dtype).min
+            additive = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+            allowed = additive.masked_fill_(~allowed, minimum)
+        return allowed, (start + self.step)[None]
+
+    def run_step(self) -> None:
+        """One greedy decode step on the buffers; device work only, so it can be captured."""
+        hidden = self.embed(self.token)
+        rotary = self.rotary(hidden, (self.base_positions + self.step)[..., None])
+        group_inputs = [self._group_inputs(group) for group in range(len(self.prompt_slots))]
+        for layer, group in zip(self.layers, self.group_of_layer, strict=True):
+            mask, cache_position = group_inputs[group]
+            output = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=rotary,
+                position_ids=None,
+                past_key_values=self.cache,
+                use_cache=True,
+                cache_position=cache_position,
+            )
+            hidden = output[0] if isinstance(output, tuple) else output
+        logits = self.lm_head(self.norm(hidden[:, -1]))
+        choice = logits.argmax(-1)
+        written = (self.step + 1)[None]
+        self.tokens.index_copy_(1, written, choice[:, None])
+        if self.logits is not None:
+            self.logits.index_copy_(0, written, logits[None].float())
+        self.token.copy_(choice[:, None])
+        self.step.add_(1)
+
+    def capture(self, pool: tuple) -> None:
+        """Capture :meth:`run_step` as a CUDA graph (after warm-up on a side stream, as CUDA graphs require)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.run_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.run_step()
+
+    def decode(self, steps: int) -> None:
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.run_step()
+
+
+class StaticDecoder:
+    """Greedy generation whose decode steps run over a static cache, as replayed CUDA graphs (``capture=True``, on
+    one GPU) or eagerly (``capture=False``: the same buffers and step, for checking on any device).
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A supported model on one device.
+    capture : bool
+        Capture each decode shape as a CUDA graph; needs the model on a CUDA GPU.
+    max_graphs : int
+        How many shapes keep their graph and buffers (least recently used dropped first).
+    """
+
+    def __init__(self, model: PreTrainedModel, capture: bool = True, max_graphs: int = 4):
+        devices = {parameter.device for parameter in model.parameters()}
+        if len(devices) > 1:
+            raise ValueError(f"cuda_graphs needs the model on one device; it is split over {sorted(map(str, devices))}")
+        device = devices.pop()
+        if capture and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the model on a CUDA GPU; it is on {device}")
+        if model.config._attn_implementation not in ("sdpa", "eager"):
+            attention = model.config._attn_implementation
+            raise ValueError(f"cuda_graphs supports attn_implementation 'sdpa' and 'eager', got {attention!r}")
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.model, self.capture, self.max_graphs = model, capture, max_graphs
+        self.adapter = adapter_for(model)
+        self.graphs: OrderedDict[DecodeShape, _DecodeGraph] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.captures = 0
+        parameters = inspect.signature(model.forward).parameters
+        self._takes_logits_to_keep, self._takes_position_ids = (
+            "logits_to_keep" in parameters,
+            "position_ids" in parameters,
+        )
+
+    def prefill(self, inputs: dict, press: DeltaPress | None) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """The prefill as ``generate`` runs it: the cache, the last position's logits and each sample's rotary position
+        of its last prompt token (read where the decoder computes its rotary embeddings), which new tokens continue."""
+        model = self.model
+        length = inputs["input_ids"].shape[1]
+        cache = DynamicCache(config=model.config)
+        cache_position = torch.arange(length, device=inputs["input_ids"].device)
+        inputs = dict(inputs)
+        if inputs.get("position_ids") is None and self._takes_position_ids:  # as generate prepares them
+            inputs["position_ids"] = model._prepare_position_ids_for_generation(inputs["input_ids"], inputs)
+        prepared = model.prepare_inputs_for_generation(
+            **inputs, past_key_values=cache, cache_position=cache_position, use_cache=True, is_first_iteration=True
+        )
+        if self._takes_logits_to_keep:
+            prepared["logits_to_keep"] = 1
+        seen = {}
+
+        def read_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.setdefault("positions", kwargs.get("position_ids", args[1] if len(args) > 1 else None))
+
+        handle = self.adapter.decoder(model).rotary_emb.register_forward_pre_hook(read_positions, with_kwargs=True)
+        try:
+            with press(model) if press is not None else nullcontext():
+                output = model(**prepared)
+        finally:
+            handle.remove()
+        return cache, output.logits[:, -1], seen["positions"][..., -1]
+
+    def generate(
+        self, inputs: dict, press: DeltaPress | None, max_new_tokens: int, keep_logits: bool = False
+    ) -> FastGeneration:
+        """Greedy generation of ``max_new_tokens`` tokens for model inputs (``input_ids``, ``attention_mask``, pixel
+        inputs) under ``press`` (or none)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        with torch.inference_mode():
+            first_token = Timer(inputs["input_ids"].device)
+            cache, logits, positions = self.prefill(inputs, press)
+            first = logits.argmax(-1)
+            first_token.stop()
+            allowed = self._prompt_slots(cache, inputs.get("attention_mask"))
+            lengths = tuple(bucket(layer.keys.shape[-2]) + max_new_tokens for layer in cache.layers)
+            groups = tuple(int(isinstance(layer, HaltedLayer)) for layer in cache.layers)  # halted layers are above
+            shape = DecodeShape(first.shape[0], lengths, groups, max_new_tokens, keep_logits)
+            graph, captured = self._graph(shape, cache, positions)
+            graph.load(cache, allowed, positions + 1, first)
+            graph.decode(max_new_tokens - 1)
+            tokens = self._pad_after_end(graph.tokens.clone())
+            kept_logits = None
+            if keep_logits:
+                kept_logits = [logits.float(), *graph.logits[1:].clone().unbind(0)]
+        return FastGeneration(tokens, kept_logits, first_token, captured)
+
+    def _graph(self, shape: DecodeShape, cache: DynamicCache, positions: torch.Tensor) -> tuple[_DecodeGraph, bool]:
+        if shape in self.graphs:
+            self.graphs.move_to_end(shape)
+            return self.graphs[shape], False
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        graph = _DecodeGraph(self.model, shape, cache, positions)
+        if self.capture:
+            graph.load(cache, self._prompt_slots(cache, None), positions + 1, positions.new_zeros(shape.batch))
+            graph.capture(self.pool)
+            self.captures += 1
+            logger.info("captured a decode graph for %s", shape)
+        self.graphs[shape] = graph
+        return graph, self.capture
+
+    @staticmethod
+    def _prompt_slots(cache: DynamicCache, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Per group (full layers, then halted ones), the ``[batch, slots]`` prompt slots a new token may attend to:
+        the real prompt tokens below the decision layer, the valid compact slots above it."""
+        allowed = {}
+        for layer in cache.layers:
+            halted = isinstance(layer, HaltedLayer)
+            if halted in allowed:
+                continue
+            if halted:
+                allowed[halted] = layer.record.valid.to(layer.keys.device)
+            elif attention_mask is not None:
+                allowed[halted] = attention_mask.bool()
+            else:
+                keys = layer.keys
+                allowed[halted] = torch.ones(keys.shape[0], keys.shape[-2], dtype=torch.bool, device=keys.device)
+        return list(allowed.values())
+
+    def _pad_after_end(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens after a sample's first end-of-sequence token become padding, as ``generate`` pads them."""
+        config = self.model.generation_config
+        if config.eos_token_id is None:
+            return tokens
+        ends = torch.isin(tokens, torch.tensor(config.eos_token_id, device=tokens.device).flatten())
+        after = (ends.long().cumsum(-1) - ends.long()) > 0
+        padding = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        padding = padding[0] if isinstance(padding, list) else padding
+        return tokens.masked_fill(after, padding)
