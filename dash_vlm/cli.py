@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import transformers
@@ -18,7 +19,7 @@ ALIASES = {"compression_ratio": "--ratio"}  # the short forms of earlier release
 SWEPT_DEFAULTS = {"compression_ratio": "0,0.5,0.667,0.8", "vision_compression_ratio": "0"}  # bench's sweeps
 
 
-def add_halting_arguments(parser: argparse.ArgumentParser, swept: tuple[str, ...] = ()) -> None:
+def add_halting_arguments(parser: argparse.ArgumentParser, swept: Collection[str] = ()) -> None:
     """One flag per ``DeltaPress`` field, named after it (``--compression-ratio``, ``--start-ratio``, ``--method``,
     ...); a flag left out keeps the field's default. ``swept`` names fields given as comma-separated lists of values
     (``--compression-ratios``, ``--vision-compression-ratios``), each measured in turn."""

@@ -116,15 +116,12 @@ class SegmentPlan:
 
     Parameters
     ----------
-    halted : torch.Tensor
-        ``[patches]`` bool.
     index : torch.Tensor
         ``[kept]`` long, the kept positions, ascending: the compact sequence.
     kept_before : torch.Tensor
         ``[patches + 1]`` long, how many patches before each position are kept (maps segment boundaries).
     """
 
-    halted: torch.Tensor
     index: torch.Tensor
     kept_before: torch.Tensor
 
@@ -140,7 +137,7 @@ class SegmentPlan:
 
     def restore(self, compact: torch.Tensor, decision_output: torch.Tensor) -> torch.Tensor:
         """Every patch again: the kept ones from ``compact``, the halted ones from the decision block's output."""
-        return decision_output.index_copy(0, self.index.to(compact.device), compact)
+        return decision_output.to(compact.device).index_copy(0, self.index.to(compact.device), compact)
 
 
 def plan_segment_halting(
@@ -163,4 +160,4 @@ def plan_segment_halting(
     halted = halted.scatter_(0, index.flatten(), halted_rows.flatten())[:patches]
     compact_index, _ = compact_layout(~halted[None], kept)
     kept_before = torch.nn.functional.pad((~halted).long().cumsum(0), (1, 0))
-    return SegmentPlan(halted, compact_index[0], kept_before)
+    return SegmentPlan(compact_index[0], kept_before)

@@ -394,7 +394,7 @@ class _Executor:
         self._remove_halting_hooks()
         if self.vision is not None:
             self.vision.remove()
-        self.prefill = None
+        self.prefill = self.vision = None
 
     def _add_halting_hooks(self) -> None:
         """The per-layer hooks, present only during a prefill that halts: a prefill at ratio 0 and every decode step
@@ -435,18 +435,21 @@ class _Executor:
         if self.protect is not None and tuple(self.protect.shape) != (batch, length):
             raise ValueError(f"protect has shape {tuple(self.protect.shape)}, the prompt is {(batch, length)}")
         attention_mask = kwargs.get("attention_mask")
+        # The statistics read these masks after the block: the closure holds what it needs, never the executor and
+        # with it the model.
+        vision_ids, protect, config = self.vision_ids, self.protect, self.config
 
         def token_masks() -> tuple[torch.Tensor, torch.Tensor]:
             real = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
             if attention_mask is not None:
                 real = attention_mask.bool()
             candidates = real
-            if self.vision_ids is not None:  # compared with Python ints: nothing is copied to the device
+            if vision_ids is not None:  # compared with Python ints: nothing is copied to the device
                 candidates = torch.zeros_like(input_ids, dtype=torch.bool)
-                for token_id in self.vision_ids:
+                for token_id in vision_ids:
                     candidates |= input_ids == token_id
-            protect = None if self.protect is None else self.protect.to(real.device)
-            return real, eligible_tokens(real, candidates, self.config.protect_first, self.config.protect_last, protect)
+            protected = None if protect is None else protect.to(real.device)
+            return real, eligible_tokens(real, candidates, config.protect_first, config.protect_last, protected)
 
         ratio = self.config.compression_ratio
         if ratio > 0 and "input_ids" in self.scorer.reads and input_ids is None:

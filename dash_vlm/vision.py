@@ -1,4 +1,5 @@
-"""The vision-tower halting site (DESIGN.md section 6): the hooks that halt patches inside Qwen2-VL's vision tower.
+"""The vision-tower halting site (DESIGN.md section 6): the hooks that halt patches inside the vision tower of
+Qwen2-VL and Qwen2.5-VL.
 
 In a ``with press(model)`` block with ``vision_compression_ratio > 0``, every pass of the tower (one per kind of
 visual input: the images, then the videos of a prefill) is executed as follows:
@@ -10,7 +11,8 @@ visual input: the images, then the videos of a prefill) is executed as follows:
    padded batch); its output hook makes the plan (``plan.plan_segment_halting``);
 3. a pre-hook on every deeper block hands it the kept patches (gathered once), their rotary embeddings and the
    segment boundaries of the compact sequence (each computed once per pass);
-4. a pre-hook on the merger puts every halted patch back, with its decision-block output.
+4. a hook on the last block puts every halted patch back, with its decision-block output, so the merger and the
+   tower's output see every patch.
 
 The hooks of steps 2-4 are added in step 1 and removed when the pass ends.
 """
@@ -58,13 +60,12 @@ class VisionHalting:
         self.adapter, self.ratio, self.scorer = adapter, compression_ratio, scorer
         tower = adapter.vision_tower(model)
         self.blocks: nn.ModuleList = adapter.vision_blocks(model)
-        self.merger = adapter.vision_merger(model)
         self.decision_block = scorer.layer(len(self.blocks))
         self.passes: list[VisionPass] = []  # the passes of the current prefill; the press hands a fresh list to each
         self.state: _PassState | None = None
         self.handles = [
             tower.register_forward_pre_hook(self._on_pass_start, with_kwargs=True),
-            tower.register_forward_hook(self._on_pass_end),
+            tower.register_forward_hook(self._on_pass_end, always_call=True),  # also when the tower fails
         ]
         self.pass_handles: list = []
 
@@ -82,10 +83,11 @@ class VisionHalting:
         self._remove_pass_hooks()  # left by a pass that failed
         lengths, lengths_on_device = self.adapter.vision_segments(args, kwargs)
         n_halt = segment_halt_counts(lengths, self.ratio)
+        if not any(n_halt) or self.decision_block + 1 >= len(self.blocks):
+            self.passes.append(VisionPass(lengths, lengths))  # nothing halts, or no block runs above the decision
+            return
         kept = [length - halted for length, halted in zip(lengths, n_halt, strict=True)]
         self.passes.append(VisionPass(lengths, kept))
-        if not any(n_halt) or self.decision_block + 1 >= len(self.blocks):
-            return  # nothing halts, or no block runs above the decision block
         index, inside = segment_rows(torch.nn.functional.pad(lengths_on_device.cumsum(0), (1, 0)), max(lengths))
         n_halt_on_device = segment_halt_counts_on_device(lengths_on_device, self.ratio)
         self.state = _PassState(index, inside, n_halt_on_device, sum(lengths), sum(kept))
@@ -101,13 +103,13 @@ class VisionHalting:
         handles.append(decision.register_forward_hook(self._on_decision_output))
         for block in self.blocks[self.decision_block + 1 :]:
             handles.append(block.register_forward_pre_hook(self._on_compact_block, with_kwargs=True))
-        handles.append(self.merger.register_forward_pre_hook(self._on_merger))
+        handles.append(self.blocks[-1].register_forward_hook(self._on_last_block))
         self.pass_handles = handles
 
     def _read(self, name: str, tensor: torch.Tensor) -> None:
         """Keep a reading of the flat patches as the segments' padded rows: each segment is scored as one sample."""
         padded = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])
-        self.state.reading[name] = padded[self.state.index]
+        self.state.reading[name] = padded[self.state.index.to(tensor.device)]
 
     def _read_block_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._read("layer_input", args[0] if args else kwargs["hidden_states"])
@@ -119,9 +121,11 @@ class VisionHalting:
         state = self.state
         if "layer_output" in self.scorer.reads:
             self._read("layer_output", output)
-        scores = self.scorer.score(Reading(state.inside, **state.reading))
+        device = output.device  # a split model's blocks may sit on another device than the tower's inputs
+        index, inside, n_halt = state.index.to(device), state.inside.to(device), state.n_halt.to(device)
+        scores = self.scorer.score(Reading(inside, **state.reading))
         state.reading = {}
-        state.plan = plan_segment_halting(scores, state.index, state.inside, state.n_halt, state.patches, state.kept)
+        state.plan = plan_segment_halting(scores, index, inside, n_halt, state.patches, state.kept)
         state.decision_output = output
 
     def _on_compact_block(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -148,9 +152,8 @@ class VisionHalting:
         self.state.compact[id(value)] = (value, compact)
         return compact
 
-    def _on_merger(self, module: nn.Module, args: tuple):
-        state = self.state
-        return (state.plan.restore(args[0], state.decision_output), *args[1:])
+    def _on_last_block(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.state.plan.restore(output, self.state.decision_output)
 
     def _on_pass_end(self, module: nn.Module, args: tuple, output) -> None:
         self._remove_pass_hooks()

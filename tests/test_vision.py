@@ -246,3 +246,48 @@ def test_vision_halting_is_refused_where_the_tower_cannot_halt():
     for name in ("vision_compression_ratio", "vision_start_ratio"):
         with pytest.raises(ValueError, match=f"{name} must be a number in \\[0, 1\\), got 1.0"):
             DeltaPress(**{name: 1.0})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("start_ratio", [0.0, 0.5, 0.9])
+def test_other_decision_blocks_match_masked_reference(family, start_ratio):
+    model, inputs = model_for(family, "eager"), SAMPLES["images"]()
+    vision = MaskedVisionReference(model, 0.5, start_ratio)
+    with vision():
+        expected = generate(model, inputs)
+    press = DeltaPress(compression_ratio=0.0, vision_compression_ratio=0.5, vision_start_ratio=start_ratio)
+    assert_same_generation(generate(model, inputs, press), expected, 1e-4)
+    stats = press.last_stats[0]
+    if math.floor(start_ratio * BLOCKS) == BLOCKS - 1:  # no block above the decision block: nothing is cut
+        assert stats.vision_kept == stats.vision_patches
+        assert_same_generation(generate(model, inputs), expected, 1e-5)
+    else:
+        assert stats.vision_kept == kept_patches(segments(inputs), 0.5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_tower_called_alone_returns_every_patch(family):
+    model, inputs = model_for(family), SAMPLES["images"]()
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    with torch.no_grad():
+        vanilla = model.model.visual(pixels, grid_thw=grid)
+        with DeltaPress(vision_compression_ratio=0.5)(model):
+            halted = model.model.visual(pixels, grid_thw=grid)
+    assert halted.last_hidden_state.shape == vanilla.last_hidden_state.shape
+    assert halted.pooler_output.shape == vanilla.pooler_output.shape
+    assert relative_error(halted.pooler_output, vanilla.pooler_output) > 1e-3  # halting changed the merged tokens
+
+
+def test_the_press_keeps_no_model_alive():
+    import gc
+    import weakref
+
+    model, inputs = tiny_qwen_vl("qwen2_vl", vision_layers=BLOCKS), SAMPLES["image"]()
+    press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5)
+    with torch.no_grad(), press(model):
+        model(**inputs)
+    assert press.last_stats[0].vision_kept < press.last_stats[0].vision_patches
+    alive = weakref.ref(model.model.visual.blocks[0])
+    del model
+    gc.collect()
+    assert alive() is None and press._last_prefill is not None

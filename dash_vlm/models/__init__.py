@@ -39,9 +39,9 @@ class ModelAdapter:
         Attribute of the prefill module that holds the vision tower (the speed harness times it).
     vision_blocks_path : str, optional
         Dotted path, from the vision tower, of its list of transformer blocks.
-    vision_merger_path : str, optional
-        Dotted path, from the vision tower, of the module after its last block that must see every patch; set only
-        for a family whose tower supports halting (DESIGN.md section 6, with :meth:`vision_segments`).
+    halts_in_vision_tower : bool
+        Whether the vision tower is a halting site (``vision_compression_ratio``, DESIGN.md section 6); such a
+        family gives :meth:`vision_segments` and :meth:`vision_patches_per_token`.
     vision_attention_attribute : str
         Attribute of a vision block that holds its attention sublayer.
     presets : tuple of Preset
@@ -54,7 +54,7 @@ class ModelAdapter:
     pixel_limits: bool = False
     vision_tower_attribute: str | None = None
     vision_blocks_path: str | None = None
-    vision_merger_path: str | None = None
+    halts_in_vision_tower: bool = False
     vision_attention_attribute: str = "attn"
     presets: tuple[Preset, ...] = ()
 
@@ -90,15 +90,6 @@ class ModelAdapter:
         if self.vision_blocks_path is None:
             return None
         return functools.reduce(getattr, self.vision_blocks_path.split("."), self.vision_tower(model))
-
-    @property
-    def halts_in_vision_tower(self) -> bool:
-        """Whether the vision tower is a halting site (``vision_compression_ratio``)."""
-        return self.vision_merger_path is not None
-
-    def vision_merger(self, model: nn.Module) -> nn.Module:
-        """The module after the last vision block, where halted patches rejoin the kept ones."""
-        return functools.reduce(getattr, self.vision_merger_path.split("."), self.vision_tower(model))
 
     def vision_attention(self, block: nn.Module) -> nn.Module:
         """The attention sublayer of a vision block: the vision scorer reads its output."""

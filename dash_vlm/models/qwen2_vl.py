@@ -382,7 +382,7 @@ QWEN2_VL = register_adapter(
         pixel_limits=True,
         vision_tower_attribute="visual",
         vision_blocks_path="blocks",
-        vision_merger_path="merger",
+        halts_in_vision_tower=True,
         presets=PRESETS,
     )
 )
