@@ -102,6 +102,7 @@ def run_generate(args: argparse.Namespace, dash: DeltaPress) -> None:
         device_map=args.device,
         attn_implementation=args.attn,
         allow_urls=args.allow_urls,
+        cuda_graphs=args.cuda_graphs,
     )
     runs = {"vanilla": vanilla_of(dash)} if args.compare else {}
     runs[run_name(dash)] = dash
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default=None)
     generate.add_argument("--allow-urls", action="store_true", help="fetch http(s) images")
     generate.add_argument("--compare", action="store_true", help="also generate without halting and compare")
+    generate.add_argument(
+        "--cuda-graphs", action="store_true", help="the fast path: decode steps replayed as CUDA graphs (one GPU)"
+    )
 
     bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
     bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")

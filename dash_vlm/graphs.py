@@ -55,13 +55,14 @@ class FastGeneration:
 
     ``tokens`` are the ``[batch, steps]`` new tokens (padding after a sample's end-of-sequence token, as
     ``generate`` pads); ``logits`` the ``steps`` ``[batch, vocab]`` scores when asked for; ``first_token`` the timer
-    of the prefill up to the first token; ``captured`` whether this call captured a new graph (its time is then not a
-    replay's).
+    of the prefill up to the first token and ``decode`` that of the later steps (read with ``milliseconds()``);
+    ``captured`` whether this call captured a new graph (its time then includes the capture).
     """
 
     tokens: torch.Tensor
     logits: list[torch.Tensor] | None
-    first_token: object
+    first_token: Timer
+    decode: Timer
     captured: bool
 
 
@@ -249,12 +250,14 @@ class StaticDecoder:
             shape = DecodeShape(first.shape[0], lengths, groups, max_new_tokens, keep_logits)
             graph, captured = self._graph(shape, cache, positions)
             graph.load(cache, allowed, positions + 1, first)
+            decode = Timer(first.device)
             graph.decode(max_new_tokens - 1)
+            decode.stop()
             tokens = self._pad_after_end(graph.tokens.clone())
             kept_logits = None
             if keep_logits:
                 kept_logits = [logits.float(), *graph.logits[1:].clone().unbind(0)]
-        return FastGeneration(tokens, kept_logits, first_token, captured)
+        return FastGeneration(tokens, kept_logits, first_token, decode, captured)
 
     def _graph(self, shape: DecodeShape, cache: DynamicCache, positions: torch.Tensor) -> tuple[_DecodeGraph, bool]:
         if shape in self.graphs:

@@ -20,6 +20,7 @@ from transformers import (
     StoppingCriteria,
 )
 
+from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import ModelAdapter, adapter_for, chat_prompts, model_types_with
 from dash_vlm.press import DeltaPress, PrefillStats, Timer
 
@@ -79,6 +80,9 @@ class DashVLM:
         Pixel budget of each image or video frame (Qwen2-VL family); default: the processor's own.
     allow_urls : bool
         Whether ``http(s)://`` images may be fetched.
+    cuda_graphs : bool
+        The fast path (DESIGN.md section 8): greedy decode steps over a static KV cache replayed as CUDA graphs
+        (``graphs.StaticDecoder``). Needs the model on one CUDA GPU and greedy decoding.
     """
 
     def __init__(
@@ -90,13 +94,17 @@ class DashVLM:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         allow_urls: bool = False,
+        cuda_graphs: bool = False,
     ):
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         self.adapter = _vision_adapter(model.config)
         _check_pixel_limits(self.adapter, model.config.model_type, min_pixels, max_pixels)
         self.model, self.processor = model, processor
         self.press = press if press is not None else DeltaPress()
         self.min_pixels, self.max_pixels, self.allow_urls = min_pixels, max_pixels, allow_urls
         processor.tokenizer.padding_side = "left"
+        self.fast = StaticDecoder(model) if cuda_graphs else None
 
     @classmethod
     def from_pretrained(
@@ -110,6 +118,7 @@ class DashVLM:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         allow_urls: bool = False,
+        cuda_graphs: bool = False,
         **model_kwargs,
     ) -> DashVLM:
         """Load a checkpoint (hub id or local folder) the ordinary transformers way, with a ``DeltaPress``.
@@ -119,7 +128,7 @@ class DashVLM:
         weights load. ``dtype`` is "auto", a torch dtype or its name ("bfloat16"), as transformers takes it.
         ``device_map=None`` puts the whole model on the first GPU if there is one, else on the CPU. The other
         keyword arguments go to the model's ``from_pretrained`` (``trust_remote_code``, ``revision``,
-        ``quantization_config``, ...).
+        ``quantization_config``, ...). ``cuda_graphs=True`` turns on the fast path (see :class:`DashVLM`).
         """
         halting = DeltaPress.pop_parameters(model_kwargs)
         if press is not None and halting:
@@ -134,6 +143,8 @@ class DashVLM:
         if device_map is None:
             device_map = "cuda" if torch.cuda.is_available() else "cpu"
         _check_device_map(device_map)
+        if cuda_graphs is True and not torch.cuda.is_available():
+            raise ValueError("cuda_graphs=True needs a CUDA GPU; this machine has none")
         if attn_implementation is not None:
             model_kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(
@@ -141,7 +152,15 @@ class DashVLM:
         ).eval()
         processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
         logger.info("loaded %s (%s) on %s", name_or_path, config.model_type, model.device)
-        return cls(model, processor, press, min_pixels=min_pixels, max_pixels=max_pixels, allow_urls=allow_urls)
+        return cls(
+            model,
+            processor,
+            press,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            allow_urls=allow_urls,
+            cuda_graphs=cuda_graphs,
+        )
 
     def generate(
         self,
@@ -226,6 +245,8 @@ class DashVLM:
             self.processor, conversations, self.min_pixels, self.max_pixels, prompts=prompts
         )
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        if self.fast is not None:
+            return self._generate_fast(inputs, max_new_tokens, generation_kwargs)
         generation_kwargs.setdefault("do_sample", False)
         first_token = FirstTokenTimer(self.model.device)
         generation_kwargs["stopping_criteria"] = [*generation_kwargs.get("stopping_criteria", []), first_token]
@@ -235,6 +256,21 @@ class DashVLM:
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         counts = _generated_counts(new_tokens, self.model.generation_config.eos_token_id)
         ttft_ms = first_token.timer.milliseconds()
+        return [
+            GenerationResult(text.strip(), stats, ttft_ms, count)
+            for text, stats, count in zip(texts, self.press.last_stats, counts, strict=True)
+        ]
+
+    def _generate_fast(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
+        """Greedy generation on the fast path; only greedy settings are accepted."""
+        greedy = {"do_sample": False, "num_beams": 1}
+        unsupported = {key: value for key, value in generation_kwargs.items() if greedy.get(key, object()) != value}
+        if unsupported:
+            raise ValueError(f"cuda_graphs=True decodes greedily; it does not take {unsupported}")
+        output = self.fast.generate(dict(inputs), self.press, max_new_tokens)
+        texts = self.processor.batch_decode(output.tokens, skip_special_tokens=True)
+        counts = _generated_counts(output.tokens, self.model.generation_config.eos_token_id)
+        ttft_ms = output.first_token.milliseconds()
         return [
             GenerationResult(text.strip(), stats, ttft_ms, count)
             for text, stats, count in zip(texts, self.press.last_stats, counts, strict=True)

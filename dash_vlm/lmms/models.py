@@ -36,6 +36,8 @@ class DashLMM(lmms):
         Default generation length when the task sets none.
     batch_size : int
         Requests per batch (lmms-eval's ``--batch_size``).
+    cuda_graphs : bool
+        The fast path (``DashVLM``'s ``cuda_graphs``); tasks must decode greedily.
     **model_args
         The halting parameters, any field of ``DeltaPress`` by name (``compression_ratio``, ``method``, ...), and the
         family's own settings (``family_model_args``).
@@ -49,6 +51,7 @@ class DashLMM(lmms):
         device_map: str | None = None,
         max_new_tokens: int = 128,
         batch_size: int | str = 1,
+        cuda_graphs: bool | str = False,
         **model_args,
     ) -> None:
         super().__init__()
@@ -62,6 +65,7 @@ class DashLMM(lmms):
             dtype=dtype,
             device_map=device_map,
             attn_implementation=attn_implementation,
+            cuda_graphs=_flag("cuda_graphs", cuda_graphs),
             **self.family_model_args(**model_args),
         )
         self.max_new_tokens = int(max_new_tokens)
@@ -222,3 +226,14 @@ class DashLlava(DashLMM):
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", **kwargs):
         super().__init__(pretrained, **kwargs)
+
+
+def _flag(name: str, value: bool | str) -> bool:
+    """A boolean model arg, as lmms-eval hands it over (a bool, or text from ``--model_args``)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")

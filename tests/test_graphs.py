@@ -1,0 +1,172 @@
+"""The fast path's static decode (DESIGN.md section 8) with capture off: the same greedy tokens and logits as
+``generate`` on the eager path, vanilla and halted, for every vision-language family."""
+
+import pytest
+import torch
+from reference import relative_error
+
+from dash_vlm import DeltaPress
+from dash_vlm.cache import HaltedLayer
+from dash_vlm.graphs import BUCKET, StaticDecoder, bucket
+from dash_vlm.models import adapter_for, model_types_with
+from dash_vlm.models.text import tiny_text_model
+
+FAMILIES = model_types_with("is_vision_language")
+STEPS = 6
+PRESSES = {
+    "vanilla": None,
+    "vision": DeltaPress(compression_ratio=0.5),
+    "all": DeltaPress(compression_ratio=0.667, scope="all"),
+}
+
+
+def eager_generation(model, inputs, press):
+    context = press(model) if press is not None else torch.no_grad()
+    with torch.inference_mode(), context:
+        return model.generate(
+            **inputs,
+            max_new_tokens=STEPS,
+            min_new_tokens=STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+
+
+def assert_same(fast, eager, prompt_length):
+    assert torch.equal(fast.tokens, eager.sequences[:, prompt_length:])
+    assert len(fast.logits) == len(eager.logits) == STEPS
+    for step, (a, b) in enumerate(zip(fast.logits, eager.logits, strict=True)):
+        assert relative_error(a, b) <= 1e-4, f"step {step}"
+
+
+def cases(family):
+    adapter = adapter_for(family)
+    batch, _ = adapter.tiny_batch(family)
+    return {"padded batch": batch} | adapter.tiny_inputs(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("press_name", list(PRESSES))
+def test_static_decode_equals_eager_generate(family, attention, press_name):
+    model = adapter_for(family).tiny_model(family, attention)
+    decoder = StaticDecoder(model, capture=False)
+    press = PRESSES[press_name]
+    for kind, inputs in cases(family).items():
+        fast = decoder.generate(inputs, press, STEPS, keep_logits=True)
+        assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
+        if press is not None:
+            stats = press.last_stats
+            assert any(s.kept < s.tokens for s in stats), kind
+
+
+def test_static_decode_with_vision_tower_halting():
+    model = adapter_for("qwen2_vl").tiny_model("qwen2_vl")
+    press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5)
+    for inputs in cases("qwen2_vl").values():
+        fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True)
+        assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
+
+
+def test_text_model_static_decode():
+    model = tiny_text_model("llama")
+    inputs = {"input_ids": torch.randint(2, 100, (2, 40)), "attention_mask": torch.ones(2, 40, dtype=torch.long)}
+    inputs["attention_mask"][1, :7] = 0
+    for press in (None, DeltaPress(compression_ratio=0.5)):
+        fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True)
+        assert_same(fast, eager_generation(model, inputs, press), 40)
+
+
+def test_static_cache_lengths_and_graph_reuse():
+    family = "qwen2_vl"
+    model = adapter_for(family).tiny_model(family)
+    decoder = StaticDecoder(model, capture=False, max_graphs=2)
+    batch, singles = adapter_for(family).tiny_batch(family)
+    press = DeltaPress(compression_ratio=0.5)
+    decoder.generate(batch, press, STEPS)
+    graph = next(iter(decoder.graphs.values()))
+    kept = max(s.kept for s in press.last_stats)
+    tokens = batch["input_ids"].shape[1]
+    layers = adapter_for(model).decoder_layers(model)
+    decision = press.decision_layer(len(layers))
+    lengths = [layer.max_cache_len for layer in graph.cache.layers]
+    assert lengths == [bucket(tokens) + STEPS] * (decision + 1) + [bucket(kept) + STEPS] * (len(layers) - decision - 1)
+    assert bucket(1) == bucket(BUCKET) == BUCKET and bucket(BUCKET + 1) == 2 * BUCKET
+    for sample in singles:  # shorter prompts reuse the batch's buckets only at the same batch size
+        decoder.generate(sample, press, STEPS)
+    assert len(decoder.graphs) <= 2  # least recently used shapes are dropped
+
+
+def test_prefill_cache_is_halted_where_the_press_halts():
+    family = "llava"
+    model = adapter_for(family).tiny_model(family)
+    inputs = adapter_for(family).tiny_inputs(family)["image"]
+    cache, _, _ = StaticDecoder(model, capture=False).prefill(inputs, DeltaPress(compression_ratio=0.5))
+    decision = DeltaPress().decision_layer(len(cache.layers))
+    assert [isinstance(layer, HaltedLayer) for layer in cache.layers] == [
+        i > decision for i in range(len(cache.layers))
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(capture=True), "cuda_graphs needs the model on a CUDA GPU; it is on cpu"),
+        (dict(capture=False, max_graphs=0), "max_graphs must be an int >= 1"),
+    ],
+)
+def test_static_decoder_errors(kwargs, match):
+    model = adapter_for("llava").tiny_model("llava")
+    with pytest.raises(ValueError, match=match):
+        StaticDecoder(model, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        StaticDecoder(model, capture=False).generate(adapter_for("llava").tiny_inputs("llava")["image"], None, 0)
+
+
+def test_dashvlm_fast_path_gives_the_eager_answers_and_statistics():
+    """DashVLM's fast path (its StaticDecoder run without capture on this CPU) against its eager generate."""
+    from dash_vlm import DashVLM
+    from dash_vlm.shapes.data import read_test_split
+    from dash_vlm.shapes.evaluate import model_folder
+
+    samples = read_test_split()[:6]
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    for halting in (dict(compression_ratio=0.0), dict(compression_ratio=0.667, vision_compression_ratio=0.5)):
+        vlm = DashVLM.from_pretrained(model_folder("qwen2-vl"), device_map="cpu", **halting)
+        eager = vlm.generate(image=images, prompt=questions, max_new_tokens=4)
+        vlm.fast = StaticDecoder(vlm.model, capture=False)
+        fast = vlm.generate(image=images, prompt=questions, max_new_tokens=4)
+        assert [r.text for r in fast] == [r.text for r in eager]
+        assert [r.generated_tokens for r in fast] == [r.generated_tokens for r in eager]
+        for a, b in zip(fast, eager, strict=True):
+            assert (a.stats.kept, a.stats.halted_positions, a.stats.vision_kept) == (
+                b.stats.kept,
+                b.stats.halted_positions,
+                b.stats.vision_kept,
+            )
+        with pytest.raises(ValueError, match="cuda_graphs=True decodes greedily; it does not take \\{'do_sample'"):
+            vlm.generate(image=images[0], prompt=questions[0], do_sample=True)
+
+
+def test_cuda_graphs_switch_errors(monkeypatch):
+    from dash_vlm import DashVLM
+    from dash_vlm.cli import main as cli_main
+    from dash_vlm.lmms.models import DashQwen2VL
+    from dash_vlm.shapes.evaluate import model_folder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = model_folder("qwen2-vl")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA GPU; this machine has none"):
+        DashVLM.from_pretrained(folder, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA GPU"):
+        cli_main(["generate", "--model", str(folder), "--prompt", "hi", "--cuda-graphs"])
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA GPU"):
+        DashQwen2VL(pretrained=str(folder), cuda_graphs="true")
+    with pytest.raises(ValueError, match="cuda_graphs must be true or false, got 'maybe'"):
+        DashQwen2VL(pretrained=str(folder), cuda_graphs="maybe")
+    vlm = DashVLM.from_pretrained(folder, device_map="cpu")
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False, got 'yes'"):
+        DashVLM(vlm.model, vlm.processor, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA GPU; it is on cpu"):
+        DashVLM(vlm.model, vlm.processor, cuda_graphs=True)
