@@ -8,7 +8,14 @@ rank. A cached answer (``--use_cache``) has no entry, so it simply contributes n
 
 from __future__ import annotations
 
-SPEED_METRICS = ("dash_prefill_ms", "dash_ttft_ms", "dash_tokens", "dash_kept_tokens", "dash_kv_cache_mb")
+SPEED_METRICS = (
+    "dash_prefill_ms",
+    "dash_ttft_ms",
+    "dash_tokens",
+    "dash_kept_tokens",
+    "dash_kv_cache_mb",
+    "dash_cuda_graphs",  # 1 when the request ran on the fast path (decode steps replayed as CUDA graphs), else 0
+)
 
 _REGISTRY: dict[tuple[str, int], dict[str, float]] = {}
 

@@ -159,6 +159,7 @@ class DashLMM(lmms):
                         "dash_tokens": stats.tokens,
                         "dash_kept_tokens": stats.kept,
                         "dash_kv_cache_mb": stats.kv_cache_bytes / 2**20,
+                        "dash_cuda_graphs": float(self.vlm.fast is not None),
                     },
                 )
                 self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
