@@ -11,7 +11,7 @@ from pathlib import Path
 
 import transformers
 
-from dash_vlm.bench import DEVICE_MAPS
+from dash_vlm.bench import DEVICE_MAPS, PATHS
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
 
@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument(
         "--device-map", choices=[m for m in DEVICE_MAPS if m], help="auto: build on GPU 0, then split over every GPU"
     )
+    bench.add_argument(
+        "--paths",
+        default="eager",
+        help=f"comma-separated decode paths, each measured: {', '.join(PATHS)} (HF generate; HF generate over its "
+        "static cache, vanilla only; DashVLM's CUDA-graph fast path)",
+    )
     bench.add_argument("--output", type=Path, required=True, help="results JSON")
     bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size (PNG)")
     commands.add_parser("tasks", help="print the folder of the dash_* lmms-eval tasks, for --include_path")
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             warmup=args.warmup,
             attn=args.attn,
             device_map=args.device_map,
+            paths=args.paths.split(","),
             **({"device": args.device} if args.device else {}),
         )
         bench.main(config, args.output, args.plot)

@@ -18,6 +18,7 @@ FIGURES = (
     "prefill_ms",
     "ttft_ms",
     "decode_step_ms",
+    "answer_ms",
     "decode_tokens_per_s",
     "peak_memory_bytes",
 )
@@ -36,6 +37,9 @@ def test_bench_tiny_json(tmp_path, capsys):
     rows = document["rows"]
     assert [(row["image_size"], row["ratio"]) for row in rows] == [(s, r) for s in (48, 64) for r in (0, 0.5, 0.8)]
     for row in rows:
+        assert row["path"] == "eager" and row["noisy"] in (True, False)
+        assert row["answer_speedup"] == pytest.approx(row["vanilla"]["answer_ms"] / row["dash"]["answer_ms"])
+        assert row["dash"]["answer_ms"] > row["dash"]["ttft_ms"]
         for method in ("vanilla", "dash"):
             assert set(FIGURES) <= set(row[method])
             assert all(row[method][name] >= 0 for name in FIGURES)
@@ -87,6 +91,34 @@ def test_bench_sweeps_vision_ratios(tmp_path, capsys):
     assert "vision" in capsys.readouterr().out
 
 
+def test_bench_measures_every_decode_path(tmp_path):
+    output = tmp_path / "bench.json"
+    cli_main(
+        ["bench", "--preset", "tiny", "--image-size", "48", "--ratios", "0,0.5", "--paths", "eager,static,graphs",
+         "--repeats", "2", "--warmup", "1", "--new-tokens", "4", "--output", str(output)]
+    )  # fmt: skip
+    document = json.loads(output.read_text())
+    assert [(row["path"], row["ratio"]) for row in document["rows"]] == [
+        (path, ratio) for path in ("eager", "graphs") for ratio in (0, 0.5)
+    ]  # transformers' static cache runs vanilla only
+    latency = {(entry["path"], tuple(entry["variant"] or ())): entry for entry in document["latency"]}
+    assert set(latency) == {
+        ("eager", ()), ("eager", (0, 0)), ("eager", (0.5, 0)), ("static", ()),
+        ("graphs", ()), ("graphs", (0, 0)), ("graphs", (0.5, 0)),
+    }  # fmt: skip
+    for entry in latency.values():
+        assert entry["answer_ms"] > entry["ttft_ms"] > 0 and entry["decode_step_ms"] > 0
+        assert entry["answer_speedup_vs_eager"] == pytest.approx(
+            latency[("eager", ())]["answer_ms"] / entry["answer_ms"]
+        )
+        control = latency.get((entry["path"], (0, 0)))
+        vanilla = latency[(entry["path"], ())]
+        noisy = control is not None and any(abs(control[k] / vanilla[k] - 1) > 0.03 for k in ("prefill_ms", "ttft_ms"))
+        assert entry["noisy"] == noisy
+    assert latency[("eager", ())]["answer_speedup_vs_eager"] == 1
+    assert document["graph_captures"] == 0  # on a CPU the graphs path runs its static step uncaptured
+
+
 def test_ideal_speedup_formula():
     assert ideal_speedup(28, 11, 10.0, 10.0) == pytest.approx(1.0)
     assert ideal_speedup(28, 11, 10.0, 0.0) == pytest.approx(28 / 12)
@@ -122,6 +154,8 @@ def test_presets_have_the_real_shapes(preset, size, tokens):
         (dict(vision_ratios=[]), "vision_ratios must hold at least one value"),
         (dict(vision_ratios=[1.5]), "vision_compression_ratio must be a number in"),
         (dict(preset="llava-1.5-7b", vision_ratios=[0.5]), "preset 'llava-1.5-7b' is 'llava'"),
+        (dict(paths=["eager", "compiled"]), "paths must be distinct entries of"),
+        (dict(paths=[]), "paths must be distinct entries of"),
     ],
 )
 def test_bad_bench_config(kwargs, match):

@@ -16,6 +16,7 @@ timer then synchronises all the GPUs the model uses and reads the wall clock.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import logging
 import platform
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dash_vlm.compact import take_tokens
+from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS, Preset
 from dash_vlm.press import DeltaPress, Timer
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("vision", "decoder", "prefill")
 DEVICE_MAPS = (None, "auto")
+PATHS = ("eager", "static", "graphs")  # HF generate; HF generate over its static cache; DashVLM's fast path
+NOISE = 0.03  # a ratio-0 control further than this from vanilla (prefill or TTFT) flags its rows noisy
 
 
 class WallTimer:
@@ -107,8 +111,13 @@ class BenchConfig:
     attn: str = "sdpa"
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     device_map: str | None = None
+    paths: list[str] = field(default_factory=lambda: ["eager"])
 
     def __post_init__(self) -> None:
+        if not self.paths or any(path not in PATHS for path in self.paths) or len(set(self.paths)) < len(self.paths):
+            raise ValueError(f"paths must be distinct entries of {PATHS}, got {self.paths}")
+        if "graphs" in self.paths and self.device_map is not None:
+            raise ValueError("paths 'graphs' needs the model on one GPU; it cannot run with device_map")
         if self.device_map not in DEVICE_MAPS:
             raise ValueError(f"device_map must be one of {DEVICE_MAPS}, got {self.device_map!r}")
         if self.device_map is not None and (not self.device.startswith("cuda") or torch.cuda.device_count() < 2):
@@ -143,20 +152,28 @@ class BenchConfig:
         """Every (decoder ratio, vision ratio) pair measured against vanilla; (0, 0) is the noise control."""
         return [(ratio, vision_ratio) for vision_ratio in self.vision_ratios for ratio in self.ratios]
 
+    def runs(self) -> list[tuple[str, tuple[float, float] | None]]:
+        """Every (path, variant) measured in a round; variant ``None`` is vanilla. transformers' static cache path
+        runs vanilla only: the press needs a dynamic cache."""
+        return [
+            (path, variant) for path in self.paths for variant in [None, *([] if path == "static" else self.variants())]
+        ]
+
 
 class StageTimers:
-    """Times the first forward of the vision tower, the decoder and the prefill module in each run."""
+    """Times the first forward of the vision tower, the decoder and the prefill module in each run.
+
+    Its hooks exist only from :meth:`reset` to the end of the first prefill: later forwards (decode steps, which
+    transformers' static-cache path compiles) see the model without them.
+    """
 
     def __init__(self, model: nn.Module):
         adapter = adapter_for(model)
-        modules = {"vision": adapter.vision_tower(model), "decoder": adapter.decoder(model)}
-        modules["prefill"] = adapter.prefill_module(model)
+        self.modules = {"vision": adapter.vision_tower(model), "decoder": adapter.decoder(model)}
+        self.modules["prefill"] = adapter.prefill_module(model)
         self.new_timer = timer_factory(model)
         self.timers: dict[str, Timer | WallTimer] = {}
         self.handles = []
-        for stage, module in modules.items():
-            self.handles.append(module.register_forward_pre_hook(self._starter(stage)))
-            self.handles.append(module.register_forward_hook(self._stopper(stage)))
 
     def _starter(self, stage: str) -> Callable:
         def start(module, args):
@@ -171,11 +188,18 @@ class StageTimers:
             if timer is not None and not getattr(timer, "stopped", False):
                 timer.stop()
                 timer.stopped = True
+            if stage == "prefill":  # the outermost module: every stage has run
+                self.remove()
 
         return stop
 
     def reset(self) -> None:
+        """Forget the last run's timers and watch the next prefill."""
+        self.remove()
         self.timers = {}
+        for stage, module in self.modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._starter(stage)))
+            self.handles.append(module.register_forward_hook(self._stopper(stage)))
 
     def milliseconds(self) -> dict[str, float]:
         return {f"{stage}_ms": self.timers[stage].milliseconds() for stage in STAGES}
@@ -183,6 +207,7 @@ class StageTimers:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.handles = []
 
 
 def batch_inputs(inputs: dict, batch_size: int, device: str | torch.device, dtype: torch.dtype) -> dict:
@@ -202,7 +227,7 @@ class TokenTimer(FirstTokenTimer):
     def __init__(self, device: torch.device, new_timer: Callable[[], Timer | WallTimer] | None = None):
         super().__init__(device)
         self.new_timer = new_timer or (lambda: Timer(device))
-        self.timer, self.steps = self.new_timer(), []
+        self.timer, self.answer, self.steps = self.new_timer(), self.new_timer(), []
         self._current: Timer | WallTimer | None = None  # the step in progress; the one after the last never ends
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -212,25 +237,53 @@ class TokenTimer(FirstTokenTimer):
         self._current = self.new_timer()
         return super().__call__(input_ids, scores, **kwargs)
 
+    def finish(self) -> None:
+        """Mark the end of generation: ``answer`` then times the whole call."""
+        self.answer.stop()
 
-def run_once(model: nn.Module, inputs: dict, press: DeltaPress | None, timers: StageTimers, new_tokens: int) -> dict:
-    """One timed ``generate`` of exactly ``new_tokens`` tokens; returns the figures of that run.
 
-    The decode speed comes from the median decode step: a shared host stalls now and then for a few milliseconds,
-    and a mean over a few dozen host-bound steps would carry each stall into the figure.
+def run_once(
+    model: nn.Module,
+    inputs: dict,
+    press: DeltaPress | None,
+    timers: StageTimers,
+    new_tokens: int,
+    path: str = "eager",
+    decoder: StaticDecoder | None = None,
+) -> dict:
+    """One timed generation of exactly ``new_tokens`` tokens on ``path``; returns the figures of that run.
+
+    The decode speed comes from the median decode step (eager and static paths: a shared host stalls now and then for
+    a few milliseconds, and a mean over a few dozen host-bound steps would carry each stall into the figure) or from
+    the replayed steps together (graphs path: one timer around them). ``answer_ms`` is the time to the last token.
     """
+    if path == "static":  # transformers compiles its decode step: no stale hook may be left on the model, and halted
+        gc.collect()  # caches of earlier runs remove their layer hooks when collected
     devices = model_devices(model)
     gpus = [device for device in devices if device.type == "cuda"]
     for device in gpus:
         torch.cuda.reset_peak_memory_stats(device)
     timers.reset()
-    tokens = TokenTimer(devices[0], timers.new_timer)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[tokens])
-    with torch.inference_mode(), press(model) if press is not None else nullcontext():
-        model.generate(**inputs, **kwargs)
-    figures = timers.milliseconds()
-    figures["ttft_ms"] = tokens.timer.milliseconds()
-    figures["decode_step_ms"] = statistics.median(step.milliseconds() for step in tokens.steps)
+    if path == "graphs":
+        output = decoder.generate(inputs, press, new_tokens)
+        figures = timers.milliseconds()
+        figures["ttft_ms"] = output.first_token.milliseconds()
+        figures["decode_step_ms"] = output.decode.milliseconds() / (new_tokens - 1)
+        figures["answer_ms"] = figures["ttft_ms"] + output.decode.milliseconds()
+        figures["captured"] = output.captured
+    else:
+        tokens = TokenTimer(devices[0], timers.new_timer)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[tokens])
+        if path == "static":
+            kwargs["cache_implementation"] = "static"
+        with torch.inference_mode(), press(model) if press is not None else nullcontext():
+            model.generate(**inputs, **kwargs)
+        tokens.finish()
+        figures = timers.milliseconds()
+        figures["ttft_ms"] = tokens.timer.milliseconds()
+        figures["decode_step_ms"] = statistics.median(step.milliseconds() for step in tokens.steps)
+        figures["answer_ms"] = tokens.answer.milliseconds()
+        figures["captured"] = False
     figures["decode_tokens_per_s"] = 1000 / figures["decode_step_ms"]
     figures["peak_memory_bytes"] = max((torch.cuda.max_memory_allocated(device) for device in gpus), default=0)
     return figures
@@ -337,11 +390,12 @@ def ideal_speedup(num_layers: int, decision_layer: int, full_ms: float, kept_ms:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Measure every image size: vanilla and DASH at each (decoder ratio, vision ratio), in turns; returns the JSON
-    document.
+    """Measure every image size: on each path, vanilla and DASH at each (decoder ratio, vision ratio), in turns;
+    returns the JSON document.
 
-    Each repeat runs vanilla and every variant once, the order rotated by one each repeat, so that drift of the shared
-    machine spreads evenly; every variant's gain is against the same vanilla runs.
+    Each repeat runs every (path, variant) once, the order rotated by one each repeat, so that drift of the shared
+    machine spreads evenly; every variant's gain is against the vanilla runs of its path. A graphs-path run that
+    captured a new graph is not counted (the warm-up rounds capture every shape).
     """
     preset: Preset = PRESETS[config.preset]
     dtype = torch.bfloat16 if config.device.startswith("cuda") else torch.float32
@@ -352,29 +406,34 @@ def run_bench(config: BenchConfig) -> dict:
         logger.warning("%s has a fixed input resolution: --image-size is ignored, one size is measured", preset.name)
         sizes = sizes[:1]
     timers = StageTimers(model)
-    rows = []
+    decoder = None
+    if "graphs" in config.paths:  # on a CPU its static step runs uncaptured
+        decoder = StaticDecoder(model, capture=config.device.startswith("cuda"), max_graphs=2 * len(config.variants()))
+    rows, latency = [], []
     presses = {
         (ratio, vision_ratio): DeltaPress(
             **config.halting, compression_ratio=ratio, vision_compression_ratio=vision_ratio
         )
         for ratio, vision_ratio in config.variants()
     }
-    variants = [None, *presses]  # None: vanilla
-    steps = len(sizes) * (config.warmup + config.repeats) * len(variants)
+    measured = config.runs()
+    steps = len(sizes) * (config.warmup + config.repeats) * len(measured)
     try:
         with tqdm(total=steps, desc=f"bench {preset.name}") as progress:
             for size in sizes:
                 inputs = batch_inputs(preset.inputs(size, config.text_tokens), config.batch_size, config.device, dtype)
-                runs = {variant: [] for variant in variants}
+                runs = {run: [] for run in measured}
                 for repeat in range(config.warmup + config.repeats):
-                    shift = repeat % len(variants)
-                    for variant in variants[shift:] + variants[:shift]:
+                    shift = repeat % len(measured)
+                    for path, variant in measured[shift:] + measured[:shift]:
                         press = None if variant is None else presses[variant]
-                        figures = run_once(model, inputs, press, timers, config.new_tokens)
-                        if repeat >= config.warmup:
-                            runs[variant].append(figures)
+                        figures = run_once(model, inputs, press, timers, config.new_tokens, path, decoder)
+                        if repeat >= config.warmup and not figures.pop("captured"):
+                            runs[(path, variant)].append(figures)
                         progress.update()
-                rows += size_rows(model, inputs, size, config, presses, runs)
+                size_latency = latency_entries(size, runs)
+                latency += size_latency
+                rows += size_rows(model, inputs, size, config, presses, runs, size_latency)
     finally:
         timers.remove()
     return {
@@ -385,8 +444,31 @@ def run_bench(config: BenchConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "graph_captures": 0 if decoder is None else decoder.captures,
         "rows": rows,
+        "latency": latency,
     }
+
+
+def latency_entries(size: int, runs: dict) -> list[dict]:
+    """What users wait for, per (path, variant): median TTFT, decode step and answer time, and their gains against
+    eager vanilla when it was measured. ``noisy``: the path's ratio-0 control departs from its vanilla by more than
+    ``NOISE`` in prefill or TTFT."""
+    medians = {run: median_figures(figures) for run, figures in runs.items() if figures}
+    reference = medians.get(("eager", None))
+    entries = []
+    for (path, variant), figures in medians.items():
+        vanilla, control = medians.get((path, None)), medians.get((path, (0.0, 0.0)))
+        noisy = control is not None and any(
+            abs(control[key] / vanilla[key] - 1) > NOISE for key in ("prefill_ms", "ttft_ms")
+        )
+        entry = {"image_size": size, "path": path, "variant": variant, "noisy": noisy}
+        entry |= {key: figures[key] for key in ("ttft_ms", "decode_step_ms", "answer_ms", "prefill_ms")}
+        if reference is not None:
+            entry["ttft_speedup_vs_eager"] = reference["ttft_ms"] / figures["ttft_ms"]
+            entry["answer_speedup_vs_eager"] = reference["answer_ms"] / figures["answer_ms"]
+        entries.append(entry)
+    return entries
 
 
 def size_rows(
@@ -396,9 +478,10 @@ def size_rows(
     config: BenchConfig,
     presses: dict[tuple[float, float], DeltaPress],
     runs: dict,
+    latency: list[dict],
 ) -> list[dict]:
-    """The rows of one image size from its runs, with the ideal gains of the decoder and the vision tower from
-    per-layer and per-block timings."""
+    """The rows of one image size, one per path with halting and variant, from its runs, with the ideal gains of the
+    decoder and the vision tower from per-layer and per-block timings (taken once, on the eager path's modules)."""
     adapter = adapter_for(model)
     num_layers = len(adapter.decoder(model).layers)
     stats = {variant: press.last_stats[0] for variant, press in presses.items()}
@@ -412,29 +495,36 @@ def size_rows(
         }
         block, block_ms = vision_block_milliseconds(model, inputs, vision_presses, config.repeats)
     num_blocks = len(adapter.vision_blocks(model) or ())
+    noisy = {entry["path"] for entry in latency if entry["noisy"]}
     rows = []
-    for (ratio, vision_ratio), press in presses.items():
-        variant_stats = stats[(ratio, vision_ratio)]
-        ideal = ideal_speedup(
-            num_layers, variant_stats.decision_layer, layer_ms[variant_stats.tokens], layer_ms[variant_stats.kept]
-        )
-        row = summarize(size, ratio, config.batch_size, runs[None], runs[(ratio, vision_ratio)], variant_stats)
-        row |= {"ideal_decoder_speedup": ideal, "fraction_of_ideal": row["decoder_speedup"] / ideal}
-        vision_speedup = row["vanilla"]["vision_ms"] / row["dash"]["vision_ms"]
-        ideal_vision = 1.0
-        if vision_ratio > 0:
-            decision = press.vision_scorer().layer(num_blocks)
-            ideal_vision = ideal_speedup(num_blocks, decision, block_ms[0.0], block_ms[vision_ratio])
-            row["vision_block_ms"] = {"block": block, "every_patch": block_ms[0.0], "kept": block_ms[vision_ratio]}
-        row |= {
-            "vision_ratio": vision_ratio,
-            "vision_patches": variant_stats.vision_patches,
-            "vision_kept": variant_stats.vision_kept,
-            "vision_speedup": vision_speedup,
-            "ideal_vision_speedup": ideal_vision,
-            "fraction_of_ideal_vision": vision_speedup / ideal_vision,
-        }
-        rows.append(row)
+    for path in config.paths:
+        if path == "static":
+            continue
+        for (ratio, vision_ratio), press in presses.items():
+            variant_stats = stats[(ratio, vision_ratio)]
+            ideal = ideal_speedup(
+                num_layers, variant_stats.decision_layer, layer_ms[variant_stats.tokens], layer_ms[variant_stats.kept]
+            )
+            row = {"path": path, "noisy": path in noisy}
+            row |= summarize(size, ratio, config.batch_size, runs[(path, None)], runs[(path, (ratio, vision_ratio))])
+            row |= {"tokens": variant_stats.tokens, "kept": variant_stats.kept}
+            row |= {"kv_cache_bytes": variant_stats.kv_cache_bytes * config.batch_size}
+            row |= {"ideal_decoder_speedup": ideal, "fraction_of_ideal": row["decoder_speedup"] / ideal}
+            vision_speedup = row["vanilla"]["vision_ms"] / row["dash"]["vision_ms"]
+            ideal_vision = 1.0
+            if vision_ratio > 0:
+                decision = press.vision_scorer().layer(num_blocks)
+                ideal_vision = ideal_speedup(num_blocks, decision, block_ms[0.0], block_ms[vision_ratio])
+                row["vision_block_ms"] = {"block": block, "every_patch": block_ms[0.0], "kept": block_ms[vision_ratio]}
+            row |= {
+                "vision_ratio": vision_ratio,
+                "vision_patches": variant_stats.vision_patches,
+                "vision_kept": variant_stats.vision_kept,
+                "vision_speedup": vision_speedup,
+                "ideal_vision_speedup": ideal_vision,
+                "fraction_of_ideal_vision": vision_speedup / ideal_vision,
+            }
+            rows.append(row)
     return rows
 
 
@@ -451,32 +541,32 @@ def median_figures(runs: list[dict]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def summarize(size: int, ratio: float, batch_size: int, vanilla_runs: list, dash_runs: list, stats) -> dict:
-    """One row: medians of the repeats, the gains as ratios of medians, and every repeat's figures (``runs``)."""
+def summarize(size: int, ratio: float, batch_size: int, vanilla_runs: list, dash_runs: list) -> dict:
+    """The measured part of a row: medians of the repeats, the gains as ratios of medians, and every repeat's figures
+    (``runs``)."""
     vanilla, dash = median_figures(vanilla_runs), median_figures(dash_runs)
     return {
         "image_size": size,
         "ratio": ratio,
         "batch_size": batch_size,
-        "tokens": stats.tokens,
-        "kept": stats.kept,
-        "kv_cache_bytes": stats.kv_cache_bytes * batch_size,
         "vanilla": vanilla,
         "dash": dash,
         "decoder_speedup": vanilla["decoder_ms"] / dash["decoder_ms"],
         "prefill_speedup": vanilla["prefill_ms"] / dash["prefill_ms"],
         "ttft_speedup": vanilla["ttft_ms"] / dash["ttft_ms"],
+        "answer_speedup": vanilla["answer_ms"] / dash["answer_ms"],
         "decode_speed_ratio": dash["decode_tokens_per_s"] / vanilla["decode_tokens_per_s"],
         "runs": {"vanilla": vanilla_runs, "dash": dash_runs},
     }
 
 
 def table(document: dict) -> str:
-    """The results as text: per row the ratios, T -> K, stage times vanilla / DASH (ms), gains and decode speed."""
+    """The results as text: per row the path, the ratios, T -> K, stage times vanilla / DASH (ms) and gains; then what
+    users wait for per path and variant. A row marked ``*`` is noisy (its ratio-0 control is off by more than 3%)."""
     lines = [f"{document['preset']} on {document['device']} ({document['dtype']}); times in ms, vanilla / DASH"]
     lines.append(
-        "   px  ratio vision      T      K       vision x ideal       decoder x ideal       prefill x"
-        "          ttft x    tok/s    x"
+        "   px path    ratio vision      T      K       vision x ideal       decoder x ideal       prefill x"
+        "          ttft x        answer x"
     )
     for row in document["rows"]:
         v, d = row["vanilla"], row["dash"]
@@ -485,11 +575,23 @@ def table(document: dict) -> str:
             return f"{v[key]:>6.1f}/{d[key]:<6.1f}"
 
         lines.append(
-            f"{row['image_size']:>5} {row['ratio']:>6g} {row['vision_ratio']:>6g} {row['tokens']:>6} {row['kept']:>6}"
+            f"{row['image_size']:>5} {row['path']:<6}{'*' if row['noisy'] else ' '} {row['ratio']:>5g}"
+            f" {row['vision_ratio']:>6g} {row['tokens']:>6} {row['kept']:>6}"
             f" {pair('vision_ms')} {row['vision_speedup']:>4.2f} {row['ideal_vision_speedup']:>5.2f}"
             f" {pair('decoder_ms')} {row['decoder_speedup']:>4.2f} {row['ideal_decoder_speedup']:>5.2f}"
             f" {pair('prefill_ms')} {row['prefill_speedup']:>4.2f} {pair('ttft_ms')} {row['ttft_speedup']:>4.2f}"
-            f" {v['decode_tokens_per_s']:>4.0f}/{d['decode_tokens_per_s']:<4.0f} {row['decode_speed_ratio']:>4.2f}"
+            f" {pair('answer_ms')} {row['answer_speedup']:>4.2f}"
+        )
+    lines += ["", "what users wait for (ms); gains against eager vanilla", "   px path    variant          ttft  decode"
+              "   answer  ttft x answer x"]  # fmt: skip
+    for entry in document["latency"]:
+        variant = "vanilla" if entry["variant"] is None else "DASH {:g}, vision {:g}".format(*entry["variant"])
+        gains = "".join(
+            f" {entry[key]:>7.2f}" for key in ("ttft_speedup_vs_eager", "answer_speedup_vs_eager") if key in entry
+        )
+        lines.append(
+            f"{entry['image_size']:>5} {entry['path']:<6}{'*' if entry['noisy'] else ' '} {variant:<16}"
+            f" {entry['ttft_ms']:>6.1f} {entry['decode_step_ms']:>7.2f} {entry['answer_ms']:>8.1f}{gains}"
         )
     return "\n".join(lines)
 
@@ -502,7 +604,8 @@ def plot(document: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    rows = document["rows"]
+    first_path = document["rows"][0].get("path", "eager")  # prefill times do not depend on the decode path
+    rows = [row for row in document["rows"] if row.get("path", "eager") == first_path]
     sizes = sorted({row["image_size"] for row in rows})
     vanilla = [statistics.median(r["vanilla"]["prefill_ms"] for r in rows if r["image_size"] == s) for s in sizes]
     vision = [statistics.median(r["vanilla"]["vision_ms"] for r in rows if r["image_size"] == s) for s in sizes]
