@@ -16,7 +16,7 @@ from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
 
 ALIASES = {"compression_ratio": "--ratio"}  # the short forms of earlier releases
-SWEPT_DEFAULTS = {"compression_ratio": "0,0.5,0.667,0.8", "vision_compression_ratio": "0"}  # bench's sweeps
+SWEPT_DEFAULTS = {"compression_ratio": "0,0.5,0.667,0.8", "vision_compression_ratio": "0", "method": "dash"}
 
 
 def add_halting_arguments(parser: argparse.ArgumentParser, swept: Collection[str] = ()) -> None:
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         dash = DeltaPress.from_options(**options)
-        sweeps = {name: [float(value) for value in values.split(",")] for name, values in swept.items()}
+        kinds = {parameter.name: type(parameter.default) for parameter in dataclasses.fields(DeltaPress)}
+        sweeps = {name: [kinds[name](value) for value in values.split(",")] for name, values in swept.items()}
     except ValueError as error:
         parser.error(str(error))
     if args.command == "demo":
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             image_sizes=args.image_size,
             ratios=sweeps["compression_ratio"],
             vision_ratios=sweeps["vision_compression_ratio"],
+            methods=sweeps["method"],
             halting={name: getattr(dash, name) for name in options},
             batch_size=args.batch_size,
             new_tokens=args.new_tokens,

@@ -100,4 +100,19 @@ class RandomScorer(Scorer):
         return random_scores(reading.input_ids, reading.real, self.seed)
 
 
-SCORERS: dict[str, type[Scorer]] = {"dash": DashScorer, "random": RandomScorer}
+@dataclass(frozen=True)
+class LayerDeltaScorer(Scorer):
+    """DASH's layer-delta ablation: the L2 norm of the whole update of layer ``floor(start_ratio * num_layers)``, its
+    output minus its input (attention and FFN together), in float32."""
+
+    start_ratio: float
+    reads: ClassVar[tuple[str, ...]] = ("layer_input", "layer_output")
+
+    def layer(self, num_layers: int) -> int:
+        return decision_layer(self.start_ratio, num_layers)
+
+    def score(self, reading: Reading) -> torch.Tensor:
+        return token_scores(reading.layer_output.float() - reading.layer_input.float())
+
+
+SCORERS: dict[str, type[Scorer]] = {"dash": DashScorer, "random": RandomScorer, "layer_delta": LayerDeltaScorer}

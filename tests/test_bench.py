@@ -103,20 +103,33 @@ def test_bench_measures_every_decode_path(tmp_path):
     ]  # transformers' static cache runs vanilla only
     latency = {(entry["path"], tuple(entry["variant"] or ())): entry for entry in document["latency"]}
     assert set(latency) == {
-        ("eager", ()), ("eager", (0, 0)), ("eager", (0.5, 0)), ("static", ()),
-        ("graphs", ()), ("graphs", (0, 0)), ("graphs", (0.5, 0)),
+        ("eager", ()), ("eager", (0, 0, "dash")), ("eager", (0.5, 0, "dash")), ("static", ()),
+        ("graphs", ()), ("graphs", (0, 0, "dash")), ("graphs", (0.5, 0, "dash")),
     }  # fmt: skip
     for entry in latency.values():
         assert entry["answer_ms"] > entry["ttft_ms"] > 0 and entry["decode_step_ms"] > 0
         assert entry["answer_speedup_vs_eager"] == pytest.approx(
             latency[("eager", ())]["answer_ms"] / entry["answer_ms"]
         )
-        control = latency.get((entry["path"], (0, 0)))
+        control = latency.get((entry["path"], (0, 0, "dash")))
         vanilla = latency[(entry["path"], ())]
         noisy = control is not None and any(abs(control[k] / vanilla[k] - 1) > 0.03 for k in ("prefill_ms", "ttft_ms"))
         assert entry["noisy"] == noisy
     assert latency[("eager", ())]["answer_speedup_vs_eager"] == 1
     assert document["graph_captures"] == 0  # on a CPU the graphs path runs its static step uncaptured
+
+
+def test_bench_sweeps_methods_with_one_noise_control(tmp_path):
+    output = tmp_path / "bench.json"
+    cli_main(
+        ["bench", "--preset", "tiny", "--image-size", "48", "--ratios", "0,0.5", "--methods", "dash,random,layer_delta",
+         "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--output", str(output)]
+    )  # fmt: skip
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["method"], row["ratio"]) for row in rows] == [
+        ("dash", 0), ("dash", 0.5), ("random", 0.5), ("layer_delta", 0.5)
+    ]  # fmt: skip
+    assert rows[1]["kept"] == rows[2]["kept"] == rows[3]["kept"] < rows[0]["kept"]  # as many halt, whatever the method
 
 
 def test_ideal_speedup_formula():
@@ -149,7 +162,8 @@ def test_presets_have_the_real_shapes(preset, size, tokens):
         (dict(device_map="balanced"), "device_map must be one of"),
         (dict(device="cpu", device_map="auto"), "device_map='auto' splits the model over several GPUs"),
         (dict(halting={"compression_ratio": 0.5}), "ratios sweeps it"),
-        (dict(halting={"method": "norm"}), "method must be one of"),
+        (dict(methods=["norm"]), "method must be one of"),
+        (dict(halting={"method": "random"}), "methods sweeps it"),
         (dict(halting={"vision_compression_ratio": 0.5}), "vision_ratios sweeps it"),
         (dict(vision_ratios=[]), "vision_ratios must hold at least one value"),
         (dict(vision_ratios=[1.5]), "vision_compression_ratio must be a number in"),

@@ -97,14 +97,14 @@ def test_command_line_short_forms_and_errors(monkeypatch, capsys):
 def test_bench_takes_every_field(monkeypatch):
     seen = {}
     monkeypatch.setattr("dash_vlm.bench.main", lambda config, output, plot: seen.setdefault("config", config))
-    swept = ("compression_ratio", "vision_compression_ratio")
+    swept = ("compression_ratio", "vision_compression_ratio", "method")
     others = {name: value for name, value in NON_DEFAULT.items() if name not in swept}
     argv = ["bench", "--preset", "tiny", "--image-size", "48", "--output", "unused.json", *flags(others)]
-    cli_main([*argv, "--compression-ratios", "0,0.5", "--vision-compression-ratios", "0,0.5"])
+    cli_main([*argv, "--compression-ratios", "0,0.5", "--vision-compression-ratios", "0,0.5", "--methods", "random"])
     config = seen.pop("config")
     assert config.ratios == config.vision_ratios == [0.0, 0.5] and config.halting == others
-    press = DeltaPress(**config.halting, compression_ratio=0.5, vision_compression_ratio=0.5)
-    assert halting_of(press) == NON_DEFAULT
+    assert config.methods == ["random"]
+    assert halting_of(config.press((0.5, 0.5, "random"))) == NON_DEFAULT
     cli_main([*argv, "--ratios", "0.3"])  # the short form
     assert seen["config"].ratios == [0.3]
 

@@ -14,6 +14,7 @@ from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.qwen2_vl import qwen_vl_sample, tiny_qwen_vl
 from dash_vlm.models.text import tiny_text_model
 from dash_vlm.models.tiny import IMAGE_TOKEN, VIDEO_TOKEN
+from dash_vlm.scorers import SCORERS
 
 FAMILIES = model_types_with("is_vision_language")
 ATTENTION = ["sdpa", "eager"]
@@ -98,10 +99,11 @@ def test_matches_masked_reference(family, kind, attention, scope, ratio):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ATTENTION)
-def test_padded_batch_sample_equals_sample_alone(family, attention):
+@pytest.mark.parametrize("method", list(SCORERS))
+def test_padded_batch_sample_equals_sample_alone(family, attention, method):
     model = model_for(family, attention)
     batch, singles = batch_and_singles(family)
-    press = DeltaPress(compression_ratio=0.667)
+    press = DeltaPress(compression_ratio=0.667, method=method)
     batched = generate(model, batch, press, max_new_tokens=6)
     batch_stats = press.last_stats
     assert len({s.kept for s in batch_stats}) > 1  # samples keep different numbers of tokens
@@ -143,12 +145,13 @@ def record_token_counts(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batched", [False, True])
-def test_deeper_layers_run_on_kept_tokens_and_cache_is_compact(family, batched):
+@pytest.mark.parametrize("method", list(SCORERS))
+def test_deeper_layers_run_on_kept_tokens_and_cache_is_compact(family, batched, method):
     model = model_for(family)
     batch, singles = batch_and_singles(family)
     inputs = batch if batched else singles[0]
     length = inputs["input_ids"].shape[1]
-    press, new_tokens = DeltaPress(compression_ratio=0.667), 5
+    press, new_tokens = DeltaPress(compression_ratio=0.667, method=method), 5
     seen, handles = record_token_counts(model)
     try:
         out = generate(model, inputs, press, max_new_tokens=new_tokens)

@@ -14,30 +14,29 @@ from dash_vlm.halting import decision_layer, random_scores, token_scores
 from dash_vlm.models import adapter_for
 from dash_vlm.models.text import text_sample
 from dash_vlm.models.tiny import left_pad_batch
-from dash_vlm.scorers import SCORERS, DashScorer, RandomScorer, Reading, Scorer
+from dash_vlm.scorers import SCORERS, DashScorer, LayerDeltaScorer, RandomScorer, Reading, Scorer
 
 
 @dataclass(frozen=True)
-class LayerDeltaScorer(Scorer):
-    """DESIGN.md section 7's ``layer_delta``: the norm of decoder layer ``s``'s output minus its input."""
+class NormOfInputScorer(Scorer):
+    """A made-up method, to show that registering a scorer is all a new method needs."""
 
     start_ratio: float
-    reads: ClassVar[tuple[str, ...]] = ("layer_input", "layer_output")
+    reads: ClassVar[tuple[str, ...]] = ("layer_input",)
 
     def layer(self, num_layers: int) -> int:
         return decision_layer(self.start_ratio, num_layers)
 
     def score(self, reading: Reading) -> torch.Tensor:
-        return torch.linalg.vector_norm((reading.layer_output - reading.layer_input).float(), dim=-1)
+        return token_scores(reading.layer_input)
 
 
 def test_the_registry_drives_the_method_names(monkeypatch):
-    with pytest.raises(ValueError, match=r"method must be one of \('dash', 'random'\)"):
-        DeltaPress(method="layer_delta")
-    monkeypatch.setitem(SCORERS, "layer_delta", LayerDeltaScorer)
-    assert DeltaPress(method="layer_delta", start_ratio=0.6).scorer() == LayerDeltaScorer(start_ratio=0.6)
     with pytest.raises(ValueError, match=r"method must be one of \('dash', 'random', 'layer_delta'\)"):
-        DeltaPress(method="fastv")
+        DeltaPress(method="input_norm")
+    monkeypatch.setitem(SCORERS, "input_norm", NormOfInputScorer)
+    assert DeltaPress(method="input_norm", start_ratio=0.6).scorer() == NormOfInputScorer(start_ratio=0.6)
+    assert DeltaPress(method="layer_delta", start_ratio=0.6).scorer() == LayerDeltaScorer(start_ratio=0.6)
 
 
 def test_scorers_take_the_press_fields_of_their_names():
@@ -87,14 +86,13 @@ def layer_io(model, inputs: dict, layer_index: int) -> tuple[torch.Tensor, torch
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2_vl"])  # a decoder layer that returns a tensor, a tuple
-def test_a_scorer_of_a_layers_input_and_output(model_type, monkeypatch):
+def test_layer_delta_halts_what_plain_hooks_say(model_type):
     adapter = adapter_for(model_type)
     model = adapter.tiny_model(model_type)
     if adapter.is_vision_language:
         inputs = adapter.tiny_batch(model_type)[0]
     else:
         inputs = left_pad_batch([text_sample(20, seed=1), text_sample(13, seed=2)])
-    monkeypatch.setitem(SCORERS, "layer_delta", LayerDeltaScorer)
     press = DeltaPress(compression_ratio=0.5, scope="all", method="layer_delta")
     layer_input, layer_output = layer_io(model, inputs, press.decision_layer(len(adapter.decoder_layers(model))))
     delta = (layer_output - layer_input).float().norm(dim=-1)

@@ -13,6 +13,7 @@ from dash_vlm import DeltaPress
 from dash_vlm.models import model_types_with
 from dash_vlm.models.qwen2_vl import qwen_vl_sample, tiny_qwen_vl
 from dash_vlm.models.tiny import left_pad_batch
+from dash_vlm.scorers import SCORERS
 
 FAMILIES = model_types_with("halts_in_vision_tower")
 ATTENTION = ["sdpa", "eager"]
@@ -175,11 +176,12 @@ def test_images_and_frame_groups_halt_apart(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ATTENTION)
-def test_padded_batch_sample_equals_sample_alone(family, attention):
+@pytest.mark.parametrize("method", list(SCORERS))
+def test_padded_batch_sample_equals_sample_alone(family, attention, method):
     model = model_for(family, attention)
     singles = [SAMPLES["images"](), SAMPLES["image"](), qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12)]
     batch = left_pad_batch(singles)
-    press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5)
+    press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5, method=method)
     batched = generate(model, batch, press)
     batch_stats = press.last_stats
     length = batched.sequences.shape[1] - 4

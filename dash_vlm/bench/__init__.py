@@ -102,6 +102,7 @@ class BenchConfig:
     image_sizes: list[int]
     ratios: list[float]
     vision_ratios: list[float] = field(default_factory=lambda: [0.0])
+    methods: list[str] = field(default_factory=lambda: ["dash"])
     halting: dict = field(default_factory=dict)  # every other DeltaPress field, by name; the press's defaults else
     batch_size: int = 1
     new_tokens: int = 32
@@ -129,13 +130,14 @@ class BenchConfig:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if not self.image_sizes or any(size < 28 for size in self.image_sizes):
             raise ValueError(f"image_sizes must be pixel sides >= 28, got {self.image_sizes}")
-        for name, sweep in (("compression_ratio", "ratios"), ("vision_compression_ratio", "vision_ratios")):
+        sweeps = (("compression_ratio", "ratios"), ("vision_compression_ratio", "vision_ratios"), ("method", "methods"))
+        for name, sweep in sweeps:
             if name in self.halting:
                 raise ValueError(f"halting must not hold {name}: {sweep} sweeps it")
             if not getattr(self, sweep):
                 raise ValueError(f"{sweep} must hold at least one value")
-        for ratio, vision_ratio in self.variants():
-            DeltaPress(**self.halting, compression_ratio=ratio, vision_compression_ratio=vision_ratio)  # validates
+        for variant in self.variants():
+            self.press(variant)  # validates every field
         model_type = PRESETS[self.preset].model_classes()[0].model_type
         if any(self.vision_ratios) and not adapter_for(model_type).halts_in_vision_tower:
             raise ValueError(
@@ -148,11 +150,23 @@ class BenchConfig:
         if self.new_tokens < 2:
             raise ValueError("new_tokens must be >= 2 to measure decoding")
 
-    def variants(self) -> list[tuple[float, float]]:
-        """Every (decoder ratio, vision ratio) pair measured against vanilla; (0, 0) is the noise control."""
-        return [(ratio, vision_ratio) for vision_ratio in self.vision_ratios for ratio in self.ratios]
+    def variants(self) -> list[tuple[float, float, str]]:
+        """Every (decoder ratio, vision ratio, method) measured against vanilla; ratios (0, 0), which halt nothing
+        whatever the method, are measured once, with the first method: the noise control."""
+        return [
+            (ratio, vision_ratio, method)
+            for method in self.methods
+            for vision_ratio in self.vision_ratios
+            for ratio in self.ratios
+            if ratio or vision_ratio or method == self.methods[0]
+        ]
 
-    def runs(self) -> list[tuple[str, tuple[float, float] | None]]:
+    def press(self, variant: tuple[float, float, str]) -> DeltaPress:
+        """The press of a variant: its ratios and method, and the other halting fields of ``halting``."""
+        ratio, vision_ratio, method = variant
+        return DeltaPress(**self.halting, compression_ratio=ratio, vision_compression_ratio=vision_ratio, method=method)
+
+    def runs(self) -> list[tuple[str, tuple[float, float, str] | None]]:
         """Every (path, variant) measured in a round; variant ``None`` is vanilla. transformers' static cache path
         runs vanilla only: the press needs a dynamic cache."""
         return [
@@ -410,12 +424,7 @@ def run_bench(config: BenchConfig) -> dict:
     if "graphs" in config.paths:  # on a CPU its static step runs uncaptured
         decoder = StaticDecoder(model, capture=config.device.startswith("cuda"), max_graphs=2 * len(config.variants()))
     rows, latency = [], []
-    presses = {
-        (ratio, vision_ratio): DeltaPress(
-            **config.halting, compression_ratio=ratio, vision_compression_ratio=vision_ratio
-        )
-        for ratio, vision_ratio in config.variants()
-    }
+    presses = {variant: config.press(variant) for variant in config.variants()}
     measured = config.runs()
     steps = len(sizes) * (config.warmup + config.repeats) * len(measured)
     try:
@@ -456,9 +465,10 @@ def latency_entries(size: int, runs: dict) -> list[dict]:
     ``NOISE`` in prefill or TTFT."""
     medians = {run: median_figures(figures) for run, figures in runs.items() if figures}
     reference = medians.get(("eager", None))
+    control_of = {path: variant for path, variant in runs if variant is not None and not any(variant[:2])}
     entries = []
     for (path, variant), figures in medians.items():
-        vanilla, control = medians.get((path, None)), medians.get((path, (0.0, 0.0)))
+        vanilla, control = medians.get((path, None)), medians.get((path, control_of.get(path)))
         noisy = control is not None and any(
             abs(control[key] / vanilla[key] - 1) > NOISE for key in ("prefill_ms", "ttft_ms")
         )
@@ -476,7 +486,7 @@ def size_rows(
     inputs: dict,
     size: int,
     config: BenchConfig,
-    presses: dict[tuple[float, float], DeltaPress],
+    presses: dict[tuple[float, float, str], DeltaPress],
     runs: dict,
     latency: list[dict],
 ) -> list[dict]:
@@ -500,13 +510,15 @@ def size_rows(
     for path in config.paths:
         if path == "static":
             continue
-        for (ratio, vision_ratio), press in presses.items():
-            variant_stats = stats[(ratio, vision_ratio)]
+        for (ratio, vision_ratio, method), press in presses.items():
+            variant_stats = stats[(ratio, vision_ratio, method)]
             ideal = ideal_speedup(
                 num_layers, variant_stats.decision_layer, layer_ms[variant_stats.tokens], layer_ms[variant_stats.kept]
             )
-            row = {"path": path, "noisy": path in noisy}
-            row |= summarize(size, ratio, config.batch_size, runs[(path, None)], runs[(path, (ratio, vision_ratio))])
+            row = {"path": path, "method": method, "noisy": path in noisy}
+            row |= summarize(
+                size, ratio, config.batch_size, runs[(path, None)], runs[(path, (ratio, vision_ratio, method))]
+            )
             row |= {"tokens": variant_stats.tokens, "kept": variant_stats.kept}
             row |= {"kv_cache_bytes": variant_stats.kv_cache_bytes * config.batch_size}
             row |= {"ideal_decoder_speedup": ideal, "fraction_of_ideal": row["decoder_speedup"] / ideal}
@@ -565,8 +577,8 @@ def table(document: dict) -> str:
     users wait for per path and variant. A row marked ``*`` is noisy (its ratio-0 control is off by more than 3%)."""
     lines = [f"{document['preset']} on {document['device']} ({document['dtype']}); times in ms, vanilla / DASH"]
     lines.append(
-        "   px path    ratio vision      T      K       vision x ideal       decoder x ideal       prefill x"
-        "          ttft x        answer x"
+        "   px path    method       ratio vision      T      K       vision x ideal       decoder x ideal"
+        "       prefill x          ttft x        answer x"
     )
     for row in document["rows"]:
         v, d = row["vanilla"], row["dash"]
@@ -575,22 +587,23 @@ def table(document: dict) -> str:
             return f"{v[key]:>6.1f}/{d[key]:<6.1f}"
 
         lines.append(
-            f"{row['image_size']:>5} {row['path']:<6}{'*' if row['noisy'] else ' '} {row['ratio']:>5g}"
+            f"{row['image_size']:>5} {row['path']:<6}{'*' if row['noisy'] else ' '} {row['method']:<11}"
+            f" {row['ratio']:>5g}"
             f" {row['vision_ratio']:>6g} {row['tokens']:>6} {row['kept']:>6}"
             f" {pair('vision_ms')} {row['vision_speedup']:>4.2f} {row['ideal_vision_speedup']:>5.2f}"
             f" {pair('decoder_ms')} {row['decoder_speedup']:>4.2f} {row['ideal_decoder_speedup']:>5.2f}"
             f" {pair('prefill_ms')} {row['prefill_speedup']:>4.2f} {pair('ttft_ms')} {row['ttft_speedup']:>4.2f}"
             f" {pair('answer_ms')} {row['answer_speedup']:>4.2f}"
         )
-    lines += ["", "what users wait for (ms); gains against eager vanilla", "   px path    variant          ttft  decode"
-              "   answer  ttft x answer x"]  # fmt: skip
+    header = "   px path    variant                      ttft  decode   answer  ttft x answer x"
+    lines += ["", "what users wait for (ms); gains against eager vanilla", header]
     for entry in document["latency"]:
-        variant = "vanilla" if entry["variant"] is None else "DASH {:g}, vision {:g}".format(*entry["variant"])
+        variant = "vanilla" if entry["variant"] is None else "{2} {0:g}, vision {1:g}".format(*entry["variant"])
         gains = "".join(
             f" {entry[key]:>7.2f}" for key in ("ttft_speedup_vs_eager", "answer_speedup_vs_eager") if key in entry
         )
         lines.append(
-            f"{entry['image_size']:>5} {entry['path']:<6}{'*' if entry['noisy'] else ' '} {variant:<16}"
+            f"{entry['image_size']:>5} {entry['path']:<6}{'*' if entry['noisy'] else ' '} {variant:<24}"
             f" {entry['ttft_ms']:>6.1f} {entry['decode_step_ms']:>7.2f} {entry['answer_ms']:>8.1f}{gains}"
         )
     return "\n".join(lines)
@@ -611,11 +624,13 @@ def plot(document: dict, path: Path) -> None:
     vision = [statistics.median(r["vanilla"]["vision_ms"] for r in rows if r["image_size"] == s) for s in sizes]
     axis.plot(sizes, vanilla, "k-o", label="vanilla")
     axis.plot(sizes, vision, "k:", label="vision tower, vanilla")
-    for variant in sorted({(row["ratio"], row["vision_ratio"]) for row in rows}):
-        points = sorted(
-            (r["image_size"], r["dash"]["prefill_ms"]) for r in rows if (r["ratio"], r["vision_ratio"]) == variant
-        )
-        label = f"DASH {variant[0]:g}" + (f", vision {variant[1]:g}" if variant[1] else "")
+
+    def variant_of(row: dict) -> tuple:
+        return row["ratio"], row["vision_ratio"], row.get("method", "dash")
+
+    for variant in sorted({variant_of(row) for row in rows}):
+        points = sorted((r["image_size"], r["dash"]["prefill_ms"]) for r in rows if variant_of(r) == variant)
+        label = f"{variant[2]} {variant[0]:g}" + (f", vision {variant[1]:g}" if variant[1] else "")
         axis.plot([p[0] for p in points], [p[1] for p in points], "--o", label=label)
     axis.set_xlabel("image side (px)")
     axis.set_ylabel("prefill time (ms, median)")
