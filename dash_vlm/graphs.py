@@ -30,6 +30,22 @@ from dash_vlm.press import DeltaPress, Timer
 logger = logging.getLogger(__name__)
 
 BUCKET = 256  # prompt parts of the static cache are rounded up to a multiple of this, so graphs serve many prompts
+CHUNK = 8  # steps replayed between two checks whether every sample has ended (one host sync per check)
+# Logits processors of a generation config that the fast path does not apply: it refuses them rather than answer
+# differently from ``generate`` (the repetition penalty, which Qwen2-VL's instruct checkpoints set, it applies).
+UNSUPPORTED_PROCESSORS = {
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "exponential_decay_length_penalty": (None,),
+}
 
 
 def bucket(length: int, size: int = BUCKET) -> int:
@@ -47,6 +63,7 @@ class DecodeShape:
     groups: tuple[int, ...]
     steps: int
     keep_logits: bool
+    repetition_penalty: float
 
 
 @dataclass
@@ -54,15 +71,16 @@ class FastGeneration:
     """The output of :meth:`StaticDecoder.generate`.
 
     ``tokens`` are the ``[batch, steps]`` new tokens (padding after a sample's end-of-sequence token, as
-    ``generate`` pads); ``logits`` the ``steps`` ``[batch, vocab]`` scores when asked for; ``first_token`` the timer
-    of the prefill up to the first token and ``decode`` that of the later steps (read with ``milliseconds()``);
-    ``captured`` whether this call captured a new graph (its time then includes the capture).
+    ``generate`` pads); ``logits`` the ``steps`` ``[batch, vocab]`` scores (after the repetition penalty) when asked
+    for; ``first_token`` times the call up to the first token, ``decode`` the later steps and ``answer`` the whole
+    call (read with ``milliseconds()``); ``captured`` whether this call captured a new graph (then in its time).
     """
 
     tokens: torch.Tensor
     logits: list[torch.Tensor] | None
     first_token: Timer
     decode: Timer
+    answer: Timer
     captured: bool
 
 
@@ -93,22 +111,35 @@ class _DecodeGraph:
         self.tokens = torch.zeros(batch, shape.steps, dtype=torch.long, device=device)
         vocab = self.lm_head.out_features
         self.logits = torch.zeros(shape.steps, batch, vocab, device=device) if shape.keep_logits else None
+        self.penalty = shape.repetition_penalty
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device) if self.penalty != 1 else None
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def load(self, prefill: DynamicCache, allowed: list[torch.Tensor], positions: torch.Tensor, first: torch.Tensor):
+    def load(
+        self,
+        prefill: DynamicCache,
+        allowed: list[torch.Tensor],
+        positions: torch.Tensor,
+        first: torch.Tensor,
+        seen: torch.Tensor | None,
+    ):
         """Copy a prefill into the buffers: its keys and values, the prompt slots each group may attend to (one
-        ``[batch, slots]`` mask per group), the next rotary position of each sample, and the first new token."""
+        ``[batch, slots]`` mask per group), the next rotary position of each sample, the first new token, and the
+        tokens seen so far (``[batch, vocab]``, for the repetition penalty)."""
         for layer, static in zip(prefill.layers, self.cache.layers, strict=True):
             slots = layer.keys.shape[-2]
             static.keys[:, :, :slots].copy_(layer.keys)
             static.values[:, :, :slots].copy_(layer.values)
         for buffer, mask in zip(self.prompt_slots, allowed, strict=True):
             buffer.zero_()[:, : mask.shape[-1]].copy_(mask)
-        self.starts.copy_(torch.tensor([mask.shape[-1] for mask in allowed]))
+        for start, mask in zip(self.starts, allowed, strict=True):
+            start.fill_(mask.shape[-1])  # from a Python int: no copy from pageable memory, no sync
         self.base_positions.copy_(positions)
         self.token.copy_(first[:, None])
         self.step.zero_()
         self.tokens.zero_()[:, 0] = first
+        if self.seen is not None:
+            self.seen.copy_(seen)
 
     def _group_inputs(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention mask and cache position of a group's layers at the current step."""
@@ -138,12 +169,16 @@ class _DecodeGraph:
                 cache_position=cache_position,
             )
             hidden = output[0] if isinstance(output, tuple) else output
-        logits = self.lm_head(self.norm(hidden[:, -1]))
+        logits = self.lm_head(self.norm(hidden[:, -1])).float()  # generate scores in float32
+        if self.seen is not None:
+            logits = penalize_repetition(logits, self.seen, self.penalty)
         choice = logits.argmax(-1)
+        if self.seen is not None:
+            self.seen.scatter_(1, choice[:, None], True)
         written = (self.step + 1)[None]
         self.tokens.index_copy_(1, written, choice[:, None])
         if self.logits is not None:
-            self.logits.index_copy_(0, written, logits[None].float())
+            self.logits.index_copy_(0, written, logits[None])
         self.token.copy_(choice[:, None])
         self.step.add_(1)
 
@@ -193,6 +228,16 @@ class StaticDecoder:
             raise ValueError(f"cuda_graphs supports attn_implementation 'sdpa' and 'eager', got {attention!r}")
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        unsupported = [
+            name
+            for name, defaults in UNSUPPORTED_PROCESSORS.items()
+            if getattr(model.generation_config, name, None) not in defaults
+        ]
+        if unsupported:
+            raise NotImplementedError(
+                f"cuda_graphs does not apply the generation config's {unsupported}; reset them in "
+                "model.generation_config or decode on the eager path"
+            )
         self.model, self.capture, self.max_graphs = model, capture, max_graphs
         self.adapter = adapter_for(model)
         self.graphs: OrderedDict[DecodeShape, _DecodeGraph] = OrderedDict()
@@ -233,31 +278,61 @@ class StaticDecoder:
         return cache, output.logits[:, -1], seen["positions"][..., -1]
 
     def generate(
-        self, inputs: dict, press: DeltaPress | None, max_new_tokens: int, keep_logits: bool = False
+        self,
+        inputs: dict,
+        press: DeltaPress | None,
+        max_new_tokens: int,
+        keep_logits: bool = False,
+        stop_at_end: bool = True,
     ) -> FastGeneration:
-        """Greedy generation of ``max_new_tokens`` tokens for model inputs (``input_ids``, ``attention_mask``, pixel
-        inputs) under ``press`` (or none)."""
+        """Greedy generation of up to ``max_new_tokens`` tokens for model inputs (``input_ids``, ``attention_mask``,
+        pixel inputs) under ``press`` (or none), with the repetition penalty of the model's generation config.
+
+        With ``stop_at_end`` it stops once every sample has produced an end-of-sequence token, checked every
+        ``CHUNK`` steps; without, it always makes ``max_new_tokens`` (as ``min_new_tokens`` would).
+        """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        with torch.inference_mode():
-            first_token = Timer(inputs["input_ids"].device)
+        config = self.model.generation_config
+        penalty = float(config.repetition_penalty or 1.0)
+        device = inputs["input_ids"].device
+        with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            first_token, answer = Timer(device), Timer(device)
             cache, logits, positions = self.prefill(inputs, press)
+            seen = None
+            if penalty != 1:
+                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, inputs["input_ids"], True)
+                logits = penalize_repetition(logits.float(), seen, penalty)
             first = logits.argmax(-1)
             first_token.stop()
+            if seen is not None:
+                seen.scatter_(1, first[:, None], True)
             allowed = self._prompt_slots(cache, inputs.get("attention_mask"))
             lengths = tuple(bucket(layer.keys.shape[-2]) + max_new_tokens for layer in cache.layers)
             groups = tuple(int(isinstance(layer, HaltedLayer)) for layer in cache.layers)  # halted layers are above
-            shape = DecodeShape(first.shape[0], lengths, groups, max_new_tokens, keep_logits)
+            shape = DecodeShape(first.shape[0], lengths, groups, max_new_tokens, keep_logits, penalty)
             graph, captured = self._graph(shape, cache, positions)
-            graph.load(cache, allowed, positions + 1, first)
-            decode = Timer(first.device)
-            graph.decode(max_new_tokens - 1)
+            graph.load(cache, allowed, positions + 1, first, seen)
+            decode = Timer(device)
+            done = 1
+            while done < max_new_tokens and not (stop_at_end and self._all_ended(graph.tokens[:, :done])):
+                steps = min(CHUNK, max_new_tokens - done)
+                graph.decode(steps)
+                done += steps
             decode.stop()
             tokens = self._pad_after_end(graph.tokens.clone())
             kept_logits = None
             if keep_logits:
-                kept_logits = [logits.float(), *graph.logits[1:].clone().unbind(0)]
-        return FastGeneration(tokens, kept_logits, first_token, decode, captured)
+                kept_logits = [logits.float(), *graph.logits[1:done].clone().unbind(0)]
+            answer.stop()
+        return FastGeneration(tokens[:, :done], kept_logits, first_token, decode, answer, captured)
+
+    def _all_ended(self, tokens: torch.Tensor) -> bool:
+        """Whether every sample has produced an end-of-sequence token (a host sync)."""
+        ends = self.model.generation_config.eos_token_id
+        if ends is None:
+            return False
+        return bool(torch.isin(tokens, torch.tensor(ends, device=tokens.device).flatten()).any(-1).all())
 
     def _graph(self, shape: DecodeShape, cache: DynamicCache, positions: torch.Tensor) -> tuple[_DecodeGraph, bool]:
         if shape in self.graphs:
@@ -267,7 +342,9 @@ class StaticDecoder:
             self.graphs.popitem(last=False)
         graph = _DecodeGraph(self.model, shape, cache, positions)
         if self.capture:
-            graph.load(cache, self._prompt_slots(cache, None), positions + 1, positions.new_zeros(shape.batch))
+            first = positions.new_zeros(shape.batch)
+            seen = None if graph.seen is None else torch.zeros_like(graph.seen)
+            graph.load(cache, self._prompt_slots(cache, None), positions + 1, first, seen)
             graph.capture(self.pool)
             self.captures += 1
             logger.info("captured a decode graph for %s", shape)
@@ -302,3 +379,9 @@ class StaticDecoder:
         padding = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         padding = padding[0] if isinstance(padding, list) else padding
         return tokens.masked_fill(after, padding)
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the logit of every token seen so far divided by ``penalty`` when positive,
+    multiplied when negative."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)

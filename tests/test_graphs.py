@@ -54,7 +54,7 @@ def test_static_decode_equals_eager_generate(family, attention, press_name):
     decoder = StaticDecoder(model, capture=False)
     press = PRESSES[press_name]
     for kind, inputs in cases(family).items():
-        fast = decoder.generate(inputs, press, STEPS, keep_logits=True)
+        fast = decoder.generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
         assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
         if press is not None:
             stats = press.last_stats
@@ -65,7 +65,7 @@ def test_static_decode_with_vision_tower_halting():
     model = adapter_for("qwen2_vl").tiny_model("qwen2_vl")
     press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5)
     for inputs in cases("qwen2_vl").values():
-        fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True)
+        fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
         assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
 
 
@@ -74,17 +74,17 @@ def test_text_model_static_decode():
     inputs = {"input_ids": torch.randint(2, 100, (2, 40)), "attention_mask": torch.ones(2, 40, dtype=torch.long)}
     inputs["attention_mask"][1, :7] = 0
     for press in (None, DeltaPress(compression_ratio=0.5)):
-        fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True)
+        fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
         assert_same(fast, eager_generation(model, inputs, press), 40)
 
 
 def test_static_cache_lengths_and_graph_reuse():
     family = "qwen2_vl"
     model = adapter_for(family).tiny_model(family)
-    decoder = StaticDecoder(model, capture=False, max_graphs=2)
+    decoder = StaticDecoder(model, capture=False, max_graphs=1)
     batch, singles = adapter_for(family).tiny_batch(family)
     press = DeltaPress(compression_ratio=0.5)
-    decoder.generate(batch, press, STEPS)
+    decoder.generate(batch, press, STEPS, stop_at_end=False)
     graph = next(iter(decoder.graphs.values()))
     kept = max(s.kept for s in press.last_stats)
     tokens = batch["input_ids"].shape[1]
@@ -93,9 +93,8 @@ def test_static_cache_lengths_and_graph_reuse():
     lengths = [layer.max_cache_len for layer in graph.cache.layers]
     assert lengths == [bucket(tokens) + STEPS] * (decision + 1) + [bucket(kept) + STEPS] * (len(layers) - decision - 1)
     assert bucket(1) == bucket(BUCKET) == BUCKET and bucket(BUCKET + 1) == 2 * BUCKET
-    for sample in singles:  # shorter prompts reuse the batch's buckets only at the same batch size
-        decoder.generate(sample, press, STEPS)
-    assert len(decoder.graphs) <= 2  # least recently used shapes are dropped
+    decoder.generate(singles[0], press, STEPS, stop_at_end=False)  # batch 1: another shape
+    assert [shape.batch for shape in decoder.graphs] == [1]  # the batch's shape was dropped, least recently used
 
 
 def test_prefill_cache_is_halted_where_the_press_halts():
@@ -170,3 +169,52 @@ def test_cuda_graphs_switch_errors(monkeypatch):
         DashVLM(vlm.model, vlm.processor, cuda_graphs="yes")
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA GPU; it is on cpu"):
         DashVLM(vlm.model, vlm.processor, cuda_graphs=True)
+
+
+def test_repetition_penalty_of_the_generation_config_is_applied():
+    """Qwen2-VL's instruct checkpoints set repetition_penalty=1.05: the fast path scores as generate does."""
+    family = "qwen2_vl"
+    model = adapter_for(family).tiny_model(family)
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        for inputs in cases(family).values():
+            with torch.inference_mode():
+                eager = model.generate(
+                    **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_scores=True,
+                    return_dict_in_generate=True,
+                )  # fmt: skip
+            fast = StaticDecoder(model, capture=False).generate(
+                inputs, None, STEPS, keep_logits=True, stop_at_end=False
+            )
+            assert torch.equal(fast.tokens, eager.sequences[:, inputs["input_ids"].shape[1] :])
+            for a, b in zip(fast.logits, eager.scores, strict=True):
+                kept = b.isfinite()  # generate's min_new_tokens sets the end token's score to -inf
+                assert relative_error(a[kept], b[kept]) <= 1e-4
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+
+
+def test_unsupported_generation_settings_are_refused():
+    model = adapter_for("llava").tiny_model("llava")
+    model.generation_config.no_repeat_ngram_size = 3
+    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
+        StaticDecoder(model, capture=False)
+
+
+def test_generation_stops_once_every_sample_has_ended():
+    from dash_vlm import DashVLM
+    from dash_vlm.graphs import CHUNK
+    from dash_vlm.shapes.data import read_test_split
+    from dash_vlm.shapes.evaluate import model_folder
+
+    samples = read_test_split()[:4]
+    vlm = DashVLM.from_pretrained(model_folder("qwen2-vl"), device_map="cpu")
+    inputs = vlm.adapter.processor_inputs(
+        vlm.processor,
+        [[{"role": "user", "content": [{"type": "image", "image": s.image}, {"type": "text", "text": s.question}]}]
+         for s in samples],
+    )  # fmt: skip
+    output = StaticDecoder(vlm.model, capture=False).generate(dict(inputs), vlm.press, 64)
+    assert output.tokens.shape[1] <= 1 + CHUNK  # the answers are a word and an end token: one chunk, not 64 steps
+    eos = vlm.model.generation_config.eos_token_id
+    assert all(torch.isin(row, torch.tensor(eos).flatten()).any() for row in output.tokens)

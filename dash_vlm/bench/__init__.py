@@ -119,6 +119,8 @@ class BenchConfig:
             raise ValueError(f"paths must be distinct entries of {PATHS}, got {self.paths}")
         if "graphs" in self.paths and self.device_map is not None:
             raise ValueError("paths 'graphs' needs the model on one GPU; it cannot run with device_map")
+        if "graphs" in self.paths and self.device.startswith("cuda") and self.warmup < 1:
+            raise ValueError("paths 'graphs' on a GPU needs warmup >= 1: the runs that capture graphs are not counted")
         if self.device_map not in DEVICE_MAPS:
             raise ValueError(f"device_map must be one of {DEVICE_MAPS}, got {self.device_map!r}")
         if self.device_map is not None and (not self.device.startswith("cuda") or torch.cuda.device_count() < 2):
@@ -271,19 +273,19 @@ def run_once(
     a few milliseconds, and a mean over a few dozen host-bound steps would carry each stall into the figure) or from
     the replayed steps together (graphs path: one timer around them). ``answer_ms`` is the time to the last token.
     """
-    if path == "static":  # transformers compiles its decode step: no stale hook may be left on the model, and halted
-        gc.collect()  # caches of earlier runs remove their layer hooks when collected
+    gc.collect()  # every run starts collected: halted caches of earlier runs remove their layer hooks when collected,
+    # which transformers' compiled static-cache step needs (a stale hook would make it recompile)
     devices = model_devices(model)
     gpus = [device for device in devices if device.type == "cuda"]
     for device in gpus:
         torch.cuda.reset_peak_memory_stats(device)
     timers.reset()
     if path == "graphs":
-        output = decoder.generate(inputs, press, new_tokens)
+        output = decoder.generate(inputs, press, new_tokens, stop_at_end=False)
         figures = timers.milliseconds()
         figures["ttft_ms"] = output.first_token.milliseconds()
         figures["decode_step_ms"] = output.decode.milliseconds() / (new_tokens - 1)
-        figures["answer_ms"] = figures["ttft_ms"] + output.decode.milliseconds()
+        figures["answer_ms"] = output.answer.milliseconds()
         figures["captured"] = output.captured
     else:
         tokens = TokenTimer(devices[0], timers.new_timer)
@@ -422,7 +424,7 @@ def run_bench(config: BenchConfig) -> dict:
     timers = StageTimers(model)
     decoder = None
     if "graphs" in config.paths:  # on a CPU its static step runs uncaptured
-        decoder = StaticDecoder(model, capture=config.device.startswith("cuda"), max_graphs=2 * len(config.variants()))
+        decoder = StaticDecoder(model, capture=config.device.startswith("cuda"), max_graphs=len(config.variants()) + 1)
     rows, latency = [], []
     presses = {variant: config.press(variant) for variant in config.variants()}
     measured = config.runs()
