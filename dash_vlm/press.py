@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import time
+import weakref
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from kvpress import BasePress
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from dash_vlm.cache import attach_halted_layers, check_cache
 from dash_vlm.halting import SCOPES, eligible_tokens, halt_counts, halt_counts_on_device
@@ -36,6 +37,7 @@ from dash_vlm.scorers import SCORERS, Reading, Scorer
 from dash_vlm.vision import VisionHalting, VisionPass, vision_counts
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+_PRESSED: weakref.WeakSet = weakref.WeakSet()  # models inside a `with press(model)` block
 
 
 @dataclass
@@ -192,6 +194,15 @@ class DeltaPress(BasePress):
         finally:
             executor.remove()
 
+    def compress(self, *args, **kwargs):
+        """kvpress's wrappers (``ComposedPress``, ``PerLayerCompressionPress``, ...) call a press's ``compress`` on
+        each attention layer's keys and values; DASH does not compress a cache, it changes which tokens deeper layers
+        run on, so it is applied on its own."""
+        raise NotImplementedError(
+            "DeltaPress cannot run inside kvpress's ComposedPress or other wrapper presses: it halts tokens across "
+            "layers instead of compressing each layer's cache; apply it alone, `with press(model): ...`"
+        )
+
     @property
     def last_stats(self) -> list[PrefillStats]:
         """Statistics of the last prefill run under this press, one per sample (empty before any)."""
@@ -202,17 +213,19 @@ class Timer:
     """Wall time of a call: CUDA events on a GPU (read only when asked, so no sync), else ``perf_counter``."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.cuda, self.device = device.type == "cuda", device
         if self.cuda:
             self.start_event = torch.cuda.Event(enable_timing=True)
             self.end_event = torch.cuda.Event(enable_timing=True)
-            self.start_event.record()
+            with torch.cuda.device(device):  # an event records on the current device's stream: make it the model's
+                self.start_event.record()
         else:
             self.start_time = time.perf_counter()
 
     def stop(self) -> None:
         if self.cuda:
-            self.end_event.record()
+            with torch.cuda.device(self.device):
+                self.end_event.record()
         else:
             self.end_time = time.perf_counter()
 
@@ -237,7 +250,7 @@ class _Prefill:
     scores: torch.Tensor | None = None
     plan: HaltPlan | None = None
     decision_output: torch.Tensor | None = None  # output of the decision layer, the halted tokens' final state
-    compact_kwargs: dict = field(default_factory=dict)
+    compact_kwargs: dict = field(default_factory=dict)  # id of a layer's full-layout mask -> (it, compact inputs)
     _masks: tuple[torch.Tensor, torch.Tensor] | None = None
     _counts: torch.Tensor | None = None
     _host_counts: list[list[int]] | None = None
@@ -349,6 +362,11 @@ class _Executor:
     model at the adapter's insertion points; ``remove`` restores the model exactly."""
 
     def __init__(self, press: DeltaPress, model: PreTrainedModel, protect: torch.Tensor | None):
+        if model in _PRESSED:  # a second press would re-plan the first one's compact layers and caches
+            raise NotImplementedError(
+                "DASH presses do not nest: this model is already inside a `with press(model)` block (in this thread "
+                "or another; DashVLM serialises its calls)"
+            )
         self.press, self.config = press, press.halting_config()
         adapter: ModelAdapter = adapter_for(model)
         attention = model.config._attn_implementation
@@ -387,8 +405,13 @@ class _Executor:
             prefill_module.register_forward_hook(self._on_prefill_end, with_kwargs=True),
         ]
         self.halting_handles: list = []
+        self.model = weakref.ref(model)
+        _PRESSED.add(model)
 
     def remove(self) -> None:
+        model = self.model()
+        if model is not None:
+            _PRESSED.discard(model)
         for handle in self.handles:
             handle.remove()
         self._remove_halting_hooks()
@@ -422,10 +445,17 @@ class _Executor:
         self.prefill = None
         self._remove_halting_hooks()  # left by a prefill that failed
         cache = kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise NotImplementedError(
+                f"the press needs transformers' DynamicCache, got {type(cache).__name__} (for example from "
+                "generate(..., cache_implementation='static')); for a static-cache decode use DashVLM(cuda_graphs=True)"
+            )
         if cache is not None and cache.get_seq_length() > 0:
             return  # a later forward on a prefilled cache: nothing halts
-        if kwargs.get("output_hidden_states"):
-            raise ValueError("DASH does not support output_hidden_states=True in a prefill (deeper layers are compact)")
+        config = getattr(module, "config", None)
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag, getattr(config, flag, False)):
+                raise ValueError(f"DASH does not support {flag}=True in a prefill (deeper layers are compact)")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         reference = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         timer = Timer(reference.device)
@@ -498,13 +528,17 @@ class _Executor:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             plan = self._decide(hidden.device)
             prefill.decision_output = hidden
-            prefill.compact_kwargs = plan.compact_inputs(kwargs, self.flash)
             cache = kwargs.get("past_key_values")
             if cache is not None:
                 check_cache(cache, self.decision_layer + 1)
                 attach_halted_layers(cache, self.layers, plan.cache_record(self.flash), self.decision_layer + 1)
             args = (plan.gather(hidden), *args[1:])
-        kwargs.update(prefill.compact_kwargs)
+        # Layers of different attention types (full and sliding window) get different masks: compact each mask once.
+        mask = kwargs.get("attention_mask")
+        known = prefill.compact_kwargs.get(id(mask))
+        if known is None or known[0] is not mask:
+            known = prefill.compact_kwargs[id(mask)] = (mask, prefill.plan.compact_inputs(kwargs, self.flash))
+        kwargs.update(known[1])
         return args, kwargs
 
     def _on_final_norm(self, module: nn.Module, args: tuple):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -26,7 +28,8 @@ from dash_vlm.press import DeltaPress, PrefillStats, Timer
 
 logger = logging.getLogger(__name__)
 
-ImageInput = str | Path | Image.Image
+ImageInput = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
+SINGLE_IMAGES = (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)  # what one image may be
 VideoInput = str | Path | Sequence[Image.Image]
 VIDEO_FPS = 2.0  # frames sampled per second of a video file, the qwen-vl-utils default
 
@@ -105,6 +108,7 @@ class DashVLM:
         self.min_pixels, self.max_pixels, self.allow_urls = min_pixels, max_pixels, allow_urls
         processor.tokenizer.padding_side = "left"
         self.fast = StaticDecoder(model) if cuda_graphs else None
+        self._lock = threading.Lock()  # one model, one generation at a time: calls from several threads take turns
 
     @classmethod
     def from_pretrained(
@@ -199,8 +203,6 @@ class DashVLM:
             raise ValueError(f"prompt must be a non-empty string or a non-empty list of them, got {prompt!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if generation_kwargs.get("num_return_sequences", 1) != 1:
-            raise ValueError("num_return_sequences must be 1: DashVLM returns one answer per prompt")
         if video is not None and not self.adapter.video:
             raise ValueError(
                 f"video is supported for model types {', '.join(model_types_with('video'))}, "
@@ -239,12 +241,18 @@ class DashVLM:
         """
         if not conversations:
             raise ValueError("conversations must hold at least one conversation, got none")
+        if generation_kwargs.get("num_return_sequences", 1) != 1:
+            raise NotImplementedError("num_return_sequences must be 1: DashVLM returns one answer per prompt")
         if prompts is not None and len(prompts) != len(conversations):
             raise ValueError(f"prompts must have one entry per conversation ({len(conversations)}), got {len(prompts)}")
         inputs = self.adapter.processor_inputs(
             self.processor, conversations, self.min_pixels, self.max_pixels, prompts=prompts
         )
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        with self._lock:
+            return self._generate(inputs, max_new_tokens, generation_kwargs)
+
+    def _generate(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
         if self.fast is not None:
             return self._generate_fast(inputs, max_new_tokens, generation_kwargs)
         generation_kwargs.setdefault("do_sample", False)
@@ -256,9 +264,11 @@ class DashVLM:
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         counts = _generated_counts(new_tokens, self.model.generation_config.eos_token_id)
         ttft_ms = first_token.timer.milliseconds()
+        beams = generation_kwargs.get("num_beams") or self.model.generation_config.num_beams or 1
+        stats = self.press.last_stats[::beams]  # beam search prefills each prompt once per beam, identically
         return [
-            GenerationResult(text.strip(), stats, ttft_ms, count)
-            for text, stats, count in zip(texts, self.press.last_stats, counts, strict=True)
+            GenerationResult(text.strip(), sample_stats, ttft_ms, count)
+            for text, sample_stats, count in zip(texts, stats, counts, strict=True)
         ]
 
     def _generate_fast(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
@@ -295,15 +305,23 @@ class DashVLM:
         targets = inputs["input_ids"][:, length:]
         protect = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         protect[:, length:] = True
-        with torch.inference_mode(), self.press(self.model, protect=protect):
+        with self._lock, torch.inference_mode(), self.press(self.model, protect=protect):
             logits = self.model(**inputs).logits[:, length - 1 : -1].float()
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
         return log_probs.sum().item(), bool((logits.argmax(-1) == targets).all())
 
     def _load_image(self, image: ImageInput) -> Image.Image:
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        return _open_image(self._read_file("image", image), str(image))
+            return _rgb(image, "the PIL image")
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            return _array_image(image)
+        if isinstance(image, bytes):
+            return _open_image(image, f"<{len(image)} bytes>")
+        if isinstance(image, (str, Path)):
+            return _open_image(self._read_file("image", image), str(image))
+        raise TypeError(
+            f"image must be a path, URL, bytes, PIL image, numpy array or torch tensor, got {type(image).__name__}"
+        )
 
     def _load_video(self, video: VideoInput) -> list[Image.Image]:
         if isinstance(video, (str, Path)):
@@ -332,7 +350,7 @@ def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool
     def as_list(entry) -> list:
         if entry is None:
             return []
-        is_single = isinstance(entry, (str, Path, Image.Image))
+        is_single = isinstance(entry, SINGLE_IMAGES)
         if frames and not is_single and all(isinstance(frame, Image.Image) for frame in entry):
             return [entry]  # one video given as its frames
         return [entry] if is_single else list(entry)
@@ -341,7 +359,7 @@ def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool
         return [as_list(value)]
     if value is None:
         return [[] for _ in range(prompts)]
-    if isinstance(value, (str, Path, Image.Image)) or len(value) != prompts:
+    if isinstance(value, SINGLE_IMAGES) or len(value) != prompts:
         raise ValueError(
             f"{parameter} must be a list with one entry per prompt ({prompts} prompts) when prompt is a list, "
             f"got {value!r:.200}"
@@ -352,9 +370,44 @@ def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool
 def _open_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            image.load()
+            return _rgb(image, name)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"image {name!r} is not an image file PIL can read ({error})") from error
+
+
+def _rgb(image: Image.Image, name: str) -> Image.Image:
+    """An RGB image as a viewer shows it: EXIF orientation applied, 16-bit and float pixels scaled to 8 bits."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image {name} is empty ({image.width}x{image.height} pixels)")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG and TIFF: convert("RGB") would clip to white
+        pixels = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((pixels * 255 if pixels.max() <= 1 else pixels).clip(0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def _array_image(array: np.ndarray | torch.Tensor) -> Image.Image:
+    """An image from an array: ``[height, width]``, ``[height, width, channels]`` or ``[channels, height, width]``
+    with 1, 3 or 4 channels; uint8 values, or floats in [0, 1]."""
+    pixels = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if pixels.ndim == 3 and pixels.shape[-1] not in (1, 3, 4) and pixels.shape[0] in (1, 3, 4):
+        pixels = pixels.transpose(1, 2, 0)  # channels first
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (1, 3, 4)):
+        raise ValueError(
+            f"image array must be [height, width], [height, width, channels] or [channels, height, width] with 1, "
+            f"3 or 4 channels, got shape {tuple(pixels.shape)}"
+        )
+    if pixels.dtype != np.uint8:
+        if not np.issubdtype(pixels.dtype, np.floating) or pixels.size and not 0 <= pixels.min() <= pixels.max() <= 1:
+            raise ValueError(f"image array must hold uint8 values or floats in [0, 1], got {pixels.dtype}")
+        pixels = (pixels * 255).round().astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    return _rgb(Image.fromarray(pixels), f"array of shape {tuple(array.shape)}")
 
 
 def _decode_video(data: bytes, name: str) -> list[Image.Image]:

@@ -81,3 +81,29 @@ def test_kvpress_pipeline_matches_reference(model_type, attention, questions):
     assert actual == expected
     assert len(actual) == len(questions) and all(answer.strip() for answer in actual)
     assert actual != plain or len(questions) == 1  # halting changes some answer of the random model
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_layers_of_different_attention_types_get_their_own_compact_masks(attention):
+    """A decoder mixing sliding-window and full-attention layers above the decision layer, without a cache: each
+    layer type keeps its own mask on the compact sequence (the reference masks each layer's own mask)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dash_vlm.models.text import TEXT
+
+    torch.manual_seed(0)
+    types = ["full_attention"] * 3 + ["sliding_attention", "full_attention"]
+    config = Qwen2Config(**(TEXT | dict(sliding_window=6, layer_types=types)), use_sliding_window=True)
+    config._attn_implementation = attention
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(2, 100, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        reference = MaskedReference(model, 0.5, scope="all")
+        with reference():
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        with DeltaPress(compression_ratio=0.5, scope="all")(model):
+            actual = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+    assert relative_error(actual, expected) <= 1e-5 < relative_error(plain, expected)

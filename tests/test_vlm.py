@@ -179,7 +179,11 @@ def test_loading_options(checkpoints, image_files, dtype):
         (lambda image, text: dict(image=image, prompt=["a", "b"]), ValueError, "one entry per prompt"),
         (lambda image, text: dict(image="https://example.com/cat.jpg", prompt="x"), ValueError, "allow_urls"),
         (lambda image, text: dict(image=image, prompt="x", max_new_tokens=0), ValueError, "max_new_tokens"),
-        (lambda image, text: dict(image=image, prompt="x", num_return_sequences=2), ValueError, "num_return_seq"),
+        (
+            lambda image, text: dict(image=image, prompt="x", num_return_sequences=2),
+            NotImplementedError,
+            "num_return_seq",
+        ),
         (lambda image, text: dict(video=[Image.open(image)], prompt="x"), ValueError, "video is supported for"),
     ],
 )
