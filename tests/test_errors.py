@@ -223,3 +223,10 @@ def _inputs(model, image, question) -> dict:
 
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
     return dict(adapter_for(model).processor_inputs(AutoProcessor.from_pretrained(QWEN), [chat]))
+
+
+def test_a_missing_local_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is a local path that does not exist"):
+        DashVLM.from_pretrained(str(tmp_path / "no-such-checkpoint"))
+    with pytest.raises(FileNotFoundError, match="local path that does not exist"):
+        DashVLM.from_pretrained("./no-such-checkpoint")
