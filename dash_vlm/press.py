@@ -11,7 +11,8 @@ Inside the block, every prefill (a forward on an empty cache, or without one) is
 4. a pre-hook on the final norm puts the kept tokens' states back among the halted tokens' layer-``s`` states.
 
 The hooks of steps 2-4 are added in step 1 and removed when the prefill ends, so a prefill at ratio 0 and every
-decode step run the model's own forward with no press hook per layer. The hooks only wire: the rule is in
+decode step run the model's own forward with no press hook per layer. With ``vision_compression_ratio > 0`` the
+vision tower's passes halt patches too (``vision.py``, DESIGN.md section 6). The hooks only wire: the rule is in
 ``halting.py``, the methods in ``scorers.py``, the plan in ``plan.py``, the insertion points on the model adapter.
 """
 
