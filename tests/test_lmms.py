@@ -182,8 +182,8 @@ def test_loglikelihood_protects_the_continuation(shapes_task):
     assert plain_greedy == (sample.answer == processor.tokenizer.decode([logits.argmax().item()]).strip())
 
 
-def run_lmms_eval(tmp_path: Path, processes: int, limit: int) -> tuple[dict, list[dict]]:
-    output = tmp_path / f"run{processes}"
+def run_lmms_eval(tmp_path: Path, processes: int, limit: int, *extra: str) -> tuple[dict, list[dict]]:
+    output = tmp_path / f"run{processes}{''.join(extra)}"
     launcher = [sys.executable, "-m", "lmms_eval"]
     if processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
@@ -198,6 +198,7 @@ def run_lmms_eval(tmp_path: Path, processes: int, limit: int) -> tuple[dict, lis
         "--batch_size", "8",
         "--log_samples",
         "--output_path", str(output),
+        *extra,
     ]  # fmt: skip
     run = subprocess.run(command, env=os.environ | OFFLINE, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -232,3 +233,18 @@ def test_lmms_eval_command_line_one_and_two_processes(tmp_path):
     assert all(all(name in sample for name in FIGURES) for sample in two_samples)  # both ranks' figures
     for name in ("exact_match", "dash_tokens", "dash_kept_tokens", "dash_kv_cache_mb"):
         assert two["results"]["dash_shapes"][f"{name},none"] == pytest.approx(scores[f"{name},none"])
+
+
+def test_lmms_eval_beam_search_gives_one_answer_per_request(tmp_path):
+    limit = 8
+    results, samples = run_lmms_eval(tmp_path, 1, limit, "--gen_kwargs", "num_beams=2")
+    assert sorted(sample["doc_id"] for sample in samples) == list(range(limit))
+    assert all(all(name in sample for name in FIGURES) for sample in samples)
+    docs = read_test_split()[:limit]
+    vlm = DashVLM.from_pretrained(QWEN, compression_ratio=0.5)
+    direct = vlm.generate(image=[d.image for d in docs], prompt=[d.question for d in docs], num_beams=2)
+    assert [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])] == [r.text for r in direct]
+    assert (
+        results["results"]["dash_shapes"]["dash_kept_tokens,none"]
+        < results["results"]["dash_shapes"]["dash_tokens,none"]
+    )
