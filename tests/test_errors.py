@@ -230,3 +230,11 @@ def test_a_missing_local_checkpoint_is_named(tmp_path):
         DashVLM.from_pretrained(str(tmp_path / "no-such-checkpoint"))
     with pytest.raises(FileNotFoundError, match="local path that does not exist"):
         DashVLM.from_pretrained("./no-such-checkpoint")
+
+
+def test_repeated_calls_leave_no_hooks_and_no_halted_caches():
+    """The leak script on a few calls (its 200-call memory figure is in the README)."""
+    from leak_check import main as leak_check
+
+    result = leak_check(["--calls", "5"])
+    assert result["hooks_left"] == 0 and result["halted_layers_alive"] == 0
