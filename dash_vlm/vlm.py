@@ -134,12 +134,12 @@ class DashVLM:
         keyword arguments go to the model's ``from_pretrained`` (``trust_remote_code``, ``revision``,
         ``quantization_config``, ...). ``cuda_graphs=True`` turns on the fast path (see :class:`DashVLM`).
         """
-        if str(name_or_path).startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
-            raise FileNotFoundError(f"name_or_path {str(name_or_path)!r} is a local path that does not exist")
         halting = DeltaPress.pop_parameters(model_kwargs)
         if press is not None and halting:
             raise ValueError(f"give either press or halting parameters, not both (got press and {sorted(halting)})")
         press = press if press is not None else DeltaPress(**halting)
+        if str(name_or_path).startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+            raise FileNotFoundError(f"name_or_path {str(name_or_path)!r} is a local path that does not exist")
         hub_kwargs = {
             key: model_kwargs[key] for key in ("trust_remote_code", "revision", "token") if key in model_kwargs
         }
