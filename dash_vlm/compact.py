@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -68,3 +70,12 @@ def restrict_attention_mask(
     return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill_(
         ~allowed, torch.finfo(mask.dtype).min
     )
+
+
+def computed_once(store: dict, value: object, compute: Callable[[object], object]) -> object:
+    """``compute(value)``, remembered in ``store`` by the identity of ``value``: the layers or blocks of one forward
+    receive the very same mask, rotary or segment objects, so their compact forms are computed once per forward."""
+    known = store.get(id(value))
+    if known is None or known[0] is not value:  # an id can be reused once its object is gone: check the object
+        known = store[id(value)] = (value, compute(value))
+    return known[1]

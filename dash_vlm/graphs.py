@@ -329,10 +329,7 @@ class StaticDecoder:
 
     def _all_ended(self, tokens: torch.Tensor) -> bool:
         """Whether every sample has produced an end-of-sequence token (a host sync)."""
-        ends = self.model.generation_config.eos_token_id
-        if ends is None:
-            return False
-        return bool(torch.isin(tokens, torch.tensor(ends, device=tokens.device).flatten()).any(-1).all())
+        return bool(end_tokens(tokens, self.model.generation_config.eos_token_id).any(-1).all())
 
     def _graph(self, shape: DecodeShape, cache: DynamicCache, positions: torch.Tensor) -> tuple[_DecodeGraph, bool]:
         if shape in self.graphs:
@@ -374,14 +371,25 @@ class StaticDecoder:
         config = self.model.generation_config
         if config.eos_token_id is None:
             return tokens
-        ends = torch.isin(tokens, torch.tensor(config.eos_token_id, device=tokens.device).flatten())
-        after = (ends.long().cumsum(-1) - ends.long()) > 0
         padding = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         padding = padding[0] if isinstance(padding, list) else padding
-        return tokens.masked_fill(after, padding)
+        return tokens.masked_fill(after_first_end(tokens, config.eos_token_id), padding)
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition penalty: the logit of every token seen so far divided by ``penalty`` when positive,
     multiplied when negative."""
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def end_tokens(tokens: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
+    """``[batch, steps]`` bool, True on end-of-sequence tokens (none without ``eos_token_id``)."""
+    if eos_token_id is None:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return torch.isin(tokens, torch.tensor(eos_token_id, device=tokens.device).flatten())
+
+
+def after_first_end(tokens: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
+    """``[batch, steps]`` bool, True strictly after each sample's first end-of-sequence token."""
+    ends = end_tokens(tokens, eos_token_id).long()
+    return (ends.cumsum(-1) - ends) > 0

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from dash_vlm.cache import attach_halted_layers, check_cache
+from dash_vlm.compact import computed_once
 from dash_vlm.halting import SCOPES, eligible_tokens, halt_counts, halt_counts_on_device
 from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
 from dash_vlm.plan import HaltPlan, plan_halting
@@ -251,7 +252,7 @@ class _Prefill:
     scores: torch.Tensor | None = None
     plan: HaltPlan | None = None
     decision_output: torch.Tensor | None = None  # output of the decision layer, the halted tokens' final state
-    compact_kwargs: dict = field(default_factory=dict)  # id of a layer's full-layout mask -> (it, compact inputs)
+    compact_kwargs: dict = field(default_factory=dict)  # compact inputs per full-layout mask (``computed_once``)
     _masks: tuple[torch.Tensor, torch.Tensor] | None = None
     _counts: torch.Tensor | None = None
     _host_counts: list[list[int]] | None = None
@@ -535,11 +536,12 @@ class _Executor:
                 attach_halted_layers(cache, self.layers, plan.cache_record(self.flash), self.decision_layer + 1)
             args = (plan.gather(hidden), *args[1:])
         # Layers of different attention types (full and sliding window) get different masks: compact each mask once.
-        mask = kwargs.get("attention_mask")
-        known = prefill.compact_kwargs.get(id(mask))
-        if known is None or known[0] is not mask:
-            known = prefill.compact_kwargs[id(mask)] = (mask, prefill.plan.compact_inputs(kwargs, self.flash))
-        kwargs.update(known[1])
+        compact = computed_once(
+            prefill.compact_kwargs,
+            kwargs.get("attention_mask"),
+            lambda mask: prefill.plan.compact_inputs(kwargs, self.flash),
+        )
+        kwargs.update(compact)
         return args, kwargs
 
     def _on_final_norm(self, module: nn.Module, args: tuple):

@@ -5,8 +5,8 @@ lowest halting first. Everything else is the same for every method: eligibility,
 (``halting.select_halted``), the compact execution and the cache. ``DeltaPress(method=name)`` builds
 ``SCORERS[name]`` from its fields of the same names.
 
-The press reads a decoder layer: ``[batch, tokens, ...]`` tensors. The vision-tower site will read a vision block
-through the same interface: the flat patches of all images as one sample (``batch`` 1), selected per image segment.
+The press reads a decoder layer: ``[batch, tokens, ...]`` tensors. The vision-tower site (``vision.py``) reads a
+vision block through the same interface, each image or frame group as one sample (a row of a padded batch).
 """
 
 from __future__ import annotations
@@ -71,45 +71,44 @@ class Scorer(ABC):
 
 
 @dataclass(frozen=True)
-class DashScorer(Scorer):
-    """DASH: the L2 norm of each token's self-attention output at layer ``floor(start_ratio * num_layers)``."""
+class StartRatioScorer(Scorer):
+    """A scorer that reads layer ``floor(start_ratio * num_layers)``, DASH's decision layer (the vision tower's
+    scorer is the same one with ``start_ratio`` replaced by ``vision_start_ratio``)."""
 
     start_ratio: float
-    reads: ClassVar[tuple[str, ...]] = ("attention_output",)
 
     def layer(self, num_layers: int) -> int:
         return decision_layer(self.start_ratio, num_layers)
+
+
+@dataclass(frozen=True)
+class DashScorer(StartRatioScorer):
+    """DASH: the L2 norm of each token's self-attention output at layer ``floor(start_ratio * num_layers)``."""
+
+    reads: ClassVar[tuple[str, ...]] = ("attention_output",)
 
     def score(self, reading: Reading) -> torch.Tensor:
         return token_scores(reading.attention_output)
 
 
 @dataclass(frozen=True)
-class RandomScorer(Scorer):
+class RandomScorer(StartRatioScorer):
     """The baseline that isolates the score's value: the same number of tokens halt at the same layer as with DASH,
     chosen by a pseudo-random hash of the sample and ``seed`` (a sample scores the same alone or in a batch)."""
 
-    start_ratio: float
     seed: int
     reads: ClassVar[tuple[str, ...]] = ("input_ids",)
-
-    def layer(self, num_layers: int) -> int:
-        return decision_layer(self.start_ratio, num_layers)
 
     def score(self, reading: Reading) -> torch.Tensor:
         return random_scores(reading.input_ids, reading.real, self.seed)
 
 
 @dataclass(frozen=True)
-class LayerDeltaScorer(Scorer):
+class LayerDeltaScorer(StartRatioScorer):
     """DASH's layer-delta ablation: the L2 norm of the whole update of layer ``floor(start_ratio * num_layers)``, its
     output minus its input (attention and FFN together), in float32."""
 
-    start_ratio: float
     reads: ClassVar[tuple[str, ...]] = ("layer_input", "layer_output")
-
-    def layer(self, num_layers: int) -> int:
-        return decision_layer(self.start_ratio, num_layers)
 
     def score(self, reading: Reading) -> torch.Tensor:
         return token_scores(reading.layer_output.float() - reading.layer_input.float())

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dash_vlm.compact import computed_once
 from dash_vlm.halting import segment_halt_counts, segment_halt_counts_on_device, segment_rows
 from dash_vlm.models import ModelAdapter
 from dash_vlm.plan import SegmentPlan, plan_segment_halting
@@ -50,7 +51,7 @@ class _PassState:
     reading: dict[str, torch.Tensor] = field(default_factory=dict)
     plan: SegmentPlan | None = None
     decision_output: torch.Tensor | None = None
-    compact: dict[int, tuple[object, object]] = field(default_factory=dict)  # id of a block input -> (it, compact)
+    compact: dict = field(default_factory=dict)  # the compact block inputs (``compact.computed_once``)
 
 
 class VisionHalting:
@@ -134,23 +135,14 @@ class VisionHalting:
                 args = (self.state.plan.gather(args[0]), *args[1:])
             else:
                 kwargs["hidden_states"] = self.state.plan.gather(kwargs["hidden_states"])
-        for name in ("cu_seqlens", "position_embeddings"):
-            if kwargs.get(name) is not None:
-                kwargs[name] = self._compact(kwargs[name], name)
+        plan, compact = self.state.plan, self.state.compact
+        if kwargs.get("cu_seqlens") is not None:
+            kwargs["cu_seqlens"] = computed_once(compact, kwargs["cu_seqlens"], plan.compact_segments)
+        if kwargs.get("position_embeddings") is not None:
+            kwargs["position_embeddings"] = computed_once(
+                compact, kwargs["position_embeddings"], lambda parts: tuple(plan.gather(part) for part in parts)
+            )
         return args, kwargs
-
-    def _compact(self, value, name: str):
-        """The compact form of a block input, computed once per pass (every block receives the same objects)."""
-        cached = self.state.compact.get(id(value))
-        if cached is not None and cached[0] is value:
-            return cached[1]
-        plan = self.state.plan
-        if name == "cu_seqlens":
-            compact = plan.compact_segments(value)
-        else:
-            compact = tuple(plan.gather(part) for part in value)
-        self.state.compact[id(value)] = (value, compact)
-        return compact
 
     def _on_last_block(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return self.state.plan.restore(output, self.state.decision_output)

@@ -22,7 +22,7 @@ from transformers import (
     StoppingCriteria,
 )
 
-from dash_vlm.graphs import StaticDecoder
+from dash_vlm.graphs import StaticDecoder, after_first_end
 from dash_vlm.models import ModelAdapter, adapter_for, chat_prompts, model_types_with
 from dash_vlm.press import DeltaPress, PrefillStats, Timer
 
@@ -61,11 +61,7 @@ class FirstTokenTimer(StoppingCriteria):
 
 def _generated_counts(new_tokens: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:
     """Tokens generated per sample, up to and including its first end-of-sequence token."""
-    if eos_token_id is None:
-        return [new_tokens.shape[1]] * new_tokens.shape[0]
-    eos = torch.isin(new_tokens, torch.tensor(eos_token_id, device=new_tokens.device).flatten())
-    after_eos = eos.long().cumsum(-1) - eos.long()  # > 0 strictly after the first EOS
-    return (after_eos == 0).sum(-1).tolist()
+    return (~after_first_end(new_tokens, eos_token_id)).sum(-1).tolist()
 
 
 class DashVLM:
@@ -262,16 +258,9 @@ class DashVLM:
         generation_kwargs["stopping_criteria"] = [*generation_kwargs.get("stopping_criteria", []), first_token]
         with torch.inference_mode(), self.press(self.model):
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation_kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        counts = _generated_counts(new_tokens, self.model.generation_config.eos_token_id)
-        ttft_ms = first_token.timer.milliseconds()
         beams = generation_kwargs.get("num_beams") or self.model.generation_config.num_beams or 1
         stats = self.press.last_stats[::beams]  # beam search prefills each prompt once per beam, identically
-        return [
-            GenerationResult(text.strip(), sample_stats, ttft_ms, count)
-            for text, sample_stats, count in zip(texts, stats, counts, strict=True)
-        ]
+        return self._results(output[:, inputs["input_ids"].shape[1] :], stats, first_token.timer.milliseconds())
 
     def _generate_fast(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
         """Greedy generation on the fast path; only greedy settings are accepted."""
@@ -280,12 +269,15 @@ class DashVLM:
         if unsupported:
             raise ValueError(f"cuda_graphs=True decodes greedily; it does not take {unsupported}")
         output = self.fast.generate(dict(inputs), self.press, max_new_tokens)
-        texts = self.processor.batch_decode(output.tokens, skip_special_tokens=True)
-        counts = _generated_counts(output.tokens, self.model.generation_config.eos_token_id)
-        ttft_ms = output.first_token.milliseconds()
+        return self._results(output.tokens, self.press.last_stats, output.first_token.milliseconds())
+
+    def _results(self, new_tokens: torch.Tensor, stats: list[PrefillStats], ttft_ms: float) -> list[GenerationResult]:
+        """One result per prompt: its answer text, statistics, the batch's time to first token and its token count."""
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        counts = _generated_counts(new_tokens, self.model.generation_config.eos_token_id)
         return [
-            GenerationResult(text.strip(), stats, ttft_ms, count)
-            for text, stats, count in zip(texts, self.press.last_stats, counts, strict=True)
+            GenerationResult(text.strip(), sample_stats, ttft_ms, count)
+            for text, sample_stats, count in zip(texts, stats, counts, strict=True)
         ]
 
     def score_continuation(

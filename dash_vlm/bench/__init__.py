@@ -500,8 +500,8 @@ def size_rows(
     lengths = sorted({length for s in stats.values() for length in (s.tokens, s.kept)})
     layer_ms = layer_milliseconds(model, inputs, lengths, config.repeats)
     if any(config.vision_ratios):
-        vision_presses = {0.0: None} | {  # the tower's gain is timed without decoder halting
-            vision_ratio: DeltaPress(**config.halting, compression_ratio=0.0, vision_compression_ratio=vision_ratio)
+        vision_presses = {0.0: None} | {  # the tower's gain is timed without decoder halting, with DASH's score
+            vision_ratio: config.press((0.0, vision_ratio, "dash"))
             for vision_ratio in config.vision_ratios
             if vision_ratio > 0
         }
