@@ -205,7 +205,7 @@ def test_two_gpu_script_verdict_on_the_published_runs():
 
     from dash_vlm.resources import bundled
 
-    for name in ("two_gpu.json", "two_gpu-run2.json"):
+    for name in ("two_gpu.json", "two_gpu-run3.json", "two_gpu-run2.json"):
         document = json.loads((bundled("assets") / "bench" / "two-gpu" / name).read_text())
         assert find_failures(document) == []
     cases = document["results"][0]["cases"]
