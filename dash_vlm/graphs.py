@@ -15,7 +15,8 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import OrderedDict
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +24,18 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, StaticLayer
 
-from dash_vlm.cache import HaltedLayer
+from dash_vlm.cache import HaltedLayer, attach_halted_layers
 from dash_vlm.models import adapter_for
-from dash_vlm.press import DeltaPress, Timer
+from dash_vlm.plan import HaltPlan, plan_halting
+from dash_vlm.press import DeltaPress, Timer, executor_of
+from dash_vlm.scorers import Reading, Scorer
 
 logger = logging.getLogger(__name__)
 
 BUCKET = 256  # prompt parts of the static cache are rounded up to a multiple of this, so graphs serve many prompts
+# A captured prefill pads the prompt and the kept slots to a multiple of this: the padding is computed (and wasted),
+# so it is finer than the decode bucket, where a padded slot costs only a masked read.
+PREFILL_BUCKET = 16
 CHUNK = 8  # steps replayed between two checks whether every sample has ended (one host sync per check)
 # Logits processors of a generation config that the fast path does not apply: it refuses them rather than answer
 # differently from ``generate`` (the repetition penalty, which Qwen2-VL's instruct checkpoints set, it applies).
@@ -64,6 +70,19 @@ class DecodeShape:
     steps: int
     keep_logits: bool
     repetition_penalty: float
+
+
+@dataclass(frozen=True)
+class PrefillShape:
+    """What a captured prefill of the decoder layers is specialised to: the batch, the prompt length and the kept
+    slots above the decision layer (0 when nothing halts), both padded to ``PREFILL_BUCKET``, whether the layers below
+    need an explicit mask (padding in the batch, or eager attention) and the scorer that decides."""
+
+    batch: int
+    length: int
+    slots: int
+    masked: bool
+    scorer: Scorer | None
 
 
 @dataclass
@@ -202,6 +221,154 @@ class _DecodeGraph:
                 self.run_step()
 
 
+def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _PrefillGraph:
+    """The decoder layers of one :class:`PrefillShape`, on static buffers: the layers up to the decision layer on the
+    padded prompt, the scorer and the plan (``plan.plan_halting``, with the bucket as the compact length), the layers
+    above on the kept slots, and the halted tokens' states put back. Device work only, so it can be captured.
+
+    The prompt is padded on the right: causal attention keeps the real tokens from the padding, which is not real, so
+    it neither halts nor is kept, and each row may always attend to itself, so that no row is fully masked.
+    """
+
+    def __init__(self, layers: nn.ModuleList, shape: PrefillShape, hidden: torch.Tensor, rotary: tuple):
+        self.layers, self.shape = layers, shape
+        self.decision = shape.scorer.layer(len(layers)) if shape.slots else len(layers) - 1
+        batch, length, device = shape.batch, shape.length, hidden.device
+        self.hidden = hidden.new_zeros(batch, length, hidden.shape[-1])
+        self.rotary = tuple(part.new_zeros(*part.shape[:-3], batch, length, part.shape[-1]) for part in rotary)
+        self.real = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        self.eligible = torch.zeros_like(self.real)
+        self.input_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.n_halt = torch.zeros(batch, dtype=torch.long, device=device)
+        lengths = [length] * (self.decision + 1) + [shape.slots] * (len(layers) - self.decision - 1)
+        self.cache = Cache(layers=[StaticLayer(n) for n in lengths])
+        self.additive = layers[0].self_attn.config._attn_implementation == "eager"
+        self.output: torch.Tensor | None = None
+        self.plan: HaltPlan | None = None
+        self.returns_tuple = False
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def load(self, hidden: torch.Tensor, rotary: tuple, real: torch.Tensor, eligible: torch.Tensor, **halting):
+        """Copy one prefill's inputs into the buffers (the padding zeroed): hidden states and position embeddings as
+        the decoder hands them to its layers, the real and eligible tokens, and with halting ``n_halt`` (``[batch]``)
+        and ``input_ids`` where the scorer reads them."""
+        length = hidden.shape[1]
+        self.hidden.zero_()[:, :length].copy_(hidden)
+        for buffer, part in zip(self.rotary, rotary, strict=True):
+            buffer.zero_()[..., :length, :].copy_(part)
+        self.real.zero_()[:, :length].copy_(real)
+        self.eligible.zero_()[:, :length].copy_(eligible)
+        if "n_halt" in halting:
+            self.n_halt.copy_(halting["n_halt"])
+        if halting.get("input_ids") is not None:
+            self.input_ids.zero_()[:, :length].copy_(halting["input_ids"])
+
+    def _mask(self) -> torch.Tensor:
+        length = self.shape.length
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.real.device).tril()
+        own = torch.eye(length, dtype=torch.bool, device=self.real.device)
+        allowed = ((causal & self.real[:, None, :]) | own)[:, None]
+        if not self.additive:
+            return allowed
+        additive = torch.zeros(allowed.shape, dtype=self.hidden.dtype, device=allowed.device)
+        return additive.masked_fill_(~allowed, torch.finfo(self.hidden.dtype).min)
+
+    def _run_layers(self, layers, hidden, mask, rotary, slots: int) -> torch.Tensor:
+        positions = torch.arange(slots, device=hidden.device)
+        for layer in layers:
+            output = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=rotary,
+                position_ids=None,
+                past_key_values=self.cache,
+                use_cache=True,
+                cache_position=positions,
+            )
+            self.returns_tuple = isinstance(output, tuple)
+            hidden = _hidden(output)
+        return hidden
+
+    def run(self) -> None:
+        """The decoder layers on the buffers; fills :attr:`output` (``[batch, length, hidden]``, before the final
+        norm), :attr:`plan` (with halting) and the static cache."""
+        shape, decision = self.shape, self.decision
+        mask = self._mask() if shape.masked else None
+        if not shape.slots:
+            self.output = self._run_layers(self.layers, self.hidden, mask, self.rotary, shape.length)
+            return
+        hidden = self._run_layers(self.layers[:decision], self.hidden, mask, self.rotary, shape.length)
+        reading = {"layer_input": hidden, "input_ids": self.input_ids}
+        handle = self.layers[decision].self_attn.register_forward_hook(
+            lambda module, args, output: reading.update(attention_output=output[0])
+        )
+        try:
+            hidden = self._run_layers(self.layers[decision : decision + 1], hidden, mask, self.rotary, shape.length)
+        finally:
+            handle.remove()
+        reading["layer_output"] = hidden
+        scorer = shape.scorer
+        scores = scorer.score(Reading(self.real, **{name: reading[name] for name in scorer.reads}))
+        plan = plan_halting(
+            scores, self.real, self.eligible, self.n_halt, [shape.slots], slots=shape.slots, filler_last=True
+        )
+        compact = plan.compact_inputs({"attention_mask": mask, "position_embeddings": self.rotary}, flash=False)
+        kept = self._run_layers(
+            self.layers[decision + 1 :],
+            plan.gather(hidden),
+            compact["attention_mask"],
+            compact["position_embeddings"],
+            shape.slots,
+        )
+        self.output, self.plan = plan.restore(kept, hidden), plan
+
+    def capture(self, pool: tuple) -> None:
+        """Capture :meth:`run` as a CUDA graph (after warm-up on a side stream), then replay it once."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.run()
+        self.graph.replay()
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.run()
+
+    def fill(self, cache: DynamicCache, length: int, layers: nn.ModuleList) -> None:
+        """Copy the static keys and values into ``cache`` as a halted cache of a ``length``-token prompt: the layers
+        up to the decision layer unpadded, the layers above with their slots (``HaltedLayer``)."""
+        if self.plan is not None:
+            record = self.plan.unpadded(length).cache_record(flash=False)
+            attach_halted_layers(cache, layers, record, self.decision + 1)
+        for index, static in enumerate(self.cache.layers):
+            slots = length if index <= self.decision else self.shape.slots
+            cache.update(static.keys[:, :, :slots], static.values[:, :, :slots], index)
+
+
+class _DecoderStack(nn.Module):
+    """Stands in for the decoder's list of layers during a fast-path prefill: the decoder's forward (masks, position
+    embeddings, final norm) runs as usual and calls this once instead of each layer."""
+
+    attention_type = "full_attention"  # the mask the decoder hands over is ignored: the graph builds its own
+
+    def __init__(self, run: Callable):
+        super().__init__()
+        self.run = run
+
+    def forward(self, hidden_states: torch.Tensor, *, position_embeddings: tuple, past_key_values: Cache, **kwargs):
+        return self.run(hidden_states, position_embeddings, past_key_values)
+
+
 class StaticDecoder:
     """Greedy generation whose decode steps run over a static cache, as replayed CUDA graphs (``capture=True``, on
     one GPU) or eagerly (``capture=False``: the same buffers and step, for checking on any device).
@@ -213,10 +380,15 @@ class StaticDecoder:
     capture : bool
         Capture each decode shape as a CUDA graph; needs the model on a CUDA GPU.
     max_graphs : int
-        How many shapes keep their graph and buffers (least recently used dropped first).
+        How many decode shapes, and how many prefill shapes, keep their graph and buffers (least recently used
+        dropped first).
+    prefill_bucket : int
+        The prefill pads the prompt and the kept slots to a multiple of this (1: no padding, a graph per length).
     """
 
-    def __init__(self, model: PreTrainedModel, capture: bool = True, max_graphs: int = 4):
+    def __init__(
+        self, model: PreTrainedModel, capture: bool = True, max_graphs: int = 4, prefill_bucket: int = PREFILL_BUCKET
+    ):
         devices = {parameter.device for parameter in model.parameters()}
         if len(devices) > 1:
             raise ValueError(f"cuda_graphs needs the model on one device; it is split over {sorted(map(str, devices))}")
@@ -228,6 +400,11 @@ class StaticDecoder:
             raise ValueError(f"cuda_graphs supports attn_implementation 'sdpa' and 'eager', got {attention!r}")
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        if not isinstance(prefill_bucket, int) or prefill_bucket < 1:
+            raise ValueError(f"prefill_bucket must be an int >= 1, got {prefill_bucket!r}")
+        layer_types = getattr(adapter_for(model).decoder(model).config, "layer_types", None) or ()
+        if any(kind != "full_attention" for kind in layer_types):
+            raise NotImplementedError("cuda_graphs supports decoders whose layers all use full attention")
         unsupported = [
             name
             for name, defaults in UNSUPPORTED_PROCESSORS.items()
@@ -241,8 +418,12 @@ class StaticDecoder:
         self.model, self.capture, self.max_graphs = model, capture, max_graphs
         self.adapter = adapter_for(model)
         self.graphs: OrderedDict[DecodeShape, _DecodeGraph] = OrderedDict()
+        self.prefill_graphs: OrderedDict[PrefillShape, _PrefillGraph] = OrderedDict()
+        self.prefill_bucket = prefill_bucket
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
+        self.graph_memory_bytes = 0  # GPU memory the graphs' buffers and captures took, as reserved by the allocator
+        self._prompt: tuple[torch.Tensor, bool] | None = None  # real tokens and whether to mask, during a prefill
         parameters = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep, self._takes_position_ids = (
             "logits_to_keep" in parameters,
@@ -269,13 +450,71 @@ class StaticDecoder:
         def read_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
             seen.setdefault("positions", kwargs.get("position_ids", args[1] if len(args) > 1 else None))
 
-        handle = self.adapter.decoder(model).rotary_emb.register_forward_pre_hook(read_positions, with_kwargs=True)
+        decoder = self.adapter.decoder(model)
+        layers = decoder.layers
+        handle = decoder.rotary_emb.register_forward_pre_hook(read_positions, with_kwargs=True)
+        mask = inputs.get("attention_mask")
+        real = torch.ones(inputs["input_ids"].shape, dtype=torch.bool) if mask is None else mask.bool()
+        eager = model.config._attn_implementation == "eager"
+        self._prompt = real.to(inputs["input_ids"].device), eager or not bool(real.all())  # the one host sync
         try:
-            with press(model) if press is not None else nullcontext():
+            with press(model) if press is not None else nullcontext():  # the press hooks the real layers
+                decoder.layers = nn.ModuleList([_DecoderStack(lambda *args: self._run_stack(layers, *args))])
                 output = model(**prepared)
         finally:
+            decoder.layers = layers
             handle.remove()
+            self._prompt = None
         return cache, output.logits[:, -1], seen["positions"][..., -1]
+
+    def _run_stack(self, layers: nn.ModuleList, hidden: torch.Tensor, rotary: tuple, cache: DynamicCache):
+        """The decoder layers of a prefill, as a :class:`_PrefillGraph` (captured the first time its shape comes, then
+        replayed), under the press's halting when a press is on and anything halts."""
+        executor = executor_of(self.model)
+        prefill = None if executor is None else executor.hand_over()
+        halting = prefill is not None and prefill.halting
+        real, masked = self._prompt
+        batch, length = hidden.shape[:2]
+        padded = bucket(length, self.prefill_bucket)
+        slots = min(bucket(max(prefill.kept_counts), self.prefill_bucket), padded) if halting else 0
+        shape = PrefillShape(batch, padded, slots, masked, executor.scorer if halting else None)
+        graph = self.prefill_graphs.get(shape)
+        new = graph is None
+        with self._counting_memory(hidden.device) if new and self.capture else nullcontext():
+            if new:
+                while len(self.prefill_graphs) >= self.max_graphs:
+                    self.prefill_graphs.popitem(last=False)
+                graph = self.prefill_graphs[shape] = _PrefillGraph(layers, shape, hidden, rotary)
+            if halting:
+                halting_inputs = {"n_halt": prefill.halt_counts_tensor, "input_ids": prefill.input_ids}
+                graph.load(hidden, rotary, real, prefill.eligible, **halting_inputs)
+            else:
+                graph.load(hidden, rotary, real, real)
+            if new and self.capture:
+                graph.capture(self.pool)
+                self.captures += 1
+                logger.info("captured a prefill graph for %s", shape)
+            else:
+                graph.replay()
+        self.prefill_graphs.move_to_end(shape)
+        graph.fill(cache, length, layers)
+        if halting:
+            prefill.plan = graph.plan.unpadded(length)
+        output = graph.output[:, :length]
+        return (output,) if graph.returns_tuple else output
+
+    @contextmanager
+    def _counting_memory(self, device: torch.device):
+        """Add the GPU memory the block leaves reserved to :attr:`graph_memory_bytes`: the allocator's unused cache is
+        emptied before and after (only when a graph is made, never on a replay), so what stays is the graphs' buffers
+        and memory pool."""
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(device)
+        yield
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        self.graph_memory_bytes += torch.cuda.memory_reserved(device) - before
 
     def generate(
         self,
@@ -337,14 +576,15 @@ class StaticDecoder:
             return self.graphs[shape], False
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
-        graph = _DecodeGraph(self.model, shape, cache, positions)
-        if self.capture:
-            first = positions.new_zeros(shape.batch)
-            seen = None if graph.seen is None else torch.zeros_like(graph.seen)
-            graph.load(cache, self._prompt_slots(cache, None), positions + 1, first, seen)
-            graph.capture(self.pool)
-            self.captures += 1
-            logger.info("captured a decode graph for %s", shape)
+        with self._counting_memory(positions.device) if self.capture else nullcontext():
+            graph = _DecodeGraph(self.model, shape, cache, positions)
+            if self.capture:
+                first = positions.new_zeros(shape.batch)
+                seen = None if graph.seen is None else torch.zeros_like(graph.seen)
+                graph.load(cache, self._prompt_slots(cache, None), positions + 1, first, seen)
+                graph.capture(self.pool)
+                self.captures += 1
+                logger.info("captured a decode graph for %s", shape)
         self.graphs[shape] = graph
         return graph, self.capture
 

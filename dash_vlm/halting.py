@@ -105,11 +105,13 @@ def select_halted(scores: torch.Tensor, eligible: torch.Tensor, n_halt: torch.Te
     return eligible & (ranks < n_halt[:, None])
 
 
-def compact_layout(kept: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_layout(kept: torch.Tensor, num_slots: int, filler_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each sample's kept tokens go in the shorter sequence that deeper layers run on.
 
     Each sample's kept positions, ascending, fill the last slots; the leading slots of a sample that keeps fewer
-    than ``num_slots`` tokens are filler (they point at one of its non-kept positions and are masked).
+    than ``num_slots`` tokens are filler (they point at one of its non-kept positions and are masked). With
+    ``filler_last`` the kept positions fill the first slots and the filler trails them, where causal attention alone
+    keeps the kept slots from it.
 
     Returns
     -------
@@ -118,9 +120,12 @@ def compact_layout(kept: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, to
     valid : torch.Tensor
         ``[batch, num_slots]`` bool, False on filler slots.
     """
-    positions = torch.arange(kept.shape[-1], device=kept.device).expand_as(kept)
-    keyed = torch.where(kept, positions, positions - kept.shape[-1])  # non-kept first, then kept, each ascending
-    index = torch.sort(keyed, dim=-1).values[:, -num_slots:] % kept.shape[-1]
+    length = kept.shape[-1]
+    positions = torch.arange(length, device=kept.device).expand_as(kept)
+    if filler_last:  # kept first, then non-kept, each ascending
+        index = torch.sort(torch.where(kept, positions, positions + length), dim=-1).values[:, :num_slots] % length
+    else:  # non-kept first, then kept, each ascending
+        index = torch.sort(torch.where(kept, positions, positions - length), dim=-1).values[:, -num_slots:] % length
     return index, kept.gather(-1, index)
 
 

@@ -32,6 +32,9 @@ class HaltPlan:
         ``[batch, tokens]`` long, the slot that holds each kept position.
     has_filler : bool
         Whether some sample keeps fewer tokens than there are slots.
+    filler_last : bool
+        Whether filler slots trail the kept ones (``halting.compact_layout``): then a prompt without padding needs no
+        mask in the compact layers either.
     """
 
     halted: torch.Tensor
@@ -40,6 +43,7 @@ class HaltPlan:
     valid: torch.Tensor
     slot_of_position: torch.Tensor
     has_filler: bool
+    filler_last: bool = False
 
     def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The kept tokens' states: ``[batch, tokens, hidden] -> [batch, slots, hidden]``."""
@@ -51,10 +55,14 @@ class HaltPlan:
         mask, position_ids = layer_kwargs.get("attention_mask"), layer_kwargs.get("position_ids")
         device = self.index.device if mask is None else mask.device  # a layer's inputs may sit on another device
         index, valid = self.index.to(device), self.valid.to(device)
-        return {
-            "attention_mask": restrict_attention_mask(
+        if mask is None and self.filler_last and not flash:  # causal attention keeps the trailing filler out
+            compact_mask = None
+        else:
+            compact_mask = restrict_attention_mask(
                 mask, index, valid, index, compact_queries=True, has_filler=self.has_filler, flash=flash
-            ),
+            )
+        return {
+            "attention_mask": compact_mask,
             "position_embeddings": tuple(self._take(part) for part in layer_kwargs["position_embeddings"]),
             "position_ids": None if position_ids is None else self._take(position_ids, trailing_dims=0),
         }
@@ -72,6 +80,20 @@ class HaltPlan:
             decision_output.to(device),
         )
 
+    def unpadded(self, length: int) -> HaltPlan:
+        """This plan for the first ``length`` positions of a prompt padded on the right (a captured prefill's bucket),
+        copied out of the buffers it was computed in; filler slots that point at padding point at position 0."""
+        index = torch.where(self.valid, self.index, 0)
+        return HaltPlan(
+            self.halted[:, :length].clone(),
+            self.kept[:, :length].clone(),
+            index,
+            self.valid.clone(),
+            self.slot_of_position[:, :length].clone(),
+            self.has_filler,
+            self.filler_last,
+        )
+
     def cache_record(self, flash: bool) -> HaltRecord:
         """What a halted KV cache keeps of this plan, for the forwards that continue it."""
         return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash)
@@ -84,6 +106,8 @@ def plan_halting(
     n_halt: torch.Tensor,
     kept_counts: list[int],
     select: Selection = select_halted,
+    slots: int | None = None,
+    filler_last: bool = False,
 ) -> HaltPlan:
     """Select the halted tokens and lay the kept ones out, with no copy to or from the host.
 
@@ -99,14 +123,20 @@ def plan_halting(
         The same knowledge on the host, real tokens minus halted per sample: the compact length is a shape.
     select : Selection
         The selection rule; the global rule by default.
+    slots : int, optional
+        The compact length; by default the largest kept count. A captured prefill gives its bucket: the same graph
+        serves other prompts of its shape, so any slot may be filler (``has_filler``).
+    filler_last : bool
+        Put the filler after the kept slots (``halting.compact_layout``).
     """
     halted = select(scores, eligible, n_halt)
     kept = real & ~halted
-    slots = max(kept_counts)
-    index, valid = compact_layout(kept, slots)
+    has_filler = slots is not None or min(kept_counts) < max(kept_counts)
+    slots = max(kept_counts) if slots is None else slots
+    index, valid = compact_layout(kept, slots, filler_last)
     slot_numbers = torch.arange(slots, device=index.device).expand(kept.shape[0], -1)
     slot_of_position = torch.zeros_like(kept, dtype=torch.long).scatter_(-1, index, slot_numbers)
-    return HaltPlan(halted, kept, index, valid, slot_of_position, has_filler=min(kept_counts) < slots)
+    return HaltPlan(halted, kept, index, valid, slot_of_position, has_filler, filler_last)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from dash_vlm.scorers import SCORERS, Reading, Scorer
 from dash_vlm.vision import VisionHalting, VisionPass, vision_counts
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
-_PRESSED: weakref.WeakSet = weakref.WeakSet()  # models inside a `with press(model)` block
+_EXECUTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its executor, inside `with press(model)`
 
 
 @dataclass
@@ -211,6 +211,11 @@ class DeltaPress(BasePress):
         return [] if self._last_prefill is None else self._last_prefill.stats()
 
 
+def executor_of(model: PreTrainedModel) -> _Executor | None:
+    """The hooks of the ``with press(model)`` block ``model`` is in, if any."""
+    return _EXECUTORS.get(model)
+
+
 class Timer:
     """Wall time of a call: CUDA events on a GPU (read only when asked, so no sync), else ``perf_counter``."""
 
@@ -364,7 +369,7 @@ class _Executor:
     model at the adapter's insertion points; ``remove`` restores the model exactly."""
 
     def __init__(self, press: DeltaPress, model: PreTrainedModel, protect: torch.Tensor | None):
-        if model in _PRESSED:  # a second press would re-plan the first one's compact layers and caches
+        if model in _EXECUTORS:  # a second press would re-plan the first one's compact layers and caches
             raise NotImplementedError(
                 "DASH presses do not nest: this model is already inside a `with press(model)` block (in this thread "
                 "or another; DashVLM serialises its calls)"
@@ -408,18 +413,25 @@ class _Executor:
         ]
         self.halting_handles: list = []
         self.model = weakref.ref(model)
-        _PRESSED.add(model)
+        _EXECUTORS[model] = self
 
     def remove(self) -> None:
         model = self.model()
         if model is not None:
-            _PRESSED.discard(model)
+            _EXECUTORS.pop(model, None)
         for handle in self.handles:
             handle.remove()
         self._remove_halting_hooks()
         if self.vision is not None:
             self.vision.remove()
         self.prefill = self.vision = None
+
+    def hand_over(self) -> _Prefill | None:
+        """For a runner that executes the decoder layers itself (the fast path's prefill, ``graphs.py``), called from
+        inside the decoder during a prefill: the prefill's state (token masks, halt counts, scorer inputs), with the
+        per-layer hooks removed. The runner sets its ``plan`` (who halted, for the statistics) and fills the cache."""
+        self._remove_halting_hooks()
+        return self.prefill
 
     def _add_halting_hooks(self) -> None:
         """The per-layer hooks, present only during a prefill that halts: a prefill at ratio 0 and every decode step

@@ -104,7 +104,7 @@ def test_bench_measures_every_decode_path(tmp_path):
     latency = {(entry["path"], tuple(entry["variant"] or ())): entry for entry in document["latency"]}
     assert set(latency) == {
         ("eager", ()), ("eager", (0, 0, "dash")), ("eager", (0.5, 0, "dash")), ("static", ()),
-        ("graphs", ()), ("graphs", (0, 0, "dash")), ("graphs", (0.5, 0, "dash")),
+        ("graphs", ()), ("graphs", (0, 0, "dash")), ("graphs", (0.5, 0, "dash")), ("unpadded", ()),
     }  # fmt: skip
     for entry in latency.values():
         assert entry["answer_ms"] > entry["ttft_ms"] > 0 and entry["decode_step_ms"] > 0
@@ -116,7 +116,11 @@ def test_bench_measures_every_decode_path(tmp_path):
         noisy = control is not None and any(abs(control[k] / vanilla[k] - 1) > 0.03 for k in ("prefill_ms", "ttft_ms"))
         assert entry["noisy"] == noisy
     assert latency[("eager", ())]["answer_speedup_vs_eager"] == 1
-    assert document["graph_captures"] == 0  # on a CPU the graphs path runs its static step uncaptured
+    assert document["graph_captures"] == {"graphs": 0, "unpadded": 0}  # on a CPU the graphs run uncaptured
+    for row in document["rows"]:  # the graphs path's gains against vanilla graphs without bucket padding
+        if row["path"] == "graphs":
+            unpadded = latency[("unpadded", ())]
+            assert row["vs_unpadded"]["ttft_ms"] == pytest.approx(unpadded["ttft_ms"] / row["dash"]["ttft_ms"])
 
 
 def test_bench_sweeps_methods_with_one_noise_control(tmp_path):

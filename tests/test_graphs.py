@@ -97,6 +97,73 @@ def test_static_cache_lengths_and_graph_reuse():
     assert [shape.batch for shape in decoder.graphs] == [1]  # the batch's shape was dropped, least recently used
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bucketed_prefill_runs_deeper_layers_on_the_kept_slots(family):
+    """The prefill's graph pads the prompt and the kept slots to the prefill bucket: every layer up to the decision
+    layer runs on the padded prompt, every layer above on the padded kept slots, without a mask (causal attention
+    keeps the real tokens from the trailing padding and filler), and the answers stay the eager ones."""
+    model = adapter_for(family).tiny_model(family)
+    layers = adapter_for(model).decoder_layers(model)
+    press = DeltaPress(compression_ratio=0.667, scope="all")
+    decision = press.decision_layer(len(layers))
+    decoder = StaticDecoder(model, capture=False, prefill_bucket=8)
+    _, singles = adapter_for(family).tiny_batch(family)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0].shape[1], kwargs["attention_mask"] is None))
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        for inputs in singles:
+            seen.clear()
+            fast = decoder.generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
+            tokens, kept = press.last_stats[0].tokens, press.last_stats[0].kept
+            padded, slots = bucket(tokens, 8), bucket(kept, 8)
+            prefill = seen[: len(layers)]  # a prompt alone has no padding: no layer needs a mask (trailing filler)
+            assert prefill == [(padded, True)] * (decision + 1) + [(slots, True)] * (len(layers) - decision - 1)
+            assert slots < padded
+            assert_same(fast, eager_generation(model, inputs, press), tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {shape.length for shape in decoder.prefill_graphs} == {bucket(s["input_ids"].shape[1], 8) for s in singles}
+
+
+def test_prefill_graph_replays_a_second_prompt_of_its_shape():
+    """Two prompts of one shape share a graph's buffers: the second's answer is its own eager answer."""
+    family = "qwen2_vl"
+    model = adapter_for(family).tiny_model(family)
+    decoder = StaticDecoder(model, capture=False, prefill_bucket=64)
+    press = DeltaPress(compression_ratio=0.5)
+    _, singles = adapter_for(family).tiny_batch(family)
+    for inputs in singles:
+        fast = decoder.generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
+        assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
+    assert len(decoder.prefill_graphs) == 1
+
+
+def test_decoder_layers_are_restored_when_a_prefill_fails():
+    family = "llava"
+    model = adapter_for(family).tiny_model(family)
+    decoder_module = adapter_for(model).decoder(model)
+    layers = decoder_module.layers
+    inputs = adapter_for(family).tiny_inputs(family)["image"]
+    press = DeltaPress(compression_ratio=0.5)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("layer failed")
+
+    layers[-1].forward = fail
+    with pytest.raises(RuntimeError, match="layer failed"):
+        StaticDecoder(model, capture=False).generate(inputs, press, STEPS)
+    del layers[-1].forward
+    assert decoder_module.layers is layers
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+    fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
+    assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
+
+
 def test_prefill_cache_is_halted_where_the_press_halts():
     family = "llava"
     model = adapter_for(family).tiny_model(family)

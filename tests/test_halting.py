@@ -111,3 +111,7 @@ def test_compact_layout_puts_kept_positions_last_in_order():
     assert index[0].tolist() == [0, 2, 3, 5] and valid[0].all()
     assert index[1, 2:].tolist() == [2, 4] and valid[1].tolist() == [False, False, True, True]
     assert not kept[1, index[1, :2]].any()  # filler slots point at non-kept positions
+    index, valid = compact_layout(kept, num_slots=4, filler_last=True)
+    assert index[0].tolist() == [0, 2, 3, 5] and valid[0].all()
+    assert index[1, :2].tolist() == [2, 4] and valid[1].tolist() == [True, True, False, False]
+    assert not kept[1, index[1, 2:]].any()

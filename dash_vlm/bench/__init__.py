@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 STAGES = ("vision", "decoder", "prefill")
 DEVICE_MAPS = (None, "auto")
 PATHS = ("eager", "static", "graphs")  # HF generate; HF generate over its static cache; DashVLM's fast path
+# With the graphs path, vanilla also runs on a fast path whose prefill is not padded to a bucket: the gains of the
+# graphs path are given against it too, so that padding cannot inflate them.
+UNPADDED = "unpadded"
 NOISE = 0.03  # a ratio-0 control further than this from vanilla (prefill or TTFT) flags its rows noisy
 
 
@@ -170,10 +174,11 @@ class BenchConfig:
 
     def runs(self) -> list[tuple[str, tuple[float, float, str] | None]]:
         """Every (path, variant) measured in a round; variant ``None`` is vanilla. transformers' static cache path
-        runs vanilla only: the press needs a dynamic cache."""
-        return [
+        runs vanilla only: the press needs a dynamic cache; so does the unpadded fast path (``UNPADDED``)."""
+        runs = [
             (path, variant) for path in self.paths for variant in [None, *([] if path == "static" else self.variants())]
         ]
+        return runs + ([(UNPADDED, None)] if "graphs" in self.paths else [])
 
 
 class StageTimers:
@@ -267,7 +272,8 @@ def run_once(
     path: str = "eager",
     decoder: StaticDecoder | None = None,
 ) -> dict:
-    """One timed generation of exactly ``new_tokens`` tokens on ``path``; returns the figures of that run.
+    """One timed generation of exactly ``new_tokens`` tokens on ``path`` (on ``decoder``'s fast path when given);
+    returns the figures of that run.
 
     The decode speed comes from the median decode step (eager and static paths: a shared host stalls now and then for
     a few milliseconds, and a mean over a few dozen host-bound steps would carry each stall into the figure) or from
@@ -280,7 +286,7 @@ def run_once(
     for device in gpus:
         torch.cuda.reset_peak_memory_stats(device)
     timers.reset()
-    if path == "graphs":
+    if decoder is not None:
         output = decoder.generate(inputs, press, new_tokens, stop_at_end=False)
         figures = timers.milliseconds()
         figures["ttft_ms"] = output.first_token.milliseconds()
@@ -348,23 +354,31 @@ def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repea
         mask = kwargs.get("attention_mask")
         layer_kwargs["attention_mask"] = None if mask is None else mask[..., :length, :length]
         layer_kwargs["use_cache"] = False
-        result[length] = replay_milliseconds(layer, (hidden[:, :length],), layer_kwargs, repeats)
+        result[length] = replay_milliseconds(layer, (hidden[:, :length],), layer_kwargs, repeats, captured=True)
     return result
 
 
-def replay_milliseconds(module: nn.Module, args: tuple, kwargs: dict, repeats: int) -> float:
+def replay_milliseconds(module: nn.Module, args: tuple, kwargs: dict, repeats: int, captured: bool = False) -> float:
     """Time of one call of ``module`` on recorded arguments: ``repeats`` calls back to back per timing, as in a whole
     forward, where the host queues the next kernels while the GPU works (one call after an idle GPU would add the
-    launch latency); the median of three timings."""
+    launch latency); the median of three timings. ``captured``: on a GPU, the call is captured once as a CUDA graph
+    and replayed, so that a busy host cannot make it launch-bound (a decoder layer; the vision tower's blocks read
+    their segment lengths on the host and cannot be captured)."""
     device = next(module.parameters()).device
     times = []
     # CUDA events record on the current device: make it the module's (GPU 1 in a split model)
     with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        module(*args, **kwargs)  # warm-up
+        call = partial(module, *args, **kwargs)
+        call()  # warm-up
+        if captured and device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                call()
+            call = graph.replay
         for _ in range(3):
             timer = Timer(device)
             for _ in range(repeats):
-                module(*args, **kwargs)
+                call()
             timer.stop()
             times.append(timer.milliseconds() / repeats)
     return statistics.median(times)
@@ -422,9 +436,11 @@ def run_bench(config: BenchConfig) -> dict:
         logger.warning("%s has a fixed input resolution: --image-size is ignored, one size is measured", preset.name)
         sizes = sizes[:1]
     timers = StageTimers(model)
-    decoder = None
-    if "graphs" in config.paths:  # on a CPU its static step runs uncaptured
-        decoder = StaticDecoder(model, capture=config.device.startswith("cuda"), max_graphs=len(config.variants()) + 1)
+    decoders = {}
+    if "graphs" in config.paths:  # on a CPU its static steps run uncaptured
+        capture, max_graphs = config.device.startswith("cuda"), len(config.variants()) + 1
+        decoders["graphs"] = StaticDecoder(model, capture=capture, max_graphs=max_graphs)
+        decoders[UNPADDED] = StaticDecoder(model, capture=capture, max_graphs=1, prefill_bucket=1)
     rows, latency = [], []
     presses = {variant: config.press(variant) for variant in config.variants()}
     measured = config.runs()
@@ -438,7 +454,7 @@ def run_bench(config: BenchConfig) -> dict:
                     shift = repeat % len(measured)
                     for path, variant in measured[shift:] + measured[:shift]:
                         press = None if variant is None else presses[variant]
-                        figures = run_once(model, inputs, press, timers, config.new_tokens, path, decoder)
+                        figures = run_once(model, inputs, press, timers, config.new_tokens, path, decoders.get(path))
                         if repeat >= config.warmup and not figures.pop("captured"):
                             runs[(path, variant)].append(figures)
                         progress.update()
@@ -455,7 +471,8 @@ def run_bench(config: BenchConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "graph_captures": 0 if decoder is None else decoder.captures,
+        "graph_captures": {path: decoder.captures for path, decoder in decoders.items()},
+        "graph_memory_bytes": {path: decoder.graph_memory_bytes for path, decoder in decoders.items()},
         "rows": rows,
         "latency": latency,
     }
@@ -524,6 +541,9 @@ def size_rows(
             row |= {"tokens": variant_stats.tokens, "kept": variant_stats.kept}
             row |= {"kv_cache_bytes": variant_stats.kv_cache_bytes * config.batch_size}
             row |= {"ideal_decoder_speedup": ideal, "fraction_of_ideal": row["decoder_speedup"] / ideal}
+            if path == "graphs" and runs.get((UNPADDED, None)):
+                unpadded = median_figures(runs[(UNPADDED, None)])
+                row["vs_unpadded"] = {key: unpadded[key] / row["dash"][key] for key in ("decoder_ms", "ttft_ms")}
             vision_speedup = row["vanilla"]["vision_ms"] / row["dash"]["vision_ms"]
             ideal_vision = 1.0
             if vision_ratio > 0:
@@ -579,7 +599,7 @@ def table(document: dict) -> str:
     users wait for per path and variant. A row marked ``*`` is noisy (its ratio-0 control is off by more than 3%)."""
     lines = [f"{document['preset']} on {document['device']} ({document['dtype']}); times in ms, vanilla / DASH"]
     lines.append(
-        "   px path    method       ratio vision      T      K       vision x ideal       decoder x ideal"
+        "   px path      method       ratio vision      T      K       vision x ideal       decoder x ideal"
         "       prefill x          ttft x        answer x"
     )
     for row in document["rows"]:
@@ -589,15 +609,20 @@ def table(document: dict) -> str:
             return f"{v[key]:>6.1f}/{d[key]:<6.1f}"
 
         lines.append(
-            f"{row['image_size']:>5} {row['path']:<6}{'*' if row['noisy'] else ' '} {row['method']:<11}"
+            f"{row['image_size']:>5} {row['path']:<8}{'*' if row['noisy'] else ' '} {row['method']:<11}"
             f" {row['ratio']:>5g}"
             f" {row['vision_ratio']:>6g} {row['tokens']:>6} {row['kept']:>6}"
             f" {pair('vision_ms')} {row['vision_speedup']:>4.2f} {row['ideal_vision_speedup']:>5.2f}"
             f" {pair('decoder_ms')} {row['decoder_speedup']:>4.2f} {row['ideal_decoder_speedup']:>5.2f}"
             f" {pair('prefill_ms')} {row['prefill_speedup']:>4.2f} {pair('ttft_ms')} {row['ttft_speedup']:>4.2f}"
             f" {pair('answer_ms')} {row['answer_speedup']:>4.2f}"
+            + (
+                " | vs unpadded: decoder {decoder_ms:.2f}, ttft {ttft_ms:.2f}".format(**row["vs_unpadded"])
+                if "vs_unpadded" in row
+                else ""
+            )
         )
-    header = "   px path    variant                      ttft  decode   answer  ttft x answer x"
+    header = "   px path      variant                      ttft  decode   answer  ttft x answer x"
     lines += ["", "what users wait for (ms); gains against eager vanilla", header]
     for entry in document["latency"]:
         variant = "vanilla" if entry["variant"] is None else "{2} {0:g}, vision {1:g}".format(*entry["variant"])
@@ -605,7 +630,7 @@ def table(document: dict) -> str:
             f" {entry[key]:>7.2f}" for key in ("ttft_speedup_vs_eager", "answer_speedup_vs_eager") if key in entry
         )
         lines.append(
-            f"{entry['image_size']:>5} {entry['path']:<6}{'*' if entry['noisy'] else ' '} {variant:<24}"
+            f"{entry['image_size']:>5} {entry['path']:<8}{'*' if entry['noisy'] else ' '} {variant:<24}"
             f" {entry['ttft_ms']:>6.1f} {entry['decode_step_ms']:>7.2f} {entry['answer_ms']:>8.1f}{gains}"
         )
     return "\n".join(lines)
