@@ -28,14 +28,14 @@ from dash_vlm.cache import HaltedLayer, attach_halted_layers
 from dash_vlm.models import adapter_for
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.press import DeltaPress, Timer, executor_of
-from dash_vlm.scorers import Reading, Scorer
+from dash_vlm.scorers import Reading, Rotate, Scorer, read_decision_layer
 
 logger = logging.getLogger(__name__)
 
 BUCKET = 256  # prompt parts of the static cache are rounded up to a multiple of this, so graphs serve many prompts
 # A captured prefill pads the prompt and the kept slots to a multiple of this: the padding is computed (and wasted),
 # so it is finer than the decode bucket, where a padded slot costs only a masked read.
-PREFILL_BUCKET = 16
+PREFILL_BUCKET = 8
 CHUNK = 8  # steps replayed between two checks whether every sample has ended (one host sync per check)
 # Logits processors of a generation config that the fast path does not apply: it refuses them rather than answer
 # differently from ``generate`` (the repetition penalty, which Qwen2-VL's instruct checkpoints set, it applies).
@@ -234,8 +234,8 @@ class _PrefillGraph:
     it neither halts nor is kept, and each row may always attend to itself, so that no row is fully masked.
     """
 
-    def __init__(self, layers: nn.ModuleList, shape: PrefillShape, hidden: torch.Tensor, rotary: tuple):
-        self.layers, self.shape = layers, shape
+    def __init__(self, layers: nn.ModuleList, shape: PrefillShape, hidden: torch.Tensor, rotary: tuple, rotate: Rotate):
+        self.layers, self.shape, self.rotate = layers, shape, rotate
         self.decision = shape.scorer.layer(len(layers)) if shape.slots else len(layers) - 1
         batch, length, device = shape.batch, shape.length, hidden.device
         self.hidden = hidden.new_zeros(batch, length, hidden.shape[-1])
@@ -302,16 +302,15 @@ class _PrefillGraph:
             self.output = self._run_layers(self.layers, self.hidden, mask, self.rotary, shape.length)
             return
         hidden = self._run_layers(self.layers[:decision], self.hidden, mask, self.rotary, shape.length)
-        reading = {"layer_input": hidden, "input_ids": self.input_ids}
-        handle = self.layers[decision].self_attn.register_forward_hook(
-            lambda module, args, output: reading.update(attention_output=output[0])
+        scorer, reading = shape.scorer, {"input_ids": self.input_ids}
+        handles = read_decision_layer(
+            self.layers[decision], scorer.reads, reading.__setitem__, lambda: self.real, self.rotate
         )
         try:
             hidden = self._run_layers(self.layers[decision : decision + 1], hidden, mask, self.rotary, shape.length)
         finally:
-            handle.remove()
-        reading["layer_output"] = hidden
-        scorer = shape.scorer
+            for handle in handles:
+                handle.remove()
         scores = scorer.score(Reading(self.real, **{name: reading[name] for name in scorer.reads}))
         plan = plan_halting(
             scores, self.real, self.eligible, self.n_halt, [shape.slots], slots=shape.slots, filler_last=True
@@ -484,7 +483,7 @@ class StaticDecoder:
             if new:
                 while len(self.prefill_graphs) >= self.max_graphs:
                     self.prefill_graphs.popitem(last=False)
-                graph = self.prefill_graphs[shape] = _PrefillGraph(layers, shape, hidden, rotary)
+                graph = self.prefill_graphs[shape] = _PrefillGraph(layers, shape, hidden, rotary, self.adapter.rotate)
             if halting:
                 halting_inputs = {"n_halt": prefill.halt_counts_tensor, "input_ids": prefill.input_ids}
                 graph.load(hidden, rotary, real, prefill.eligible, **halting_inputs)

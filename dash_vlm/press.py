@@ -35,7 +35,7 @@ from dash_vlm.compact import computed_once
 from dash_vlm.halting import SCOPES, eligible_tokens, halt_counts, halt_counts_on_device
 from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
 from dash_vlm.plan import HaltPlan, plan_halting
-from dash_vlm.scorers import SCORERS, Reading, Scorer
+from dash_vlm.scorers import SCORERS, Reading, Scorer, read_decision_layer
 from dash_vlm.vision import VisionHalting, VisionPass, vision_counts
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -85,10 +85,15 @@ class DeltaPress(BasePress):
         How many of the last (>= 1: the token that predicts the answer) and first (>= 0) real prompt tokens never
         halt.
     method : str
-        The scorer, a name in ``dash_vlm.scorers.SCORERS``: "dash" (the rule) or "random" (the baseline that
-        isolates the score's value: as many tokens halt at the same layer, chosen pseudo-randomly per sample).
+        The scorer, a name in ``dash_vlm.scorers.SCORERS``: "dash" (the rule), "random" (the baseline that isolates
+        the score's value: as many tokens halt at the same layer, chosen pseudo-randomly per sample), "layer_delta"
+        (DASH's ablation: the norm of the decision layer's whole update) or "fastv" (FastV: the attention the last
+        prompt token gives each token at layer ``fastv_layer - 1``).
     seed : int
         Seed of the "random" method, in [0, 2**31).
+    fastv_layer : int
+        The "fastv" method's ``K``: tokens halt from layer ``K`` on; in ``1..num_layers - 1`` (checked when the press
+        is applied).
     vision_compression_ratio : float
         Fraction of the patches of each image (each frame group of a video) that halt inside the vision tower, in
         [0, 1); 0 (the default) leaves the tower untouched. Qwen2-VL and Qwen2.5-VL (DESIGN.md section 6).
@@ -103,6 +108,7 @@ class DeltaPress(BasePress):
     protect_first: int = 0
     method: str = "dash"
     seed: int = 0
+    fastv_layer: int = 2
     vision_compression_ratio: float = 0.0
     vision_start_ratio: float = 0.3
     _last_prefill: _PrefillRecord | None = field(default=None, init=False, repr=False, compare=False)
@@ -123,12 +129,17 @@ class DeltaPress(BasePress):
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.method not in SCORERS:
             raise ValueError(f"method must be one of {tuple(SCORERS)}, got {self.method!r}")
-        for name, minimum in (("protect_last", 1), ("protect_first", 0)):
+        for name, minimum in (("protect_last", 1), ("protect_first", 0), ("fastv_layer", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
+        if self.method == "fastv" and self.vision_compression_ratio > 0:
+            raise ValueError(
+                "method='fastv' cannot halt inside the vision tower (it scores by the last prompt token's attention); "
+                "use vision_compression_ratio=0"
+            )
 
     @classmethod
     def parameter_names(cls) -> tuple[str, ...]:
@@ -395,6 +406,7 @@ class _Executor:
         self.scorer = self.config.scorer()
         self.layers: nn.ModuleList = adapter.decoder_layers(model)
         self.final_norm = adapter.final_norm(model)
+        self.rotate = adapter.rotate
         self.decision_layer = self.scorer.layer(len(self.layers))
         self.prefill: _Prefill | None = None
         self.vision: VisionHalting | None = None
@@ -437,14 +449,7 @@ class _Executor:
         """The per-layer hooks, present only during a prefill that halts: a prefill at ratio 0 and every decode step
         run the model's own forward, with no Python hook per layer."""
         decision = self.layers[self.decision_layer]
-        reads = self.scorer.reads
-        handles = []
-        if "layer_input" in reads:
-            handles.append(decision.register_forward_pre_hook(self._read_layer_input, with_kwargs=True))
-        if "attention_output" in reads:
-            handles.append(decision.self_attn.register_forward_hook(self._read_attention_output))
-        if "layer_output" in reads:
-            handles.append(decision.register_forward_hook(self._read_layer_output))
+        handles = read_decision_layer(decision, self.scorer.reads, self._read, self._real_on_layer, self.rotate)
         for layer in self.layers[self.decision_layer + 1 :]:
             handles.append(layer.register_forward_pre_hook(self._on_compact_layer, with_kwargs=True))
         handles.append(self.final_norm.register_forward_pre_hook(self._on_final_norm))
@@ -519,14 +524,9 @@ class _Executor:
             prefill.scores = self.scorer.score(Reading(prefill.real.to(tensor.device), **prefill.reading))
             prefill.reading = {}
 
-    def _read_layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._read("layer_input", args[0] if args else kwargs["hidden_states"])
-
-    def _read_attention_output(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        self._read("attention_output", output[0])
-
-    def _read_layer_output(self, module: nn.Module, args: tuple, output) -> None:
-        self._read("layer_output", output[0] if isinstance(output, tuple) else output)
+    def _real_on_layer(self) -> torch.Tensor:
+        """The prefill's real tokens, on the decision layer's device."""
+        return self.prefill.real.to(next(self.layers[self.decision_layer].parameters()).device)
 
     def _decide(self, device: torch.device) -> HaltPlan:
         prefill = self.prefill

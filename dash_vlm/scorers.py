@@ -12,12 +12,20 @@ vision block through the same interface, each image or frame group as one sample
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv
 
+from dash_vlm.compact import take_tokens
 from dash_vlm.halting import decision_layer, random_scores, token_scores
+
+# (attention module, queries or keys [batch, heads, tokens, head_dim], (cos, sin)) -> the same, rotated; the family's
+# rotary embedding (``ModelAdapter.rotate``)
+Rotate = Callable[[nn.Module, torch.Tensor, tuple], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,9 @@ class Reading:
         before the residual add).
     layer_input, layer_output : torch.Tensor, optional
         ``[batch, tokens, hidden]``, the hidden states that enter and leave the layer.
+    last_token_attention : torch.Tensor, optional
+        ``[batch, tokens]`` float32, the attention each token receives from the sample's last real token in the
+        layer's self-attention, averaged over heads (:func:`last_token_attention`).
     """
 
     real: torch.Tensor
@@ -42,6 +53,7 @@ class Reading:
     attention_output: torch.Tensor | None = None
     layer_input: torch.Tensor | None = None
     layer_output: torch.Tensor | None = None
+    last_token_attention: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -114,4 +126,90 @@ class LayerDeltaScorer(StartRatioScorer):
         return token_scores(reading.layer_output.float() - reading.layer_input.float())
 
 
-SCORERS: dict[str, type[Scorer]] = {"dash": DashScorer, "random": RandomScorer, "layer_delta": LayerDeltaScorer}
+@dataclass(frozen=True)
+class FastVScorer(Scorer):
+    """FastV's rule: at layer ``fastv_layer - 1``, the attention each token receives from the last real prompt token,
+    averaged over heads; tokens halt from layer ``fastv_layer`` on. ``start_ratio`` plays no part."""
+
+    fastv_layer: int
+    reads: ClassVar[tuple[str, ...]] = ("last_token_attention",)
+
+    def layer(self, num_layers: int) -> int:
+        if not 1 <= self.fastv_layer <= num_layers - 1:
+            raise ValueError(
+                f"fastv_layer must be in 1..{num_layers - 1} for a {num_layers}-layer decoder, got {self.fastv_layer}"
+            )
+        return self.fastv_layer - 1
+
+    def score(self, reading: Reading) -> torch.Tensor:
+        return reading.last_token_attention
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    "dash": DashScorer,
+    "random": RandomScorer,
+    "layer_delta": LayerDeltaScorer,
+    "fastv": FastVScorer,
+}
+
+
+def last_token_attention(
+    attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, real: torch.Tensor, rotate: Rotate
+) -> torch.Tensor:
+    """The attention row of each sample's last real token in ``attention`` (a decoder layer's self-attention, given
+    its input ``hidden``, ``[batch, tokens, hidden]``), averaged over heads, in float32: computed from the layer's own
+    projections, rotary embedding and scaling, one query per sample, so it needs no attention matrix and works
+    whatever attention kernel the model runs. Keys after the last real token and padding get no attention."""
+    positions = torch.arange(real.shape[-1], device=real.device)
+    last = (positions * real).argmax(-1, keepdim=True)  # [batch, 1]
+    head_dim = attention.head_dim
+
+    def heads(projection: nn.Module, norm: nn.Module | None, states: torch.Tensor) -> torch.Tensor:
+        projected = projection(states).view(*states.shape[:2], -1, head_dim)
+        return (projected if norm is None else norm(projected)).transpose(1, 2)
+
+    query = heads(attention.q_proj, getattr(attention, "q_norm", None), take_tokens(hidden, last))
+    query = rotate(attention, query, tuple(take_tokens(part, last) for part in position_embeddings))
+    key = rotate(attention, heads(attention.k_proj, getattr(attention, "k_norm", None), hidden), position_embeddings)
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    logits = (query.float() @ key.float().transpose(-1, -2))[:, :, 0] * attention.scaling  # [batch, heads, tokens]
+    allowed = real & (positions <= last)
+    return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
+
+
+def read_decision_layer(
+    layer: nn.Module,
+    reads: tuple[str, ...],
+    record: Callable[[str, torch.Tensor], None],
+    real: Callable[[], torch.Tensor],
+    rotate: Rotate,
+) -> list:
+    """Hooks on a decoder layer that hand ``record(name, tensor)`` each layer reading in ``reads`` (``real()`` gives
+    the ``[batch, tokens]`` real tokens of the forward); returns their handles, for the caller to remove."""
+    handles = []
+    if "layer_input" in reads:
+        handles.append(
+            layer.register_forward_pre_hook(
+                lambda module, args, kwargs: record("layer_input", args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True,
+            )
+        )
+    if "last_token_attention" in reads:
+
+        def read_attention_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            value = last_token_attention(module, hidden, kwargs["position_embeddings"], real(), rotate)
+            record("last_token_attention", value)
+
+        handles.append(layer.self_attn.register_forward_pre_hook(read_attention_input, with_kwargs=True))
+    if "attention_output" in reads:
+        handles.append(
+            layer.self_attn.register_forward_hook(lambda module, args, output: record("attention_output", output[0]))
+        )
+    if "layer_output" in reads:
+        handles.append(
+            layer.register_forward_hook(
+                lambda module, args, output: record("layer_output", output[0] if isinstance(output, tuple) else output)
+            )
+        )
+    return handles

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -193,9 +196,6 @@ def test_unsupported_uses_of_the_press_are_named():
 
 
 def test_nothing_keeps_a_deleted_model_alive_without_the_cyclic_collector(scene):
-    import gc
-    import weakref
-
     image, question = scene
     gc.collect()
     gc.disable()
@@ -212,6 +212,28 @@ def test_nothing_keeps_a_deleted_model_alive_without_the_cyclic_collector(scene)
         weight = weakref.ref(model.model.language_model.layers[0].mlp.up_proj.weight)
         del model
         assert weight() is None and press.last_stats
+    finally:
+        gc.enable()
+
+
+def test_fast_path_keeps_nothing_alive():
+    """The fast path's decoder (its graphs, buffers and the decoder stack it stands in with) holds the model only
+    through the DashVLM: with the garbage collector off, ``del vlm`` frees the weights (here its CPU form, the same
+    objects as on a GPU, where the captured graphs hold memory but no Python reference)."""
+    from dash_vlm.graphs import StaticDecoder
+    from dash_vlm.shapes.data import read_test_split
+
+    sample = read_test_split()[0]
+    gc.collect()
+    gc.disable()
+    try:
+        vlm = DashVLM.from_pretrained(QWEN, device_map="cpu", compression_ratio=0.667)
+        vlm.fast = StaticDecoder(vlm.model, capture=False)
+        vlm.generate(image=sample.image, prompt=sample.question, max_new_tokens=4)
+        assert vlm.fast.prefill_graphs and vlm.fast.graphs
+        weight = weakref.ref(vlm.model.model.language_model.layers[0].mlp.up_proj.weight)
+        del vlm
+        assert weight() is None
     finally:
         gc.enable()
 

@@ -17,6 +17,8 @@ PRESSES = {
     "vanilla": None,
     "vision": DeltaPress(compression_ratio=0.5),
     "all": DeltaPress(compression_ratio=0.667, scope="all"),
+    "fastv": DeltaPress(compression_ratio=0.5, method="fastv"),
+    "layer_delta": DeltaPress(compression_ratio=0.5, method="layer_delta"),
 }
 
 

@@ -19,6 +19,7 @@ NON_DEFAULT = {
     "protect_first": 1,
     "method": "random",
     "seed": 7,
+    "fastv_layer": 3,
     "vision_compression_ratio": 0.5,
     "vision_start_ratio": 0.5,
 }

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dash_vlm import DeltaPress
-from dash_vlm.halting import decision_layer, random_scores, token_scores
+from dash_vlm.halting import decision_layer, eligible_tokens, random_scores, select_halted, token_scores
 from dash_vlm.models import adapter_for
 from dash_vlm.models.text import text_sample
 from dash_vlm.models.tiny import left_pad_batch
-from dash_vlm.scorers import SCORERS, DashScorer, LayerDeltaScorer, RandomScorer, Reading, Scorer
+from dash_vlm.scorers import SCORERS, DashScorer, FastVScorer, LayerDeltaScorer, RandomScorer, Reading, Scorer
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class NormOfInputScorer(Scorer):
 
 
 def test_the_registry_drives_the_method_names(monkeypatch):
-    with pytest.raises(ValueError, match=r"method must be one of \('dash', 'random', 'layer_delta'\)"):
+    with pytest.raises(ValueError, match=r"method must be one of \('dash', 'random', 'layer_delta', 'fastv'\)"):
         DeltaPress(method="input_norm")
     monkeypatch.setitem(SCORERS, "input_norm", NormOfInputScorer)
     assert DeltaPress(method="input_norm", start_ratio=0.6).scorer() == NormOfInputScorer(start_ratio=0.6)
@@ -113,3 +113,44 @@ def test_a_scorer_of_input_ids_needs_them():
     with pytest.raises(ValueError, match="method='random' needs input_ids"):
         with torch.no_grad(), DeltaPress(compression_ratio=0.5, method="random")(model):
             model(inputs_embeds=embeddings)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next"])
+@pytest.mark.parametrize("fastv_layer", [1, 3])
+def test_fastv_halts_by_the_last_tokens_eager_attention(model_type, fastv_layer):
+    """FastV's scores, computed from the layer's queries and keys under SDPA, select what the eager attention
+    weights (``output_attentions=True``) of the last real token at layer ``K - 1``, averaged over heads, select."""
+    adapter = adapter_for(model_type)
+    if adapter.is_vision_language:
+        inputs = adapter.tiny_batch(model_type)[0]
+    else:
+        inputs = left_pad_batch([text_sample(20, seed=1), text_sample(13, seed=2)])
+    eager = adapter.tiny_model(model_type, "eager")
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions
+    row = attentions[fastv_layer - 1][:, :, -1].float().mean(1)  # left padding: the last real token is the last
+    real = inputs["attention_mask"].bool()
+    eligible = eligible_tokens(real, real, 0, 1)
+    n_halt = torch.tensor([round(0.5 * count) for count in eligible.sum(-1).tolist()])
+    expected = select_halted(row, eligible, n_halt)
+    press = DeltaPress(compression_ratio=0.5, scope="all", method="fastv", fastv_layer=fastv_layer)
+    model = adapter.tiny_model(model_type, "sdpa")
+    with torch.no_grad(), press(model):
+        model(**inputs)
+    rank = real.long().cumsum(-1) - 1
+    for b, stats in enumerate(press.last_stats):
+        assert stats.decision_layer == fastv_layer - 1
+        assert stats.halted_positions == rank[b][expected[b]].tolist()
+
+
+def test_fastv_layer_is_checked_against_the_depth():
+    model = adapter_for("llama").tiny_model("llama")  # 5 layers: K in 1..4
+    assert FastVScorer(fastv_layer=4).layer(5) == 3
+    for value in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="fastv_layer must be an integer >= 1"):
+            DeltaPress(method="fastv", fastv_layer=value)
+    with pytest.raises(ValueError, match="fastv_layer must be in 1..4 for a 5-layer decoder, got 5"):
+        with torch.no_grad(), DeltaPress(compression_ratio=0.5, method="fastv", fastv_layer=5)(model):
+            model(**text_sample(10))
+    with pytest.raises(ValueError, match="method='fastv' cannot halt inside the vision tower"):
+        DeltaPress(method="fastv", vision_compression_ratio=0.5)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dash_vlm.models.presets import PRESETS, Preset
 
@@ -103,6 +104,12 @@ class ModelAdapter:
     def vision_patches_per_token(self, config: PretrainedConfig) -> int | None:
         """How many tower patches one vision placeholder token stands for, or ``None`` when that is not fixed."""
         return None
+
+    def rotate(self, attention: nn.Module, states: torch.Tensor, position_embeddings: tuple) -> torch.Tensor:
+        """Queries or keys of a decoder attention module (``[batch, heads, tokens, head_dim]``) with the rotary
+        embedding the module applies (1-D RoPE here; M-RoPE in the Qwen2-VL family)."""
+        cos, sin = position_embeddings
+        return apply_rotary_pos_emb(states, states, cos, sin)[0]
 
     def vision_token_ids(self, config: PretrainedConfig) -> list[int]:
         return [

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 from qwen_vl_utils import process_vision_info
+from torch import nn
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -22,6 +23,7 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb
 
 from dash_vlm.models import ModelAdapter, register_adapter
 from dash_vlm.models.presets import Preset
@@ -68,6 +70,11 @@ class QwenVLAdapter(ModelAdapter):
         lengths = [height * width for frames, height, width in rows for _ in range(frames)]
         on_device = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0], output_size=len(lengths))
         return lengths, on_device
+
+    def rotate(self, attention: nn.Module, states: torch.Tensor, position_embeddings: tuple) -> torch.Tensor:
+        cos, sin = position_embeddings
+        sections = attention.config.rope_parameters["mrope_section"]
+        return apply_multimodal_rotary_pos_emb(states, states, cos, sin, sections)[0]
 
     def vision_patches_per_token(self, config) -> int:
         return config.vision_config.spatial_merge_size**2

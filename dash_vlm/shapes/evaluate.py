@@ -1,6 +1,7 @@
 """Accuracy of the bundled dash-shapes checkpoints on the test split, across compression ratios, scopes and methods.
 
     python -m dash_vlm.shapes.evaluate --output shapes_accuracy.json --plot assets/dash_shapes_accuracy.png
+    python -m dash_vlm.shapes.evaluate --compare-methods --output methods.json   # every method, 0.5 / 0.667 / 0.8
 
 Every configuration answers every test question through ``DashVLM.generate`` (greedy, batched); an answer is
 correct when it equals the reference after lower-casing and stripping. Prints a Markdown table per model.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from dash_vlm.models import adapter_for
 from dash_vlm.press import DeltaPress
 from dash_vlm.resources import bundled
+from dash_vlm.scorers import SCORERS
 from dash_vlm.shapes.data import KINDS, Sample, read_test_split
 from dash_vlm.vlm import DashVLM
 
@@ -28,6 +31,7 @@ SCOPES = ("vision", "all")
 METHODS = ("dash", "random")
 VISION_RATIOS = (0.0, 0.3, 0.5)  # halting inside the vision tower, where the family can (scope vision)
 VISION_DECODER_RATIOS = (0.0, 0.667)  # the decoder ratios measured with each vision ratio
+COMPARISON_RATIOS = (0.5, 0.667, 0.8)  # --compare-methods: every method in SCORERS at these ratios, scope vision
 
 
 def model_folder(name: str) -> Path:
@@ -79,9 +83,25 @@ def configurations(vision_tower_halts: bool) -> list[dict]:
     return decoder + (vision if vision_tower_halts else [])
 
 
-def evaluate(models: list[str], samples: list[Sample], batch_size: int, device: str | None) -> list[dict]:
+def method_configurations(vision_tower_halts: bool) -> list[dict]:
+    """The rows of ``--compare-methods``: ratio 0, then every method at each of ``COMPARISON_RATIOS`` (scope vision)."""
+    return [dict(compression_ratio=0.0, scope="vision")] + [
+        dict(compression_ratio=ratio, scope="vision", method=method)
+        for method in SCORERS
+        for ratio in COMPARISON_RATIOS
+    ]
+
+
+def evaluate(
+    models: list[str],
+    samples: list[Sample],
+    batch_size: int,
+    device: str | None,
+    plan: Callable[[bool], list[dict]] = configurations,
+) -> list[dict]:
+    """Every configuration ``plan`` gives a model (from whether its vision tower halts), scored on ``samples``."""
     vlms = {name: DashVLM.from_pretrained(model_folder(name), device_map=device) for name in models}
-    plans = {name: configurations(adapter_for(vlm.model).halts_in_vision_tower) for name, vlm in vlms.items()}
+    plans = {name: plan(adapter_for(vlm.model).halts_in_vision_tower) for name, vlm in vlms.items()}
     rows = []
     with tqdm(total=sum(map(len, plans.values())), desc="dash-shapes accuracy") as progress:
         for name, vlm in vlms.items():
@@ -199,6 +219,21 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def methods_table(rows: list[dict]) -> str:
+    """``--compare-methods``: per model, one row per method, one column per ratio (overall accuracy)."""
+    lines = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        baseline = next(r for r in rows if r["model"] == model and r["ratio"] == 0)
+        lines += [f"**{model}** (ratio 0: {baseline['accuracy']:.1%})", ""]
+        lines += ["| method | " + " | ".join(f"{r:g}" for r in COMPARISON_RATIOS) + " |"]
+        lines += ["|---|" + "---|" * len(COMPARISON_RATIOS)]
+        for method in SCORERS:
+            by_ratio = {r["ratio"]: r["accuracy"] for r in rows if r["model"] == model and r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(f"{by_ratio[r]:.1%}" for r in COMPARISON_RATIOS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -210,10 +245,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model-cards", action="store_true", help="rewrite the checkpoints' README.md with these results"
     )
+    parser.add_argument(
+        "--compare-methods", action="store_true", help=f"every method at ratios {COMPARISON_RATIOS} only"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     samples = read_test_split()[: args.limit]
+    if args.compare_methods:
+        rows = evaluate(args.models, samples, args.batch_size, args.device, method_configurations)
+        args.output.write_text(json.dumps(rows, indent=1))
+        print(methods_table(rows))
+        return
     rows = evaluate(args.models, samples, args.batch_size, args.device)
     args.output.write_text(json.dumps(rows, indent=1))
     if args.plot:
