@@ -1,13 +1,16 @@
-"""The fast path (DESIGN.md section 8): greedy decode steps over a static KV cache, replayed as CUDA graphs.
+"""The fast path (DESIGN.md section 8): the decoder prefill and greedy decode steps, replayed as CUDA graphs.
 
-A prefill runs as ``generate`` would run it (the model's own input preparation, eagerly, under the press when one is
-given). Its cache, full-length or halted, is copied into static buffers: transformers' ``StaticLayer``s, one per
-decoder layer, each as long as that layer's prompt part (``T`` below the decision layer, the kept slots ``K`` above
-it), rounded up to a bucket, plus one slot per new token. One decode step (embedding, every decoder layer, final
-norm, LM head, greedy choice) runs on those buffers with no host sync: its masks, cache positions and rotary
-positions are computed on the device from a step counter, so the step can be captured once as a CUDA graph and
-replayed for every token. Graphs are kept per shape (batch, bucketed lengths, steps) in a small LRU that shares one
-memory pool. With ``capture=False`` the same step runs eagerly, which is how the tests check it on a CPU.
+A prefill runs as ``generate`` would run it (the model's own input preparation, the vision tower, under the press
+when one is given), except for its decoder layers: for that call the decoder's layer list holds one
+``_DecoderStack``, which replays a ``_PrefillGraph`` of every layer, the press's halting decision included, on the
+prompt and the kept slots padded to ``PREFILL_BUCKET``. The prefill's cache, full-length or halted, is copied into
+static buffers: transformers' ``StaticLayer``s, one per decoder layer, each as long as that layer's prompt part
+(``T`` below the decision layer, the kept slots ``K`` above it), rounded up to ``BUCKET``, plus one slot per new
+token. One decode step (embedding, every decoder layer, final norm, LM head, greedy choice) runs on those buffers
+with no host sync: its masks, cache positions and rotary positions are computed on the device from a step counter,
+so the step can be captured once as a CUDA graph and replayed for every token. Graphs are kept per shape in small
+LRUs that share one memory pool. With ``capture=False`` the same work runs eagerly, which is how the tests check it
+on a CPU.
 """
 
 from __future__ import annotations
@@ -369,8 +372,9 @@ class _DecoderStack(nn.Module):
 
 
 class StaticDecoder:
-    """Greedy generation whose decode steps run over a static cache, as replayed CUDA graphs (``capture=True``, on
-    one GPU) or eagerly (``capture=False``: the same buffers and step, for checking on any device).
+    """Greedy generation whose decoder prefill and decode steps run on static buffers, as replayed CUDA graphs
+    (``capture=True``, on one GPU) or eagerly (``capture=False``: the same buffers and work, for checking on any
+    device).
 
     Parameters
     ----------
@@ -455,7 +459,8 @@ class StaticDecoder:
         mask = inputs.get("attention_mask")
         real = torch.ones(inputs["input_ids"].shape, dtype=torch.bool) if mask is None else mask.bool()
         eager = model.config._attn_implementation == "eager"
-        self._prompt = real.to(inputs["input_ids"].device), eager or not bool(real.all())  # the one host sync
+        # whether the batch has padding: a host sync, before any layer runs
+        self._prompt = real.to(inputs["input_ids"].device), eager or not bool(real.all())
         try:
             with press(model) if press is not None else nullcontext():  # the press hooks the real layers
                 decoder.layers = nn.ModuleList([_DecoderStack(lambda *args: self._run_stack(layers, *args))])

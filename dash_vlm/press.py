@@ -135,10 +135,10 @@ class DeltaPress(BasePress):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
-        if self.method == "fastv" and self.vision_compression_ratio > 0:
+        if self.vision_compression_ratio > 0 and not SCORERS[self.method].vision_tower:
             raise ValueError(
-                "method='fastv' cannot halt inside the vision tower (it scores by the last prompt token's attention); "
-                "use vision_compression_ratio=0"
+                f"method={self.method!r} cannot halt inside the vision tower; use vision_compression_ratio=0 or a "
+                f"method in {tuple(name for name, scorer in SCORERS.items() if scorer.vision_tower)}"
             )
 
     @classmethod

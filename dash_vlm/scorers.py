@@ -61,6 +61,7 @@ class Scorer(ABC):
     """A halting method. Its dataclass fields are fields of ``DeltaPress`` of the same names."""
 
     reads: ClassVar[tuple[str, ...]]  # names of the ``Reading`` fields it needs
+    vision_tower: ClassVar[bool] = True  # whether it can score patches inside the vision tower too
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -133,6 +134,7 @@ class FastVScorer(Scorer):
 
     fastv_layer: int
     reads: ClassVar[tuple[str, ...]] = ("last_token_attention",)
+    vision_tower: ClassVar[bool] = False  # no last prompt token there
 
     def layer(self, num_layers: int) -> int:
         if not 1 <= self.fastv_layer <= num_layers - 1:

@@ -38,6 +38,7 @@ from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS, Preset
 from dash_vlm.press import DeltaPress, Timer
+from dash_vlm.scorers import SCORERS, DashScorer
 from dash_vlm.vlm import FirstTokenTimer
 
 logger = logging.getLogger(__name__)
@@ -158,13 +159,15 @@ class BenchConfig:
 
     def variants(self) -> list[tuple[float, float, str]]:
         """Every (decoder ratio, vision ratio, method) measured against vanilla; ratios (0, 0), which halt nothing
-        whatever the method, are measured once, with the first method: the noise control."""
+        whatever the method, are measured once, with the first method: the noise control. A method that cannot halt
+        in the vision tower (FastV) is measured at vision ratio 0 only."""
         return [
             (ratio, vision_ratio, method)
             for method in self.methods
             for vision_ratio in self.vision_ratios
             for ratio in self.ratios
-            if ratio or vision_ratio or method == self.methods[0]
+            if (ratio or vision_ratio or method == self.methods[0])
+            and (not vision_ratio or SCORERS.get(method, DashScorer).vision_tower)
         ]
 
     def press(self, variant: tuple[float, float, str]) -> DeltaPress:

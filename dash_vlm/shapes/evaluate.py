@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -234,6 +235,53 @@ def methods_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_methods(rows: list[dict], path: Path, bench: dict | None = None) -> None:
+    """``--compare-methods``: accuracy against ratio per method, a panel per bundled model, and, given a bench
+    document of the same methods and ratios, the prefill time it measured in a last panel."""
+    import matplotlib
+    from transformers import AutoConfig
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    figure, axes = plt.subplots(1, len(models) + (bench is not None), figsize=(5 * (len(models) + 1), 4.2))
+    for axis, model in zip(axes, models, strict=False):
+        baseline = next(r["accuracy"] for r in rows if r["model"] == model and r["ratio"] == 0)
+        for method in SCORERS:
+            points = sorted((r["ratio"], r["accuracy"]) for r in rows if r["model"] == model and r["method"] == method)
+            axis.plot([0] + [p[0] for p in points], [baseline] + [p[1] for p in points], "-o", label=method)
+        layers = AutoConfig.from_pretrained(model_folder(model)).text_config.num_hidden_layers
+        axis.set_title(
+            f"tiny {layers}-layer {model} (dash-shapes, trained here):\nnot a 7B model's accuracy", fontsize=9
+        )
+        axis.set_xlabel(f"compression ratio (fastv_layer=2: a quarter of the {layers} layers)", fontsize=8)
+        axis.set_ylabel("test accuracy (999 questions)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if bench is not None:
+        axis = axes[-1]
+        vanilla = statistics.median(row["vanilla"]["prefill_ms"] for row in bench["rows"])
+        for method in SCORERS:
+            points = sorted(
+                (row["ratio"], row["dash"]["prefill_ms"])
+                for row in bench["rows"]
+                if row["method"] == method and row["ratio"] > 0
+            )
+            axis.plot([0] + [p[0] for p in points], [vanilla] + [p[1] for p in points], "-o", label=method)
+        size = bench["rows"][0]["image_size"]
+        axis.set_title(
+            f"{bench['preset']} shapes (random weights), {size} px, batch 1:\nprefill on {bench['device']}", fontsize=9
+        )
+        axis.set_xlabel("compression ratio")
+        axis.set_ylabel("prefill time (ms, median; vision tower included)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -248,13 +296,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compare-methods", action="store_true", help=f"every method at ratios {COMPARISON_RATIOS} only"
     )
+    parser.add_argument(
+        "--bench", type=Path, default=None, help="with --compare-methods --plot: a bench JSON of the same methods"
+    )
+    parser.add_argument(
+        "--rows", type=Path, default=None, help="with --compare-methods: tabulate and plot these results, not new runs"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     samples = read_test_split()[: args.limit]
     if args.compare_methods:
-        rows = evaluate(args.models, samples, args.batch_size, args.device, method_configurations)
+        if args.rows is not None:
+            rows = json.loads(args.rows.read_text())
+        else:
+            rows = evaluate(args.models, samples, args.batch_size, args.device, method_configurations)
         args.output.write_text(json.dumps(rows, indent=1))
+        if args.plot:
+            bench = json.loads(args.bench.read_text()) if args.bench else None
+            plot_methods(rows, args.plot, bench)
         print(methods_table(rows))
         return
     rows = evaluate(args.models, samples, args.batch_size, args.device)
