@@ -433,6 +433,7 @@ class StaticDecoder:
             "position_ids" in parameters,
         )
 
+    @torch.inference_mode()
     def prefill(self, inputs: dict, press: DeltaPress | None) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """The prefill as ``generate`` runs it: the cache, the last position's logits and each sample's rotary position
         of its last prompt token (read where the decoder computes its rotary embeddings), which new tokens continue."""
@@ -455,12 +456,12 @@ class StaticDecoder:
 
         decoder = self.adapter.decoder(model)
         layers = decoder.layers
-        handle = decoder.rotary_emb.register_forward_pre_hook(read_positions, with_kwargs=True)
         mask = inputs.get("attention_mask")
         real = torch.ones(inputs["input_ids"].shape, dtype=torch.bool) if mask is None else mask.bool()
         eager = model.config._attn_implementation == "eager"
         # whether the batch has padding: a host sync, before any layer runs
         self._prompt = real.to(inputs["input_ids"].device), eager or not bool(real.all())
+        handle = decoder.rotary_emb.register_forward_pre_hook(read_positions, with_kwargs=True)
         try:
             with press(model) if press is not None else nullcontext():  # the press hooks the real layers
                 decoder.layers = nn.ModuleList([_DecoderStack(lambda *args: self._run_stack(layers, *args))])
@@ -484,11 +485,12 @@ class StaticDecoder:
         shape = PrefillShape(batch, padded, slots, masked, executor.scorer if halting else None)
         graph = self.prefill_graphs.get(shape)
         new = graph is None
+        if new:
+            while len(self.prefill_graphs) >= self.max_graphs:
+                self.prefill_graphs.popitem(last=False)
         with self._counting_memory(hidden.device) if new and self.capture else nullcontext():
-            if new:
-                while len(self.prefill_graphs) >= self.max_graphs:
-                    self.prefill_graphs.popitem(last=False)
-                graph = self.prefill_graphs[shape] = _PrefillGraph(layers, shape, hidden, rotary, self.adapter.rotate)
+            if new:  # kept only once it has run (and been captured): a failed capture leaves no half-made graph
+                graph = _PrefillGraph(layers, shape, hidden, rotary, self.adapter.rotate)
             if halting:
                 halting_inputs = {"n_halt": prefill.halt_counts_tensor, "input_ids": prefill.input_ids}
                 graph.load(hidden, rotary, real, prefill.eligible, **halting_inputs)
@@ -500,6 +502,7 @@ class StaticDecoder:
                 logger.info("captured a prefill graph for %s", shape)
             else:
                 graph.replay()
+        self.prefill_graphs[shape] = graph
         self.prefill_graphs.move_to_end(shape)
         graph.fill(cache, length, layers)
         if halting:
@@ -539,6 +542,7 @@ class StaticDecoder:
         config = self.model.generation_config
         penalty = float(config.repetition_penalty or 1.0)
         device = inputs["input_ids"].device
+        captures = self.captures
         with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             first_token, answer = Timer(device), Timer(device)
             cache, logits, positions = self.prefill(inputs, press)
@@ -554,7 +558,7 @@ class StaticDecoder:
             lengths = tuple(bucket(layer.keys.shape[-2]) + max_new_tokens for layer in cache.layers)
             groups = tuple(int(isinstance(layer, HaltedLayer)) for layer in cache.layers)  # halted layers are above
             shape = DecodeShape(first.shape[0], lengths, groups, max_new_tokens, keep_logits, penalty)
-            graph, captured = self._graph(shape, cache, positions)
+            graph = self._graph(shape, cache, positions)
             graph.load(cache, allowed, positions + 1, first, seen)
             decode = Timer(device)
             done = 1
@@ -568,16 +572,17 @@ class StaticDecoder:
             if keep_logits:
                 kept_logits = [logits.float(), *graph.logits[1:done].clone().unbind(0)]
             answer.stop()
+        captured = self.captures > captures  # a prefill graph, a decode graph or both
         return FastGeneration(tokens[:, :done], kept_logits, first_token, decode, answer, captured)
 
     def _all_ended(self, tokens: torch.Tensor) -> bool:
         """Whether every sample has produced an end-of-sequence token (a host sync)."""
         return bool(end_tokens(tokens, self.model.generation_config.eos_token_id).any(-1).all())
 
-    def _graph(self, shape: DecodeShape, cache: DynamicCache, positions: torch.Tensor) -> tuple[_DecodeGraph, bool]:
+    def _graph(self, shape: DecodeShape, cache: DynamicCache, positions: torch.Tensor) -> _DecodeGraph:
         if shape in self.graphs:
             self.graphs.move_to_end(shape)
-            return self.graphs[shape], False
+            return self.graphs[shape]
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         with self._counting_memory(positions.device) if self.capture else nullcontext():
@@ -590,7 +595,7 @@ class StaticDecoder:
                 self.captures += 1
                 logger.info("captured a decode graph for %s", shape)
         self.graphs[shape] = graph
-        return graph, self.capture
+        return graph
 
     @staticmethod
     def _prompt_slots(cache: DynamicCache, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:

@@ -145,7 +145,7 @@ def test_prefill_graph_replays_a_second_prompt_of_its_shape():
     assert len(decoder.prefill_graphs) == 1
 
 
-def test_decoder_layers_are_restored_when_a_prefill_fails():
+def test_decoder_layers_are_restored_and_no_graph_kept_when_a_prefill_fails():
     family = "llava"
     model = adapter_for(family).tiny_model(family)
     decoder_module = adapter_for(model).decoder(model)
@@ -157,10 +157,12 @@ def test_decoder_layers_are_restored_when_a_prefill_fails():
         raise RuntimeError("layer failed")
 
     layers[-1].forward = fail
+    decoder = StaticDecoder(model, capture=False)
     with pytest.raises(RuntimeError, match="layer failed"):
-        StaticDecoder(model, capture=False).generate(inputs, press, STEPS)
+        decoder.generate(inputs, press, STEPS)
     del layers[-1].forward
     assert decoder_module.layers is layers
+    assert not decoder.prefill_graphs  # a graph that failed is not kept for the next prompt of its shape
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
     fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
     assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
