@@ -97,6 +97,18 @@ def test_accuracy_matches_the_published_results(test_split, name):
     assert next(r for r in published if r["model"] == name and r["ratio"] == 0)["accuracy"] > 0.7
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_methods_comparison_matches_the_published_results(test_split, name):
+    """FastV and layer_delta at 0.667 on the whole test split reproduce the methods comparison of BENCHMARKS.md."""
+    published = json.loads((bundled("assets") / "bench" / "methods" / "dash-shapes-methods.json").read_text())
+    vlm = DashVLM.from_pretrained(model_folder(name))
+    for method in ("fastv", "layer_delta"):
+        vlm.press = DeltaPress(compression_ratio=0.667, scope="vision", method=method)
+        texts, _ = answer_all(vlm, test_split, batch_size=250)
+        row = next(r for r in published if (r["model"], r["ratio"], r["method"]) == (name, 0.667, method))
+        assert score(texts, test_split)["accuracy"] == pytest.approx(row["accuracy"], abs=0.005), method
+
+
 def test_vision_rows_only_where_the_tower_halts():
     assert not any("vision_compression_ratio" in c for c in configurations(vision_tower_halts=False))
     vision = [c for c in configurations(vision_tower_halts=True) if "vision_compression_ratio" in c]
