@@ -67,9 +67,12 @@ def restrict_attention_mask(
     allowed = allowed[:, None]
     if mask is None or mask.dtype == torch.bool:
         return allowed
-    return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill_(
-        ~allowed, torch.finfo(mask.dtype).min
-    )
+    return additive_mask(allowed, mask.dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True attends) as the additive float mask of eager attention: 0, or the dtype's minimum."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def computed_once(store: dict, value: object, compute: Callable[[object], object]) -> object:

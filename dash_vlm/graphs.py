@@ -28,6 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, StaticLayer
 
 from dash_vlm.cache import HaltedLayer, attach_halted_layers
+from dash_vlm.compact import additive_mask
 from dash_vlm.models import adapter_for
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.press import DeltaPress, Timer, executor_of
@@ -106,6 +107,26 @@ class FastGeneration:
     captured: bool
 
 
+def _call_layer(
+    layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, rotary: tuple, cache: Cache, positions
+) -> torch.Tensor | tuple:
+    """One decoder layer over a static cache, writing its keys and values at cache positions ``positions``."""
+    return layer(
+        hidden,
+        attention_mask=mask,
+        position_embeddings=rotary,
+        position_ids=None,
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=positions,
+    )
+
+
+def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """A decoder layer's hidden states, whether the family's layer returns a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 class _DecodeGraph:
     """The static buffers of one :class:`DecodeShape` and the step that runs on them.
 
@@ -169,9 +190,7 @@ class _DecodeGraph:
         columns = torch.arange(slots.shape[-1], device=slots.device)
         allowed = (slots | ((columns >= start) & (columns <= start + self.step)))[:, None, None, :]
         if self.additive:
-            minimum = torch.finfo(self.dtype).min
-            additive = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-            allowed = additive.masked_fill_(~allowed, minimum)
+            allowed = additive_mask(allowed, self.dtype)
         return allowed, (start + self.step)[None]
 
     def run_step(self) -> None:
@@ -181,16 +200,7 @@ class _DecodeGraph:
         group_inputs = [self._group_inputs(group) for group in range(len(self.prompt_slots))]
         for layer, group in zip(self.layers, self.group_of_layer, strict=True):
             mask, cache_position = group_inputs[group]
-            output = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=rotary,
-                position_ids=None,
-                past_key_values=self.cache,
-                use_cache=True,
-                cache_position=cache_position,
-            )
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = _hidden(_call_layer(layer, hidden, mask, rotary, self.cache, cache_position))
         logits = self.lm_head(self.norm(hidden[:, -1])).float()  # generate scores in float32
         if self.seen is not None:
             logits = penalize_repetition(logits, self.seen, self.penalty)
@@ -222,10 +232,6 @@ class _DecodeGraph:
                 self.graph.replay()
             else:
                 self.run_step()
-
-
-def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 class _PrefillGraph:
@@ -275,23 +281,12 @@ class _PrefillGraph:
         causal = torch.ones(length, length, dtype=torch.bool, device=self.real.device).tril()
         own = torch.eye(length, dtype=torch.bool, device=self.real.device)
         allowed = ((causal & self.real[:, None, :]) | own)[:, None]
-        if not self.additive:
-            return allowed
-        additive = torch.zeros(allowed.shape, dtype=self.hidden.dtype, device=allowed.device)
-        return additive.masked_fill_(~allowed, torch.finfo(self.hidden.dtype).min)
+        return additive_mask(allowed, self.hidden.dtype) if self.additive else allowed
 
     def _run_layers(self, layers, hidden, mask, rotary, slots: int) -> torch.Tensor:
         positions = torch.arange(slots, device=hidden.device)
         for layer in layers:
-            output = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=rotary,
-                position_ids=None,
-                past_key_values=self.cache,
-                use_cache=True,
-                cache_position=positions,
-            )
+            output = _call_layer(layer, hidden, mask, rotary, self.cache, positions)
             self.returns_tuple = isinstance(output, tuple)
             hidden = _hidden(output)
         return hidden
@@ -306,8 +301,9 @@ class _PrefillGraph:
             return
         hidden = self._run_layers(self.layers[:decision], self.hidden, mask, self.rotary, shape.length)
         scorer, reading = shape.scorer, {"input_ids": self.input_ids}
+        layer = self.layers[decision]
         handles = read_decision_layer(
-            self.layers[decision], scorer.reads, reading.__setitem__, lambda: self.real, self.rotate
+            layer, layer.self_attn, scorer.reads, reading.__setitem__, lambda: self.real, self.rotate
         )
         try:
             hidden = self._run_layers(self.layers[decision : decision + 1], hidden, mask, self.rotary, shape.length)

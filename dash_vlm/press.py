@@ -449,7 +449,9 @@ class _Executor:
         """The per-layer hooks, present only during a prefill that halts: a prefill at ratio 0 and every decode step
         run the model's own forward, with no Python hook per layer."""
         decision = self.layers[self.decision_layer]
-        handles = read_decision_layer(decision, self.scorer.reads, self._read, self._real_on_layer, self.rotate)
+        handles = read_decision_layer(
+            decision, decision.self_attn, self.scorer.reads, self._read, self._real_on_layer, self.rotate
+        )
         for layer in self.layers[self.decision_layer + 1 :]:
             handles.append(layer.register_forward_pre_hook(self._on_compact_layer, with_kwargs=True))
         handles.append(self.final_norm.register_forward_pre_hook(self._on_final_norm))

@@ -181,13 +181,15 @@ def last_token_attention(
 
 def read_decision_layer(
     layer: nn.Module,
+    attention: nn.Module,
     reads: tuple[str, ...],
     record: Callable[[str, torch.Tensor], None],
-    real: Callable[[], torch.Tensor],
-    rotate: Rotate,
+    real: Callable[[], torch.Tensor] | None = None,
+    rotate: Rotate | None = None,
 ) -> list:
-    """Hooks on a decoder layer that hand ``record(name, tensor)`` each layer reading in ``reads`` (``real()`` gives
-    the ``[batch, tokens]`` real tokens of the forward); returns their handles, for the caller to remove."""
+    """Hooks on a decoder layer or vision block and its ``attention`` sublayer that hand ``record(name, tensor)``
+    each reading in ``reads`` (``last_token_attention`` also needs ``real()``, the ``[batch, tokens]`` real tokens of
+    the forward, and ``rotate``); returns their handles, for the caller to remove."""
     handles = []
     if "layer_input" in reads:
         handles.append(
@@ -203,10 +205,14 @@ def read_decision_layer(
             value = last_token_attention(module, hidden, kwargs["position_embeddings"], real(), rotate)
             record("last_token_attention", value)
 
-        handles.append(layer.self_attn.register_forward_pre_hook(read_attention_input, with_kwargs=True))
+        handles.append(attention.register_forward_pre_hook(read_attention_input, with_kwargs=True))
     if "attention_output" in reads:
         handles.append(
-            layer.self_attn.register_forward_hook(lambda module, args, output: record("attention_output", output[0]))
+            attention.register_forward_hook(
+                lambda module, args, output: record(
+                    "attention_output", output[0] if isinstance(output, tuple) else output
+                )
+            )
         )
     if "layer_output" in reads:
         handles.append(

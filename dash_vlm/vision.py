@@ -28,7 +28,7 @@ from dash_vlm.compact import computed_once
 from dash_vlm.halting import segment_halt_counts, segment_halt_counts_on_device, segment_rows
 from dash_vlm.models import ModelAdapter
 from dash_vlm.plan import SegmentPlan, plan_segment_halting
-from dash_vlm.scorers import Reading, Scorer
+from dash_vlm.scorers import Reading, Scorer, read_decision_layer
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,8 @@ class VisionHalting:
         if "input_ids" in self.scorer.reads:  # patches have no token ids: a hash reads the position in the segment
             self.state.reading["input_ids"] = torch.zeros_like(index)
         decision = self.blocks[self.decision_block]
-        reads = self.scorer.reads
-        handles = []
-        if "layer_input" in reads:
-            handles.append(decision.register_forward_pre_hook(self._read_block_input, with_kwargs=True))
-        if "attention_output" in reads:
-            handles.append(self.adapter.vision_attention(decision).register_forward_hook(self._read_attention_output))
+        # the reading hooks come first: the block's output is read before the decision hook scores
+        handles = read_decision_layer(decision, self.adapter.vision_attention(decision), self.scorer.reads, self._read)
         handles.append(decision.register_forward_hook(self._on_decision_output))
         for block in self.blocks[self.decision_block + 1 :]:
             handles.append(block.register_forward_pre_hook(self._on_compact_block, with_kwargs=True))
@@ -112,16 +108,8 @@ class VisionHalting:
         padded = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])
         self.state.reading[name] = padded[self.state.index.to(tensor.device)]
 
-    def _read_block_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._read("layer_input", args[0] if args else kwargs["hidden_states"])
-
-    def _read_attention_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._read("attention_output", output[0] if isinstance(output, tuple) else output)
-
     def _on_decision_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         state = self.state
-        if "layer_output" in self.scorer.reads:
-            self._read("layer_output", output)
         device = output.device  # a split model's blocks may sit on another device than the tower's inputs
         index, inside, n_halt = state.index.to(device), state.inside.to(device), state.n_halt.to(device)
         scores = self.scorer.score(Reading(inside, **state.reading))
