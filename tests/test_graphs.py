@@ -4,10 +4,12 @@
 import pytest
 import torch
 from reference import relative_error
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dash_vlm import DeltaPress
 from dash_vlm.cache import HaltedLayer
-from dash_vlm.graphs import BUCKET, StaticDecoder, bucket
+from dash_vlm.graphs import BUCKET, GROUPED_DECODE, StaticDecoder, bucket, grouped_decode_attention
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.text import tiny_text_model
 
@@ -143,6 +145,51 @@ def test_prefill_graph_replays_a_second_prompt_of_its_shape():
         fast = decoder.generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
         assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
     assert len(decoder.prefill_graphs) == 1
+
+
+@pytest.mark.parametrize("kind", ["boolean", "additive"])
+def test_grouped_decode_attention_equals_repeated_key_value_heads(kind):
+    torch.manual_seed(0)
+    batch, heads, key_value_heads, slots, dim = 3, 8, 2, 37, 16
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // key_value_heads, True
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(2, batch, key_value_heads, slots, dim).unbind(0)
+    mask = torch.rand(batch, 1, 1, slots) < 0.6
+    mask[..., -1] = True  # the new token's own slot
+    if kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    grouped, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
+    repeated, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)  # transformers' repeat_kv
+    assert grouped.shape == repeated.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(grouped, repeated, rtol=1e-5, atol=1e-6)
+    prompt = torch.randn(batch, heads, 5, dim)  # several query tokens: transformers' function, unchanged
+    expected, _ = sdpa_attention_forward(module, prompt, key, value, None)
+    torch.testing.assert_close(grouped_decode_attention(module, prompt, key, value, None)[0], expected)
+
+
+def test_decode_steps_run_grouped_attention_and_restore_the_attention_setting(monkeypatch):
+    family = "qwen2_vl"
+    model = adapter_for(family).tiny_model(family)
+    config = adapter_for(model).decoder(model).config
+    layers = len(adapter_for(model).decoder_layers(model))
+    inputs = adapter_for(family).tiny_inputs(family)["image"]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[2])  # the query tokens
+        if len(calls) > layers * (STEPS - 1):
+            raise RuntimeError("attention failed")
+        return grouped_decode_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, GROUPED_DECODE, counted)
+    decoder = StaticDecoder(model, capture=False)
+    decoder.generate(inputs, None, STEPS, stop_at_end=False)
+    assert calls == [1] * layers * (STEPS - 1)  # every layer of every decode step, one query token each
+    assert config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="attention failed"):
+        decoder.generate(inputs, None, STEPS, stop_at_end=False)
+    assert config._attn_implementation == "sdpa"
 
 
 def test_decoder_layers_are_restored_and_no_graph_kept_when_a_prefill_fails():
