@@ -65,8 +65,25 @@ def run_name(press: DeltaPress) -> str:
     return f"DASH {press.compression_ratio:g}{vision}"
 
 
-def run_demo(dash: DeltaPress) -> None:
-    """Ask the bundled dash-shapes Qwen2-VL checkpoint about the bundled scene, with and without DASH."""
+def save_halting_maps(result, path: Path) -> list[Path]:
+    """Write a result's halting maps (``GenerationResult.halting_map``, at least 256 px tall): ``path`` for one image,
+    ``<stem>-1<suffix>``, ``<stem>-2<suffix>``, ... for several."""
+    pictures = result.halting_map(min_height=256)
+    if not pictures:
+        raise ValueError("--halting-map needs an image or a video in the prompt")
+    paths = (
+        [path]
+        if len(pictures) == 1
+        else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, 1 + len(pictures))]
+    )
+    for picture, target in zip(pictures, paths, strict=True):
+        picture.save(target)
+    return paths
+
+
+def run_demo(dash: DeltaPress, halting_map: Path) -> None:
+    """Ask the bundled dash-shapes Qwen2-VL checkpoint about the bundled scene, with and without DASH; write the
+    halting map of the first question."""
     from dash_vlm.resources import bundled
     from dash_vlm.shapes.evaluate import model_folder
     from dash_vlm.vlm import DashVLM
@@ -89,6 +106,9 @@ def run_demo(dash: DeltaPress) -> None:
     for i, item in enumerate(demo["questions"]):
         print(f"{item['question']:<{width}}  {item['answer']:<7}" + "".join(f"{a[i]:<12}" for a in answers.values()))
     print("\n".join(["", "halting statistics of the first question:", STATS_HEADER, *rows]))
+    print(
+        f"\nhalting map of the first question (halted tokens shaded): {save_halting_maps(results[0], halting_map)[0]}"
+    )
 
 
 def run_generate(args: argparse.Namespace, dash: DeltaPress) -> None:
@@ -115,6 +135,8 @@ def run_generate(args: argparse.Namespace, dash: DeltaPress) -> None:
         print(f"{name}: {result.text}")
         rows.append(stats_row(name, result.stats))
     print("\n".join(["", STATS_HEADER, *rows]))
+    if args.halting_map is not None:
+        print("halting map:", ", ".join(map(str, save_halting_maps(result, args.halting_map))))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the bundled dash-shapes checkpoint answers with and without DASH")
     add_halting_arguments(demo)
+    demo.add_argument("--halting-map", type=Path, default=Path("halting-map.png"), help="where to write the map")
 
     generate = commands.add_parser("generate", help="answer a prompt about images with a checkpoint under DASH")
     generate.add_argument("--model", required=True, help="hub id or local folder of a supported VLM")
@@ -135,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default=None)
     generate.add_argument("--allow-urls", action="store_true", help="fetch http(s) images")
     generate.add_argument("--compare", action="store_true", help="also generate without halting and compare")
+    generate.add_argument("--halting-map", type=Path, default=None, help="write the halting map here (PNG)")
     generate.add_argument(
         "--cuda-graphs", action="store_true", help="the fast path: decode steps replayed as CUDA graphs (one GPU)"
     )
@@ -183,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     if args.command == "demo":
-        run_demo(dash)
+        run_demo(dash, args.halting_map)
     elif args.command == "generate":
         run_generate(args, dash)
     elif args.command == "bench":

@@ -15,6 +15,7 @@ on a CPU.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dash_vlm.cache import HaltedLayer, attach_halted_layers
 from dash_vlm.compact import additive_mask
+from dash_vlm.halting import select_halted, select_halted_per_row
 from dash_vlm.models import adapter_for
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.press import DeltaPress, Timer, executor_of
@@ -81,13 +83,15 @@ class DecodeShape:
 class PrefillShape:
     """What a captured prefill of the decoder layers is specialised to: the batch, the prompt length and the kept
     slots above the decision layer (0 when nothing halts), both padded to ``PREFILL_BUCKET``, whether the layers below
-    need an explicit mask (padding in the batch, or eager attention) and the scorer that decides."""
+    need an explicit mask (padding in the batch, or eager attention), the scorer that decides, and the compression
+    ratio of ``selection="per_row"`` (``None``: the global selection)."""
 
     batch: int
     length: int
     slots: int
     masked: bool
     scorer: Scorer | None
+    per_row_ratio: float | None = None
 
 
 @dataclass
@@ -298,6 +302,7 @@ class _PrefillGraph:
         self.real = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.eligible = torch.zeros_like(self.real)
         self.input_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.groups = torch.full((batch, length), -1, dtype=torch.long, device=device)
         self.n_halt = torch.zeros(batch, dtype=torch.long, device=device)
         lengths = [length] * (self.decision + 1) + [shape.slots] * (len(layers) - self.decision - 1)
         self.cache = Cache(layers=[StaticLayer(n) for n in lengths])
@@ -309,8 +314,8 @@ class _PrefillGraph:
 
     def load(self, hidden: torch.Tensor, rotary: tuple, real: torch.Tensor, eligible: torch.Tensor, **halting):
         """Copy one prefill's inputs into the buffers (the padding zeroed): hidden states and position embeddings as
-        the decoder hands them to its layers, the real and eligible tokens, and with halting ``n_halt`` (``[batch]``)
-        and ``input_ids`` where the scorer reads them."""
+        the decoder hands them to its layers, the real and eligible tokens, and with halting ``n_halt`` (``[batch]``),
+        ``input_ids`` where the scorer reads them and ``groups`` under ``selection="per_row"``."""
         length = hidden.shape[1]
         self.hidden.zero_()[:, :length].copy_(hidden)
         for buffer, part in zip(self.rotary, rotary, strict=True):
@@ -321,6 +326,8 @@ class _PrefillGraph:
             self.n_halt.copy_(halting["n_halt"])
         if halting.get("input_ids") is not None:
             self.input_ids.zero_()[:, :length].copy_(halting["input_ids"])
+        if halting.get("groups") is not None:
+            self.groups.fill_(-1)[:, :length].copy_(halting["groups"])
 
     def _mask(self) -> torch.Tensor:
         length = self.shape.length
@@ -357,8 +364,11 @@ class _PrefillGraph:
             for handle in handles:
                 handle.remove()
         scores = scorer.score(Reading(self.real, **{name: reading[name] for name in scorer.reads}))
+        select = select_halted
+        if shape.per_row_ratio is not None:
+            select = functools.partial(select_halted_per_row, groups=self.groups, compression_ratio=shape.per_row_ratio)
         plan = plan_halting(
-            scores, self.real, self.eligible, self.n_halt, [shape.slots], slots=shape.slots, filler_last=True
+            scores, self.real, self.eligible, self.n_halt, [shape.slots], select, shape.slots, filler_last=True
         )
         compact = plan.compact_inputs({"attention_mask": mask, "position_embeddings": self.rotary}, flash=False)
         kept = self._run_layers(
@@ -524,7 +534,9 @@ class StaticDecoder:
         batch, length = hidden.shape[:2]
         padded = bucket(length, self.prefill_bucket)
         slots = min(bucket(max(prefill.kept_counts), self.prefill_bucket), padded) if halting else 0
-        shape = PrefillShape(batch, padded, slots, masked, executor.scorer if halting else None)
+        per_row = halting and prefill.groups is not None
+        ratio = executor.config.compression_ratio if per_row else None
+        shape = PrefillShape(batch, padded, slots, masked, executor.scorer if halting else None, ratio)
         graph = self.prefill_graphs.get(shape)
         new = graph is None
         if new:
@@ -534,7 +546,11 @@ class StaticDecoder:
             if new:  # kept only once it has run (and been captured): a failed capture leaves no half-made graph
                 graph = _PrefillGraph(layers, shape, hidden, rotary, self.adapter.rotate)
             if halting:
-                halting_inputs = {"n_halt": prefill.halt_counts_tensor, "input_ids": prefill.input_ids}
+                halting_inputs = {
+                    "n_halt": prefill.halt_counts_tensor,
+                    "input_ids": prefill.input_ids,
+                    "groups": prefill.groups,
+                }
                 graph.load(hidden, rotary, real, prefill.eligible, **halting_inputs)
             else:
                 graph.load(hidden, rotary, real, real)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 SCOPES = ("auto", "vision", "all")
+SELECTIONS = ("global", "per_row")
 
 Selection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """A selection rule, the step after scoring: ``(scores, eligible, n_halt) -> halted``, as :func:`select_halted`."""
@@ -103,6 +104,69 @@ def select_halted(scores: torch.Tensor, eligible: torch.Tensor, n_halt: torch.Te
     order = torch.sort(keyed, dim=-1, stable=True).indices  # stable: equal scores keep position order
     ranks = order.argsort(dim=-1)  # rank of each position in that order
     return eligible & (ranks < n_halt[:, None])
+
+
+def row_groups(rows: list[list[torch.Tensor]], vision: torch.Tensor) -> torch.Tensor:
+    """The groups of ``selection="per_row"`` (DESIGN.md section 1): each row of each token grid is a group, and so
+    are a sample's tokens that are not vision placeholders, together; a vision placeholder in no row (LLaVA-NeXT's
+    row-end newline tokens) is in no group and never halts.
+
+    Parameters
+    ----------
+    rows : list of list of torch.Tensor
+        Per sample, the positions of each grid row's tokens (``[cols]`` long each), rows in any order.
+    vision : torch.Tensor
+        ``[batch, tokens]`` bool, the vision placeholders.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[batch, tokens]`` long: the token's group, numbered from 0 within its sample, in the order of each group's
+        first position; -1 for a placeholder in no row.
+    """
+    batch, length = vision.shape
+    groups = torch.full((batch, length), -1, dtype=torch.long)
+    for sample, sample_rows in enumerate(rows):
+        members = [row.cpu() for row in sample_rows]
+        text = (~vision[sample]).cpu().nonzero()[:, 0]
+        if len(text):
+            members.append(text)
+        for number, member in enumerate(sorted(members, key=lambda row: int(row.min()))):
+            groups[sample, member] = number
+    return groups.to(vision.device)
+
+
+def select_halted_per_row(
+    scores: torch.Tensor, eligible: torch.Tensor, n_halt: torch.Tensor, groups: torch.Tensor, compression_ratio: float
+) -> torch.Tensor:
+    """``selection="per_row"``: each group (:func:`row_groups`) halts ``floor(compression_ratio * n)`` of its ``n``
+    eligible tokens, those with the smallest scores (ties: the earlier position); the rest of each sample's
+    ``n_halt`` goes, one token each, to its groups with the largest fractional parts of ``compression_ratio * n``
+    (ties: the earlier group). Shapes are ``[batch, tokens]`` throughout, with no copy to or from the host.
+    """
+    batch, length = scores.shape
+    flat = torch.arange(batch, device=scores.device)[:, None] * length + groups  # a group id unique in the batch
+    member = eligible & (groups >= 0)
+    flat = torch.where(member, flat, batch * length)  # non-members: one spare group past the end
+    counts = torch.zeros(batch * length + 1, dtype=torch.long, device=scores.device)
+    counts = counts.scatter_add(0, flat.flatten(), member.flatten().long())[:-1]
+    exact = counts.double() * compression_ratio
+    floors = exact.floor().long()
+    fraction = torch.where(counts > 0, exact - floors, -1.0).view(batch, length)  # empty groups come last
+    remainder = n_halt - floors.view(batch, length).sum(-1)
+    # Groups are numbered in order of their first position, so a stable sort by fraction breaks ties by group.
+    order = torch.sort(-fraction, dim=-1, stable=True).indices
+    extra = order.argsort(dim=-1) < remainder[:, None]
+    quota = torch.cat([(floors.view(batch, length) + extra.long()).flatten(), counts.new_zeros(1)])
+    # Rank each member within its group: by score (ties: position), then grouped, both sorts stable.
+    keyed = scores.float().masked_fill(~member, math.inf).flatten()
+    by_score = torch.sort(keyed, stable=True).indices
+    by_group = by_score[torch.sort(flat.flatten()[by_score], stable=True).indices]
+    first_of_group = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    rank = torch.empty_like(by_group)
+    rank[by_group] = torch.arange(batch * length, device=scores.device)
+    rank = rank - first_of_group[flat.flatten()]
+    return member & (rank < quota[flat.flatten()]).view(batch, length)
 
 
 def compact_layout(kept: torch.Tensor, num_slots: int, filler_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ vision tower's passes halt patches too (``vision.py``, DESIGN.md section 6). The
 
 from __future__ import annotations
 
+import functools
 import numbers
 import time
 import weakref
@@ -32,7 +33,17 @@ from transformers import DynamicCache, PreTrainedModel
 
 from dash_vlm.cache import attach_halted_layers, check_cache
 from dash_vlm.compact import computed_once
-from dash_vlm.halting import SCOPES, eligible_tokens, halt_counts, halt_counts_on_device
+from dash_vlm.halting import (
+    SCOPES,
+    SELECTIONS,
+    Selection,
+    eligible_tokens,
+    halt_counts,
+    halt_counts_on_device,
+    row_groups,
+    select_halted,
+    select_halted_per_row,
+)
 from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.scorers import SCORERS, Reading, Scorer, read_decision_layer
@@ -49,8 +60,10 @@ class PrefillStats:
     ``halted_positions`` index the sample's unpadded prompt; ``prefill_ms`` is the whole prefill call, the same for
     every sample of a batch; ``kv_cache_bytes`` counts this sample's keys and values after the prefill.
     ``vision_patches`` counts the sample's patches in the vision tower and ``vision_kept`` those that ran every block
-    (all of them unless ``vision_compression_ratio > 0``); both are ``None`` for a family whose placeholder tokens do
-    not stand for a fixed number of patches (LLaVA) or a prefill given only ``inputs_embeds``.
+    (all of them unless ``vision_compression_ratio > 0``); ``vision_halted_patches`` indexes the others among the
+    sample's patches (its images', then its videos', in the processor's order). All three are ``None`` for a family
+    whose placeholder tokens do not stand for a fixed number of patches (LLaVA) or a prefill given only
+    ``inputs_embeds``.
     """
 
     tokens: int
@@ -62,6 +75,7 @@ class PrefillStats:
     prefill_ms: float
     vision_patches: int | None = None
     vision_kept: int | None = None
+    vision_halted_patches: list[int] | None = None
 
 
 @dataclass
@@ -81,6 +95,10 @@ class DeltaPress(BasePress):
     scope : str
         "vision" (image and video tokens), "all" (every real prompt token) or "auto" (vision for a vision-language
         model, all for a text-only model).
+    selection : str
+        How the halted tokens are chosen from the scores: "global" (the DASH rule: the lowest-scoring eligible
+        tokens of the sample) or "per_row" (each row of each image's token grid halts its share, DESIGN.md section
+        1; vision-language models).
     protect_last, protect_first : int
         How many of the last (>= 1: the token that predicts the answer) and first (>= 0) real prompt tokens never
         halt.
@@ -104,6 +122,7 @@ class DeltaPress(BasePress):
     compression_ratio: float = 0.667
     start_ratio: float = 0.4
     scope: str = "auto"
+    selection: str = "global"
     protect_last: int = 1
     protect_first: int = 0
     method: str = "dash"
@@ -127,6 +146,8 @@ class DeltaPress(BasePress):
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.method not in SCORERS:
             raise ValueError(f"method must be one of {tuple(SCORERS)}, got {self.method!r}")
         for name, minimum in (("protect_last", 1), ("protect_first", 0), ("fastv_layer", 1)):
@@ -261,6 +282,7 @@ class _Prefill:
     token_masks: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # real and eligible, [batch, tokens] bool
     timer: Timer
     input_ids: torch.Tensor | None = None
+    groups: torch.Tensor | None = None  # selection="per_row": each token's group (``halting.row_groups``)
     vision_passes: list[VisionPass] = field(default_factory=list)  # the vision tower's, when it halts
     halt_counts: list[int] = field(default_factory=list)
     halt_counts_tensor: torch.Tensor | None = None  # computed on the device: nothing is copied from the host
@@ -311,6 +333,8 @@ class _Prefill:
         self._masks = real.to(device), eligible.to(device)
         self.halt_counts_tensor = self.halt_counts_tensor.to(device)
         self.scores = self.scores.to(device)
+        if self.groups is not None:
+            self.groups = self.groups.to(device)
 
     def finish(self) -> None:
         """Drop what only the forward needed; the statistics read the masks, the counts and the plan's ``halted``."""
@@ -345,8 +369,9 @@ class _PrefillRecord:
         batch = len(prefill.tokens)
         vision_patches: list[int | None] = [None] * batch
         vision_kept: list[int | None] = [None] * batch
+        vision_halted: list[list[int] | None] = [None] * batch
         if self.patches_per_token is not None and prefill.input_ids is not None:
-            vision_patches, vision_kept = vision_counts(
+            vision_patches, vision_kept, vision_halted = vision_counts(
                 prefill.input_ids, self.vision_token_ids, self.patches_per_token, prefill.vision_passes
             )
         halted_positions: list[list[int]] = [[] for _ in prefill.tokens]
@@ -361,6 +386,7 @@ class _PrefillRecord:
             halted_positions,
             vision_patches,
             vision_kept,
+            vision_halted,
             strict=True,
         ):
             kv_bytes = sum(
@@ -399,6 +425,12 @@ class _Executor:
             raise ValueError(
                 f"protect must be a [batch, tokens] bool tensor, got {protect.dtype} of shape {tuple(protect.shape)}"
             )
+        if self.config.selection == "per_row" and not adapter.is_vision_language:
+            raise ValueError(
+                f"selection='per_row' needs a vision-language model (its rows are image token rows); "
+                f"{model.config.model_type!r} is text-only"
+            )
+        self.adapter, self.model_config = adapter, model.config
         self.vision_ids = tuple(adapter.vision_token_ids(model.config)) if scope == "vision" else None
         self.vision_token_ids = adapter.vision_token_ids(model.config)
         self.patches_per_token = adapter.vision_patches_per_token(model.config)
@@ -486,6 +518,18 @@ class _Executor:
         if self.protect is not None and tuple(self.protect.shape) != (batch, length):
             raise ValueError(f"protect has shape {tuple(self.protect.shape)}, the prompt is {(batch, length)}")
         attention_mask = kwargs.get("attention_mask")
+        groups = None
+        if self.config.selection == "per_row":  # the token grids, read on the host before any layer runs
+            if input_ids is None:
+                raise ValueError("selection='per_row' needs input_ids to find the image token rows")
+            rows = [
+                [row for grid in grids for row in grid]
+                for grids in self.adapter.token_positions(self.model_config, dict(kwargs, input_ids=input_ids))
+            ]
+            vision = torch.zeros_like(input_ids, dtype=torch.bool)
+            for token_id in self.vision_token_ids:
+                vision |= input_ids == token_id
+            groups = row_groups(rows, vision)
         # The statistics read these masks after the block: the closure holds what it needs, never the executor and
         # with it the model.
         vision_ids, protect, config = self.vision_ids, self.protect, self.config
@@ -500,12 +544,13 @@ class _Executor:
                 for token_id in vision_ids:
                     candidates |= input_ids == token_id
             protected = None if protect is None else protect.to(real.device)
-            return real, eligible_tokens(real, candidates, config.protect_first, config.protect_last, protected)
+            eligible = eligible_tokens(real, candidates, config.protect_first, config.protect_last, protected)
+            return real, eligible if groups is None else eligible & (groups >= 0)
 
         ratio = self.config.compression_ratio
         if ratio > 0 and "input_ids" in self.scorer.reads and input_ids is None:
             raise ValueError(f"method={self.config.method!r} needs input_ids; got only inputs_embeds")
-        self.prefill = prefill = _Prefill(token_masks, timer, input_ids=input_ids)
+        self.prefill = prefill = _Prefill(token_masks, timer, input_ids=input_ids, groups=groups)
         if self.vision is not None:
             self.vision.passes = prefill.vision_passes
         if ratio == 0:  # nothing can halt in the decoder: no host sync, no work at all
@@ -534,9 +579,22 @@ class _Executor:
         prefill = self.prefill
         prefill.move_to(device)  # the decision may sit on another device than the inputs (device_map="auto")
         prefill.plan = plan_halting(
-            prefill.scores, prefill.real, prefill.eligible, prefill.halt_counts_tensor, prefill.kept_counts
+            prefill.scores,
+            prefill.real,
+            prefill.eligible,
+            prefill.halt_counts_tensor,
+            prefill.kept_counts,
+            self.selection(prefill),
         )
         return prefill.plan
+
+    def selection(self, prefill: _Prefill) -> Selection:
+        """The selection rule of this block's press for ``prefill`` (``halting.Selection``)."""
+        if prefill.groups is None:
+            return select_halted
+        return functools.partial(
+            select_halted_per_row, groups=prefill.groups, compression_ratio=self.config.compression_ratio
+        )
 
     def _on_compact_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         prefill = self.prefill

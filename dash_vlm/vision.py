@@ -31,12 +31,14 @@ from dash_vlm.plan import SegmentPlan, plan_segment_halting
 from dash_vlm.scorers import Reading, Scorer, read_decision_layer
 
 
-@dataclass(frozen=True)
+@dataclass
 class VisionPass:
-    """One pass of the tower under the press: the patches of each segment, and how many of them were kept."""
+    """One pass of the tower under the press: the patches of each segment, how many of them were kept, and which of
+    the pass's patches halted (``[patches]`` bool on the device; ``None`` when none did)."""
 
     segment_patches: list[int]
     segment_kept: list[int]
+    halted: torch.Tensor | None = None
 
 
 @dataclass
@@ -116,6 +118,7 @@ class VisionHalting:
         state.reading = {}
         state.plan = plan_segment_halting(scores, index, inside, n_halt, state.patches, state.kept)
         state.decision_output = output
+        self.passes[-1].halted = state.plan.kept_before.diff() == 0
 
     def _on_compact_block(self, module: nn.Module, args: tuple, kwargs: dict):
         if module is self.blocks[self.decision_block + 1]:  # the first block above the decision: gather once
@@ -141,19 +144,24 @@ class VisionHalting:
 
 def vision_counts(
     input_ids: torch.Tensor, token_ids: list[int], patches_per_token: int, passes: list[VisionPass]
-) -> tuple[list[int], list[int]]:
-    """Each sample's patches and kept patches. The tower makes one pass per kind of placeholder present, in the order
-    of ``token_ids``, over the samples' images (or videos) in order; a kind without a recorded pass kept every patch.
-    """
+) -> tuple[list[int], list[int], list[list[int]]]:
+    """Each sample's patches, kept patches and halted patches (indices among the sample's patches: those of its
+    images, then of its videos, each in the processor's order). The tower makes one pass per kind of placeholder
+    present, in the order of ``token_ids``, over the samples' images (or videos) in order; a kind without a recorded
+    pass kept every patch."""
     batch = input_ids.shape[0]
-    patches, kept = [0] * batch, [0] * batch
+    patches, kept, halted = [0] * batch, [0] * batch, [[] for _ in range(batch)]
     per_kind = [(input_ids == token_id).sum(-1).tolist() for token_id in token_ids]
     present = [counts for counts in per_kind if any(counts)]
     for number, counts in enumerate(present):
         segments = passes[number] if number < len(passes) else None
-        position = 0
+        flat = None if segments is None or segments.halted is None else segments.halted.cpu()
+        position, start = 0, 0  # the next segment, and the sample's first patch in the pass
         for b, count in enumerate(counts):
             sample_patches = count * patches_per_token
+            if flat is not None:
+                halted[b] += (flat[start : start + sample_patches].nonzero()[:, 0] + patches[b]).tolist()
+            start += sample_patches
             patches[b] += sample_patches
             if segments is None:
                 kept[b] += sample_patches
@@ -163,4 +171,4 @@ def vision_counts(
                 covered += segments.segment_patches[position]
                 kept[b] += segments.segment_kept[position]
                 position += 1
-    return patches, kept
+    return patches, kept, halted

@@ -6,7 +6,7 @@ import io
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from transformers import (
 )
 
 from dash_vlm.graphs import StaticDecoder, after_first_end
-from dash_vlm.models import ModelAdapter, adapter_for, chat_prompts, model_types_with
+from dash_vlm.maps import halting_maps
+from dash_vlm.models import ModelAdapter, TokenGrid, adapter_for, chat_prompts, model_types_with
 from dash_vlm.press import DeltaPress, PrefillStats, Timer
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,21 @@ VIDEO_FPS = 2.0  # frames sampled per second of a video file, the qwen-vl-utils 
 @dataclass
 class GenerationResult:
     """The answer to one prompt, the statistics of its prefill, the time to the first token (from the call to
-    ``model.generate``, so preprocessing excluded; the same for every sample of a batch) and how many tokens were
-    generated (end-of-sequence included)."""
+    ``model.generate``, so preprocessing excluded; the same for every sample of a batch), how many tokens were
+    generated (end-of-sequence included) and the token grids of its images (positions in the unpadded prompt)."""
 
     text: str
     stats: PrefillStats
     ttft_ms: float = float("nan")
     generated_tokens: int = 0
+    grids: list[TokenGrid] = field(default_factory=list, repr=False)
+
+    def halting_map(self, min_height: int = 0) -> list[Image.Image]:
+        """One picture per image or video frame group of the prompt: the image as the model saw it, the cells of the
+        tokens that halted in the decoder shaded dark and the patches that halted in the vision tower blue (LLaVA-NeXT:
+        the base view and the tiled view side by side); scaled up by whole pixels to at least ``min_height`` rows."""
+        patches = self.stats.vision_halted_patches or ()
+        return halting_maps(self.grids, self.stats.halted_positions, patches, min_height)
 
 
 class FirstTokenTimer(StoppingCriteria):
@@ -252,7 +261,23 @@ class DashVLM:
 
     def _generate(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
         if self.fast is not None:
-            return self._generate_fast(inputs, max_new_tokens, generation_kwargs)
+            results = self._generate_fast(inputs, max_new_tokens, generation_kwargs)
+        else:
+            results = self._generate_eager(inputs, max_new_tokens, generation_kwargs)
+        for result, grids in zip(results, self._token_grids(inputs), strict=True):
+            result.grids = grids
+        return results
+
+    def _token_grids(self, inputs) -> list[list[TokenGrid]]:
+        """Each sample's token grids, positions counted in its unpadded prompt (as ``halted_positions`` are)."""
+        grids = self.adapter.token_grids(self.model.config, self.processor, inputs)
+        rank = (inputs["attention_mask"].long().cumsum(-1) - 1).cpu()
+        return [
+            [replace(grid, positions=rank[sample][grid.positions]) for grid in sample_grids]
+            for sample, sample_grids in enumerate(grids)
+        ]
+
+    def _generate_eager(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
         generation_kwargs.setdefault("do_sample", False)
         first_token = FirstTokenTimer(self.model.device)
         generation_kwargs["stopping_criteria"] = [*generation_kwargs.get("stopping_criteria", []), first_token]

@@ -23,8 +23,11 @@ class MaskedReference:
         protect_last: int = 1,
         protect_first: int = 0,
         protect: torch.Tensor | None = None,
+        rows: list[list[list[int]]] | None = None,
     ):
-        self.model, self.ratio, self.scope = model, compression_ratio, scope
+        """``rows``: per sample, the positions of each image token row; given, the selection is per row (DESIGN.md
+        section 1) and a vision token in no row never halts."""
+        self.model, self.ratio, self.scope, self.rows = model, compression_ratio, scope, rows
         self.protect_last, self.protect_first, self.protect = protect_last, protect_first, protect
         base = model.model
         self.base = base
@@ -56,6 +59,9 @@ class MaskedReference:
             allowed = set(start) & set(end)
             if self.protect is not None:
                 allowed -= {t for t in real if self.protect[b, t]}
+            if self.rows is not None:
+                in_rows = {t for row in self.rows[b] for t in row}
+                allowed -= {t for t in real if int(ids[b, t]) in self.vision_ids and t not in in_rows}
             self.eligible.append([t for t in candidates if t in allowed])
 
     def _on_decision(self, module, args, kwargs, output):
@@ -67,9 +73,29 @@ class MaskedReference:
         self.halted_per_sample = []
         for b, eligible in enumerate(self.eligible):
             n_drop = round(self.ratio * len(eligible))
-            chosen = sorted(eligible, key=lambda t: (scores[b, t].item(), t))[:n_drop]
+            if self.rows is None:
+                chosen = sorted(eligible, key=lambda t: (scores[b, t].item(), t))[:n_drop]
+            else:
+                chosen = self._per_row(eligible, self.rows[b], n_drop, scores[b])
             self.halted[b, chosen] = True
             self.halted_per_sample.append(sorted(chosen))
+
+    def _per_row(self, eligible: list[int], rows: list[list[int]], n_drop: int, scores) -> list[int]:
+        """Each row (and the eligible text tokens, as one more row) halts floor(ratio * n) of its n eligible tokens;
+        the rest of n_drop goes to the rows with the largest fractional parts, the earlier row first."""
+        in_rows = {t for row in rows for t in row}
+        groups = [[t for t in row if t in eligible] for row in rows]
+        groups.append([t for t in eligible if t not in in_rows])
+        groups = sorted((group for group in groups if group), key=min)
+        quotas = [math.floor(self.ratio * len(group)) for group in groups]
+        fractions = [self.ratio * len(group) - quota for group, quota in zip(groups, quotas, strict=True)]
+        for number in sorted(range(len(groups)), key=lambda g: (-fractions[g], g))[: n_drop - sum(quotas)]:
+            quotas[number] += 1
+        return [
+            t
+            for group, quota in zip(groups, quotas, strict=True)
+            for t in sorted(group, key=lambda t: (scores[t].item(), t))[:quota]
+        ]
 
     def _on_decision_layer_output(self, module, args, kwargs, output):
         if self.in_prefill:

@@ -21,6 +21,7 @@ PRESSES = {
     "all": DeltaPress(compression_ratio=0.667, scope="all"),
     "fastv": DeltaPress(compression_ratio=0.5, method="fastv"),
     "layer_delta": DeltaPress(compression_ratio=0.5, method="layer_delta"),
+    "per_row": DeltaPress(compression_ratio=0.5, selection="per_row"),
 }
 
 

@@ -15,6 +15,7 @@ NON_DEFAULT = {
     "compression_ratio": 0.5,
     "start_ratio": 0.6,
     "scope": "all",
+    "selection": "per_row",
     "protect_last": 2,
     "protect_first": 1,
     "method": "random",
@@ -71,7 +72,7 @@ def test_command_line_takes_every_field(monkeypatch, command):
     seen = {}
 
     def capture(*args, press=None, **kwargs):
-        seen["press"] = press if press is not None else args[-1]
+        seen["press"] = press if press is not None else args[0]
         raise Captured
 
     if command == "generate":
@@ -87,7 +88,7 @@ def test_command_line_takes_every_field(monkeypatch, command):
 
 def test_command_line_short_forms_and_errors(monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr("dash_vlm.cli.run_demo", lambda press: seen.setdefault("press", press))
+    monkeypatch.setattr("dash_vlm.cli.run_demo", lambda press, halting_map: seen.setdefault("press", press))
     cli_main(["demo", "--ratio", "0.25"])
     assert seen["press"].compression_ratio == 0.25
     with pytest.raises(SystemExit):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dash_vlm import DashVLM, DeltaPress
 from dash_vlm.cli import main as cli_main
@@ -123,10 +124,13 @@ def test_vision_rows_only_where_the_tower_halts():
     assert "| dash | 0.667 | **all** | 71.9% | 70.2% | 67.4% |" in tables
 
 
-def test_demo(capsys):
-    cli_main(["demo", "--ratio", "0.5"])
+def test_demo(capsys, tmp_path):
+    cli_main(["demo", "--ratio", "0.5", "--halting-map", str(tmp_path / "map.png")])
     output = capsys.readouterr().out
     demo = json.loads((bundled("assets") / "demo" / "shapes.json").read_text())
     for item in demo["questions"]:
         assert item["question"] in output
     assert "vanilla" in output and "DASH 0.5" in output and "prefill ms" in output
+    assert f"halting map of the first question (halted tokens shaded): {tmp_path / 'map.png'}" in output
+    with Image.open(tmp_path / "map.png") as picture:  # the 64 px scene, scaled by whole pixels to 256 rows
+        assert picture.size == (256, 256)

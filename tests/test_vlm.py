@@ -253,6 +253,19 @@ def test_cli_generate_compare(checkpoints, image_files, capsys):
     assert vanilla[3] == vanilla[1] and dash[4] == str(expected.stats.kept)
 
 
+def test_cli_generate_writes_one_halting_map_per_image(checkpoints, image_files, tmp_path, capsys):
+    target = tmp_path / "map.png"
+    argv = ["generate", "--model", str(checkpoints["llava"]), "--image", *map(str, image_files[:2])]
+    cli_main([*argv, "--prompt", "what colour", "--max-new-tokens", "2", "--halting-map", str(target)])
+    paths = [tmp_path / "map-1.png", tmp_path / "map-2.png"]
+    assert f"halting map: {paths[0]}, {paths[1]}" in capsys.readouterr().out
+    for path in paths:
+        with Image.open(path) as picture:
+            assert picture.height >= 256
+    with pytest.raises(ValueError, match="--halting-map needs an image"):
+        cli_main(["generate", "--model", str(checkpoints["llava"]), "--prompt", "what", "--halting-map", str(target)])
+
+
 def test_offloaded_device_map_gives_the_same_answers(checkpoints, image_files, tmp_path):
     """A device map that offloads the deeper decoder layers to disk, through from_pretrained's ordinary options."""
     device_map = {name: "cpu" for name in ("model.visual", "model.language_model.embed_tokens", "lm_head")}

@@ -13,12 +13,74 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dash_vlm.models.presets import PRESETS, Preset
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """One view of an image (or of a video frame group) as the decoder sees it: the picture its vision tower was given
+    and the decoder token of each cell of a grid laid over that picture.
+
+    Parameters
+    ----------
+    pixels : numpy.ndarray
+        ``[height, width, 3]`` uint8, the processor's pixels, de-normalised: the image as the model saw it.
+    positions : torch.Tensor
+        ``[rows, cols]`` long, the prompt position of the token of each cell; cells are ``height / rows`` by
+        ``width / cols`` pixels, in raster order.
+    item : int
+        Which image or video frame group of its sample the view shows, in prompt order (LLaVA-NeXT shows each image
+        twice: its base view and its tiled view).
+    patches : torch.Tensor, optional
+        ``[rows * k, cols * k]`` long, for a family whose vision tower halts (DESIGN.md section 6): the index of each
+        tower patch among its sample's patches (``PrefillStats.vision_halted_patches`` counts the same way); a
+        token's cell holds ``k x k`` patches.
+    """
+
+    pixels: np.ndarray
+    positions: torch.Tensor
+    item: int
+    patches: torch.Tensor | None = None
+
+
+def rgb_pixels(pixels: torch.Tensor, image_processor) -> np.ndarray:
+    """``[3, height, width]`` processor pixels back to ``[height, width, 3]`` uint8, undoing its normalisation."""
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
+    values = (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
+    return (values * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def item_positions(is_token: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """The sample and the prompt positions of each vision item (image or video), from the ``[batch, tokens]`` mask of
+    its kind of placeholder and the number of placeholders of each item, items in the processor's order (sample by
+    sample, in prompt order)."""
+    per_sample = [row.nonzero()[:, 0] for row in is_token.cpu()]
+    if sum(counts) != sum(len(positions) for positions in per_sample):
+        raise ValueError(f"the inputs hold {sum(map(len, per_sample))} placeholders, their items {sum(counts)}")
+    items, sample, used = [], 0, 0
+    for count in counts:
+        while used == len(per_sample[sample]):
+            sample, used = sample + 1, 0
+        items.append((sample, per_sample[sample][used : used + count]))
+        used += count
+    return items
+
+
+def in_prompt_order(views: list[tuple], items: list[int] | None = None) -> list[TokenGrid]:
+    """Views (pixels, positions and optionally patches, as :class:`TokenGrid` takes them) as token grids sorted by
+    prompt position, each numbered by its item: ``items`` gives the item of each view (views of one item share it),
+    by default one item per view."""
+    items = list(range(len(views))) if items is None else items
+    order = sorted(range(len(views)), key=lambda view: int(views[view][1].min()))
+    numbers = {item: number for number, item in enumerate(dict.fromkeys(items[view] for view in order))}
+    return [TokenGrid(views[view][0], views[view][1], numbers[items[view]], *views[view][2:]) for view in order]
 
 
 @dataclass(frozen=True)
@@ -139,6 +201,17 @@ class ModelAdapter:
         """The processor's keyword arguments for the image (and video) entries ``items`` of a batch."""
         images = [item["image"] for item in items if item["type"] == "image"]
         return {"images": images or None}
+
+    def token_positions(self, config: PretrainedConfig, inputs: dict) -> list[list[torch.Tensor]]:
+        """Per sample of a batch of model inputs, the ``[rows, cols]`` token grids of its images and video frame
+        groups (prompt positions in the padded batch): the rows of ``selection="per_row"``; :meth:`token_grids`
+        lays the same grids over pixels."""
+        raise NotImplementedError(f"{self.model_types} has no token grid")
+
+    def token_grids(self, config: PretrainedConfig, processor: ProcessorMixin, inputs: dict) -> list[list[TokenGrid]]:
+        """Per sample of a batch of model inputs, the views of its images and video frame groups, by prompt position,
+        with each view's token grid (positions in the padded batch)."""
+        raise NotImplementedError(f"{self.model_types} has no token grid")
 
     def lmms_conversation(
         self, context: str, visuals: list, processor: ProcessorMixin, **options

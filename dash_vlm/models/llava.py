@@ -27,8 +27,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     ProcessorMixin,
 )
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from dash_vlm.models import ModelAdapter, register_adapter
+from dash_vlm.models import ModelAdapter, TokenGrid, in_prompt_order, item_positions, register_adapter, rgb_pixels
 from dash_vlm.models.presets import Preset
 from dash_vlm.models.tiny import IMAGE_TOKEN, TEXT, special_token_ids, tiny_tokenizer, word_tokenizer
 
@@ -61,6 +62,60 @@ class LlavaAdapter(ModelAdapter):
         )
         content = [{"type": "image", "image": visual} for visual in visuals] + [{"type": "text", "text": context}]
         return [{"role": "user", "content": content}], prompt
+
+    def _views(self, config, inputs: dict):
+        """Per image: its sample, its index, and each of its views as (token positions ``[rows, cols]``, the tiles'
+        grid and the view's first canvas cell for the tiled view, ``None`` for the base view)."""
+        if inputs.get("pixel_values") is None:
+            return
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        counts, tiled = [side * side] * len(inputs["pixel_values"]), []
+        if config.model_type == "llava_next":
+            for image_size in inputs["image_sizes"].tolist():
+                rows, columns = get_anyres_image_grid_shape(
+                    image_size, config.image_grid_pinpoints, config.vision_config.image_size
+                )
+                canvas = torch.arange(rows * side * columns * side).view(1, rows * side, columns * side)
+                cells = unpad_image(canvas, image_size)[0]  # the canvas cells the model keeps, as it cuts them
+                tiled.append((rows, columns, divmod(int(cells[0, 0]), columns * side), cells.shape))
+                counts[len(tiled) - 1] += cells.shape[0] * (cells.shape[1] + 1)
+        owners = item_positions(inputs["input_ids"] == config.image_token_id, counts)
+        for image, (sample, positions) in enumerate(owners):
+            views = [(positions[: side * side].view(side, side), None)]
+            if tiled:
+                rows, columns, corner, (height, width) = tiled[image]
+                grid = positions[side * side :].view(height, width + 1)[:, :-1]  # without the row-end newlines
+                views.append((grid, (rows, columns, corner)))
+            yield sample, image, views
+
+    def token_positions(self, config, inputs: dict) -> list[list[torch.Tensor]]:
+        """LLaVA-1.5: each image's square patch grid. LLaVA-NeXT: each image's base grid and unpadded tiled grid."""
+        positions = [[] for _ in inputs["input_ids"]]
+        for sample, _, views in self._views(config, inputs):
+            positions[sample] += [grid for grid, _ in views]
+        return positions
+
+    def token_grids(self, config, processor: ProcessorMixin, inputs: dict) -> list[list[TokenGrid]]:
+        """LLaVA-1.5: one view per image, its square grid of patches. LLaVA-NeXT: the base view (the whole image at
+        the tower's resolution), then the tiled view: the tiles at the best resolution, cut back to the image's own
+        aspect as the model unpads them; the newline token ending each of its rows belongs to no cell."""
+        patch = config.vision_config.patch_size
+        views = [[] for _ in inputs["input_ids"]]
+        items = [[] for _ in views]
+        for sample, image, image_views in self._views(config, inputs):
+            pixels = inputs["pixel_values"][image]
+            for grid, tiles in image_views:
+                if tiles is None:
+                    picture = pixels[0] if pixels.ndim == 4 else pixels
+                else:
+                    rows, columns, (top, left) = tiles
+                    canvas = pixels[1 : 1 + rows * columns].unflatten(0, (rows, columns))
+                    canvas = canvas.permute(2, 0, 3, 1, 4).flatten(3, 4).flatten(1, 2)
+                    height, width = grid.shape
+                    picture = canvas[:, top * patch : (top + height) * patch, left * patch : (left + width) * patch]
+                views[sample].append((rgb_pixels(picture, processor.image_processor), grid))
+                items[sample].append(image)
+        return [in_prompt_order(v, i) for v, i in zip(views, items, strict=True)]
 
     def tiny_model(self, model_type: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
         return tiny_llava(model_type == "llava_next", attn_implementation)

@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb
 
-from dash_vlm.models import ModelAdapter, register_adapter
+from dash_vlm.models import ModelAdapter, TokenGrid, in_prompt_order, item_positions, register_adapter, rgb_pixels
 from dash_vlm.models.presets import Preset
 from dash_vlm.models.tiny import (
     IMAGE_TOKEN,
@@ -78,6 +78,55 @@ class QwenVLAdapter(ModelAdapter):
 
     def vision_patches_per_token(self, config) -> int:
         return config.vision_config.spatial_merge_size**2
+
+    def _vision_items(self, config, inputs: dict):
+        """Per image, then per video: its sample, its token positions ``[frame groups, rows, cols]``, the key of its
+        pixels, its first patch row there and its patch grid (frame groups, height, width)."""
+        merge = config.vision_config.spatial_merge_size
+        kinds = (
+            (config.image_token_id, "pixel_values", "image_grid_thw"),
+            (config.video_token_id, "pixel_values_videos", "video_grid_thw"),
+        )
+        for token_id, pixels_key, grid_key in kinds:
+            if inputs.get(grid_key) is None:
+                continue
+            grids = inputs[grid_key].tolist()
+            counts = [frames * height * width // merge**2 for frames, height, width in grids]
+            start = 0
+            owners = item_positions(inputs["input_ids"] == token_id, counts)
+            for (frames, height, width), (sample, positions) in zip(grids, owners, strict=True):
+                cells = positions.view(frames, height // merge, width // merge)
+                yield sample, cells, pixels_key, start, (frames, height, width)
+                start += frames * height * width
+
+    def token_positions(self, config, inputs: dict) -> list[list[torch.Tensor]]:
+        """One grid per image and per video frame group: the merged token grid."""
+        positions = [[] for _ in inputs["input_ids"]]
+        for sample, cells, *_ in self._vision_items(config, inputs):
+            positions[sample] += list(cells)
+        return positions
+
+    def token_grids(self, config, processor: ProcessorMixin, inputs: dict) -> list[list[TokenGrid]]:
+        """One view per image and per video frame group; a token is a ``merge x merge`` block of tower patches."""
+        merge = config.vision_config.spatial_merge_size
+        image_processor = processor.image_processor
+        patch, temporal = image_processor.patch_size, image_processor.temporal_patch_size
+        views = [[] for _ in inputs["input_ids"]]
+        patches_before = [0] * len(views)  # a sample's patches in earlier items: images first, then videos
+        for sample, cells, pixels_key, start, (frames, height, width) in self._vision_items(config, inputs):
+            patches = inputs[pixels_key][start : start + frames * height * width]
+            # The processor's patch order: frame group, token row, token column, the token's merge x merge patches,
+            # then channels, temporal frames and the patch's pixels.
+            rows, columns = height // merge, width // merge
+            blocks = patches.reshape(frames, rows, columns, merge, merge, 3, temporal, patch, patch)
+            images = blocks[:, :, :, :, :, :, 0].permute(0, 5, 1, 3, 6, 2, 4, 7)
+            images = images.reshape(frames, 3, height * patch, width * patch)
+            order = torch.arange(frames * height * width).view(frames, rows, columns, merge, merge)
+            patch_grid = order.transpose(2, 3).reshape(frames, height, width) + patches_before[sample]
+            patches_before[sample] += frames * height * width
+            for frame in range(frames):
+                views[sample].append((rgb_pixels(images[frame], image_processor), cells[frame], patch_grid[frame]))
+        return [in_prompt_order(sample_views) for sample_views in views]
 
     def lmms_conversation(
         self,
