@@ -1,4 +1,4 @@
-"""The ``dash-vlm`` command: ``demo``, ``generate``, ``bench`` and ``tasks``."""
+"""The ``dash-vlm`` command: ``demo``, ``generate``, ``diagnose``, ``bench`` and ``tasks``."""
 
 from __future__ import annotations
 
@@ -139,6 +139,29 @@ def run_generate(args: argparse.Namespace, dash: DeltaPress) -> None:
         print("halting map:", ", ".join(map(str, save_halting_maps(result, args.halting_map))))
 
 
+def run_diagnose(args: argparse.Namespace, dash: DeltaPress) -> None:
+    """Score against place, the flip test and halted shares per row band (``dash_vlm.diagnose``)."""
+    from dash_vlm import diagnose
+    from dash_vlm.vlm import DashVLM
+
+    samples = None
+    if args.dash_shapes:
+        from dash_vlm.shapes.data import split_samples
+
+        samples = split_samples("test")[: args.limit]
+        images, prompts = [s.image for s in samples], [s.question for s in samples]
+    else:
+        images = diagnose.load_images(args.images, args.limit)
+        prompts = [args.prompt] * len(images)
+    vlm = DashVLM.from_pretrained(args.model, press=dash, device_map=args.device)
+    document = diagnose.diagnose(vlm, images, prompts, args.batch_size, samples)
+    args.output.write_text(json.dumps(document, indent=1))
+    print(diagnose.summary(document))
+    if args.plot is not None:
+        diagnose.plot(document, args.plot)
+        print(f"plot: {args.plot}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dash-vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +185,20 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument(
         "--cuda-graphs", action="store_true", help="the fast path: decode steps replayed as CUDA graphs (one GPU)"
     )
+
+    diagnose = commands.add_parser(
+        "diagnose", help="does the halting score follow content or place? score by row, flip test, halted shares"
+    )
+    diagnose.add_argument("--model", required=True, help="hub id or local folder of a supported VLM")
+    diagnose.add_argument("--images", type=Path, default=None, help="a folder of images")
+    diagnose.add_argument("--dash-shapes", action="store_true", help="the dash-shapes test split (shape masks known)")
+    diagnose.add_argument("--prompt", default="Describe the image.", help="the prompt with each image (--images)")
+    diagnose.add_argument("--limit", type=int, default=None, help="the first N images only")
+    diagnose.add_argument("--batch-size", type=int, default=50)
+    diagnose.add_argument("--device", default=None, help="device or device map (default: GPU if any)")
+    add_halting_arguments(diagnose)
+    diagnose.add_argument("--output", type=Path, required=True, help="results JSON")
+    diagnose.add_argument("--plot", type=Path, default=None, help="score and halted share by row band (PNG)")
 
     bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
     bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
@@ -210,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(dash, args.halting_map)
     elif args.command == "generate":
         run_generate(args, dash)
+    elif args.command == "diagnose":
+        if (args.images is None) == (not args.dash_shapes):
+            parser.error("diagnose needs exactly one of --images FOLDER and --dash-shapes")
+        run_diagnose(args, dash)
     elif args.command == "bench":
         from dash_vlm import bench
 

@@ -519,7 +519,7 @@ class _Executor:
             raise ValueError(f"protect has shape {tuple(self.protect.shape)}, the prompt is {(batch, length)}")
         attention_mask = kwargs.get("attention_mask")
         groups = None
-        if self.config.selection == "per_row":  # the token grids, read on the host before any layer runs
+        if self.config.selection == "per_row" and self.config.compression_ratio > 0:  # read on the host, up front
             if input_ids is None:
                 raise ValueError("selection='per_row' needs input_ids to find the image token rows")
             rows = [

@@ -79,17 +79,18 @@ def test_accuracy_matches_the_published_results(test_split, name):
         dict(compression_ratio=0.667, scope="vision"),
         dict(compression_ratio=0.667, scope="all", method="random"),
     ]
+    checks.append(dict(compression_ratio=0.667, scope="vision", selection="per_row"))
     if name == "qwen2-vl":  # halting inside the vision tower too
         checks.append(dict(compression_ratio=0.667, scope="vision", vision_compression_ratio=0.5))
     for parameters in checks:
         vlm.press = press = DeltaPress(**parameters)
         texts, _ = answer_all(vlm, test_split, batch_size=250)
         measured = score(texts, test_split)
-        key = (name, press.compression_ratio, press.method, press.vision_compression_ratio)
+        key = (name, press.compression_ratio, press.method, press.vision_compression_ratio, press.selection)
         row = next(
             r
             for r in published
-            if (r["model"], r["ratio"], r["method"], r["vision_ratio"]) == key
+            if (r["model"], r["ratio"], r["method"], r["vision_ratio"], r["selection"]) == key
             and (press.compression_ratio == 0 or r["scope"] == press.scope)
         )
         assert measured["accuracy"] == pytest.approx(row["accuracy"], abs=0.005), parameters
@@ -122,6 +123,8 @@ def test_vision_rows_only_where_the_tower_halts():
     tables = markdown_tables(json.loads(RESULTS.read_text()))
     assert tables.count("halting inside the vision tower") == 1  # the Qwen2-VL checkpoint only
     assert "| dash | 0.667 | **all** | 71.9% | 70.2% | 67.4% |" in tables
+    assert tables.count('`selection="per_row"`') == 2  # both checkpoints, position questions split by axis
+    assert tables.count("| per_row | dash | above/below |") == 2
 
 
 def test_demo(capsys, tmp_path):

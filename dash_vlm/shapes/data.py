@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from dash_vlm.resources import bundled
 
@@ -63,6 +63,7 @@ class Sample:
     question: str
     answer: str
     kind: str
+    scene: tuple[Shape, ...] = ()  # the shapes drawn, when the sample was generated rather than read from a file
 
 
 def random_scene(rng: random.Random) -> list[Shape]:
@@ -133,7 +134,7 @@ def make_sample(split: str, index: int) -> Sample:
         scene = random_scene(rng)
         qa = ask(scene, kind, rng)
         if qa is not None:
-            return Sample(render(scene), qa[0], qa[1], kind)
+            return Sample(render(scene), qa[0], qa[1], kind, tuple(scene))
 
 
 def training_scene(index: int, exclude: set[str] = frozenset()) -> tuple[Image.Image, list[tuple[str, str]]]:
@@ -144,6 +145,28 @@ def training_scene(index: int, exclude: set[str] = frozenset()) -> tuple[Image.I
     image = render(scene)
     questions = [ask(scene, kind, rng) for kind in rng.sample(KINDS, len(KINDS))]
     return image, [qa for qa in questions if qa is not None and sample_key(image, qa[0]) not in exclude]
+
+
+def shape_mask(shape: Shape) -> Image.Image:
+    """Where ``shape`` is drawn, as a 1-bit image of the scene's size."""
+    drawn = render([shape]).convert("RGB")
+    background = Image.new("RGB", drawn.size, (245, 245, 245))
+    return ImageChops.difference(drawn, background).convert("L").point(lambda value: 255 if value else 0).convert("1")
+
+
+def asked_about(scene: tuple[Shape, ...], question: str) -> list[Shape]:
+    """The shapes of ``scene`` a question names: "<colour> <shape>" names one, "<colour> shapes" every shape of the
+    colour, a bare "<shape>" or "<shape>s" every shape of the kind."""
+    words = question.split()
+    named = []
+    for i, word in enumerate(words):
+        kind = word[:-1] if word.endswith("s") and word[:-1] in SHAPES else word
+        colour = words[i - 1] if i and words[i - 1] in COLOURS else None
+        if kind in SHAPES:
+            named += [s for s in scene if s.kind == kind and colour in (None, s.colour)]
+        elif word == "shapes" and colour is not None:
+            named += [s for s in scene if s.colour == colour]
+    return list(dict.fromkeys(named))
 
 
 def sample_key(image: Image.Image, question: str) -> str:

@@ -33,6 +33,7 @@ METHODS = ("dash", "random")
 VISION_RATIOS = (0.0, 0.3, 0.5)  # halting inside the vision tower, where the family can (scope vision)
 VISION_DECODER_RATIOS = (0.0, 0.667)  # the decoder ratios measured with each vision ratio
 COMPARISON_RATIOS = (0.5, 0.667, 0.8)  # --compare-methods: every method in SCORERS at these ratios, scope vision
+POSITION_AXES = {"above/below": ("above", "below"), "left/right": ("left", "right")}  # position answers by axis
 
 
 def model_folder(name: str) -> Path:
@@ -56,8 +57,12 @@ def answer_all(vlm: DashVLM, samples: list[Sample], batch_size: int) -> tuple[li
 
 
 def score(texts: list[str], samples: list[Sample]) -> dict:
+    """Overall accuracy and accuracy per question kind, position questions also split by axis
+    (``POSITION_AXES``)."""
     correct = [is_correct(text, sample.answer) for text, sample in zip(texts, samples, strict=True)]
-    by_kind = {kind: [c for c, s in zip(correct, samples, strict=True) if s.kind == kind] for kind in KINDS}
+    groups = {kind: lambda s, kind=kind: s.kind == kind for kind in KINDS}
+    groups |= {axis: lambda s, answers=answers: s.answer in answers for axis, answers in POSITION_AXES.items()}
+    by_kind = {kind: [c for c, s in zip(correct, samples, strict=True) if member(s)] for kind, member in groups.items()}
     return {
         "accuracy": sum(correct) / len(correct),
         "by_kind": {kind: sum(values) / len(values) for kind, values in by_kind.items() if values},
@@ -81,7 +86,8 @@ def configurations(vision_tower_halts: bool) -> list[dict]:
         for vision_ratio in VISION_RATIOS
         if vision_ratio > 0
     ]
-    return decoder + (vision if vision_tower_halts else [])
+    per_row = [dict(compression_ratio=ratio, scope="vision", selection="per_row") for ratio in RATIOS if ratio > 0]
+    return decoder + per_row + (vision if vision_tower_halts else [])
 
 
 def method_configurations(vision_tower_halts: bool) -> list[dict]:
@@ -110,6 +116,7 @@ def evaluate(
                 vlm.press = press = DeltaPress(**parameters)
                 texts, kept = answer_all(vlm, samples, batch_size)
                 row = {"model": name, "ratio": press.compression_ratio, "scope": press.scope, "method": press.method}
+                row |= {"selection": press.selection}
                 row |= {"vision_ratio": press.vision_compression_ratio, "kept_fraction": kept}
                 rows.append(row | score(texts, samples))
                 progress.update()
@@ -120,7 +127,8 @@ def markdown_tables(rows: list[dict]) -> str:
     """One table per model: rows are scope / method / question kind, columns are compression ratios; then, for a model
     whose vision tower halts, one table of the vision ratios."""
     vision_rows = [row for row in rows if row["vision_ratio"] > 0]
-    rows = [row for row in rows if row["vision_ratio"] == 0]
+    per_row_rows = [row for row in rows if row.get("selection", "global") == "per_row"]
+    rows = [row for row in rows if row["vision_ratio"] == 0 and row.get("selection", "global") == "global"]
     lines = []
     for model in dict.fromkeys(row["model"] for row in rows):
         baseline = next(r for r in rows if r["model"] == model and r["ratio"] == 0)
@@ -149,7 +157,31 @@ def markdown_tables(rows: list[dict]) -> str:
         mine = [row for row in vision_rows if row["model"] == model]
         if mine:
             lines += vision_table(model, rows, mine)
+        mine = [row for row in per_row_rows if row["model"] == model]
+        if mine:
+            lines += per_row_table(model, rows, mine)
     return "\n".join(lines)
+
+
+def per_row_table(model: str, global_rows: list[dict], per_row_rows: list[dict]) -> list[str]:
+    """Rows: selection (DASH global and per row, random) / question kind, position questions split by axis;
+    columns: compression ratios (scope vision)."""
+    lines = [f'**{model}, `selection="per_row"`** (scope vision; position questions split by axis)', ""]
+    lines.append("| selection | method | kind | " + " | ".join(f"{r:g}" for r in RATIOS) + " |")
+    lines.append("|---|---|---|" + "---|" * len(RATIOS))
+    baseline = next(r for r in global_rows if r["model"] == model and r["ratio"] == 0)
+    candidates = [("global", "dash", global_rows), ("per_row", "dash", per_row_rows), ("global", "random", global_rows)]
+    for selection, method, rows in candidates:
+        by_ratio = {0.0: baseline} | {
+            r["ratio"]: r
+            for r in rows
+            if r["model"] == model and r["scope"] == "vision" and r["method"] == method and r["ratio"] > 0
+        }
+        for kind in ("all", "position", *POSITION_AXES):
+            values = [by_ratio[r]["accuracy"] if kind == "all" else by_ratio[r]["by_kind"][kind] for r in RATIOS]
+            label = "**all**" if kind == "all" else kind
+            lines.append(f"| {selection} | {method} | {label} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+    return [*lines, ""]
 
 
 def vision_table(model: str, decoder_rows: list[dict], vision_rows: list[dict]) -> list[str]:
@@ -183,7 +215,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in rows if row["vision_ratio"] == 0]
+    rows = [row for row in rows if row["vision_ratio"] == 0 and row.get("selection", "global") == "global"]
     models = list(dict.fromkeys(row["model"] for row in rows))
     figure, axes = plt.subplots(len(models), len(SCOPES), figsize=(11, 4 * len(models)), squeeze=False)
     colours = dict(zip(("all", *KINDS), ("black", "tab:red", "tab:blue", "tab:green", "tab:purple"), strict=True))
@@ -336,7 +368,7 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
     text = config.text_config
     vision = config.vision_config
     stages = json.loads((folder / "training.json").read_text())["stages"]
-    mine = [r for r in rows if r["model"] == name and r["vision_ratio"] == 0]
+    mine = [r for r in rows if r["model"] == name and r["vision_ratio"] == 0 and r.get("selection") != "per_row"]
     baseline = next(r for r in mine if r["ratio"] == 0)
     dash = {r["ratio"]: r["accuracy"] for r in mine if r["scope"] == "vision" and r["method"] == "dash"}
     lines = [
@@ -377,6 +409,7 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
             f"- `python -m dash_vlm.shapes.train --family {arguments['family']} --output OUT {options}` on "
             f"{stage['device']}: {stage['steps']} steps in {stage['seconds']} s; last validation first-token "
             f"accuracy {last.get('validation_first_token', float('nan')):.3f} (step {last.get('step', '-')})"
+            + (f" ({stage['note']})" if stage.get("note") else "")
         )
     lines += [
         "",

@@ -1,0 +1,78 @@
+"""``dash-vlm diagnose`` (``dash_vlm.diagnose``): its statistics, its scores against the press's own decision, and the
+command on a folder of images and on dash-shapes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dash_vlm import DashVLM
+from dash_vlm.cli import main as cli_main
+from dash_vlm.diagnose import ROW_BANDS, band_means, covered_cells, decision_scores, spearman
+from dash_vlm.models import TokenGrid
+from dash_vlm.shapes.evaluate import model_folder
+
+
+def test_spearman_and_row_bands():
+    x = torch.arange(10.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert abs(spearman(x, torch.tensor([3.0, 9, 1, 7, 5, 0, 8, 2, 6, 4]))) < 0.2
+    grid = torch.arange(16.0).view(16, 1).expand(16, 2)  # 16 rows: two per band
+    assert band_means([grid]) == [2 * band + 0.5 for band in range(ROW_BANDS)]
+
+
+def test_covered_cells_counts_a_tenth_of_a_cell():
+    grid = TokenGrid(np.zeros((8, 8, 3), dtype=np.uint8), torch.arange(4).view(2, 2), 0)
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[0:2, 0:2] = 255  # a quarter of cell (0, 0)
+    mask[4, 4] = 255  # a sixteenth of cell (1, 1): below a tenth
+    assert covered_cells(grid, mask).tolist() == [[True, False], [False, False]]
+
+
+def test_scores_are_the_ones_the_press_halts_by():
+    vlm = DashVLM.from_pretrained(model_folder("llava"), compression_ratio=0.5)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    prompt = "what colour is the circle ?"
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    ((grid, scores),) = decision_scores(vlm, [conversation])[0]
+    result = vlm.generate(image=image, prompt=prompt, max_new_tokens=1)
+    positions, scores = grid.positions.flatten(), scores.flatten()
+    lowest = positions[scores.argsort(stable=True)[: len(result.stats.halted_positions)]]
+    offset = result.grids[0].positions.flatten()[0] - positions[0]  # padded batch and unpadded prompt positions
+    assert sorted((lowest + offset).tolist()) == result.stats.halted_positions
+
+
+def test_diagnose_command_on_a_folder_and_on_dash_shapes(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    output = tmp_path / "folder.json"
+    cli_main(["diagnose", "--model", str(model_folder("qwen2-vl")), "--images", str(folder), "--output", str(output)])
+    document = json.loads(output.read_text())
+    assert document["images"] == 3 and document["decision_layer"] == 3
+    assert set(document["halted_by_row_band"]) == {"dash global", "dash per_row", "random"}
+    assert all(len(values) == ROW_BANDS for values in document["halted_by_row_band"].values())
+    assert document["fully_halted"] == {}
+    assert -1 <= document["flip"]["spearman_same_index"] <= 1
+    shapes = tmp_path / "shapes.json"
+    plot = tmp_path / "shapes.png"
+    argv = ["diagnose", "--model", str(model_folder("llava")), "--dash-shapes", "--limit", "20", "--ratio", "0.5"]
+    cli_main([*argv, "--output", str(shapes), "--plot", str(plot)])
+    document = json.loads(shapes.read_text())
+    assert document["press"]["compression_ratio"] == 0.5
+    shares = document["fully_halted"]["random"]
+    assert 0 <= shares["all_shapes"] <= 1 and 0 <= shares["asked_shapes"] <= 1
+    per_row = document["halted_by_row_band"]["dash per_row"]
+    assert max(per_row) - min(per_row) <= 1 / 8 + 1e-9  # 8 tokens a row: each row halts 4, give or take one
+    assert plot.stat().st_size > 0
+    assert "shapes fully halted, dash global" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["diagnose", "--model", str(model_folder("llava")), "--output", str(shapes)])
