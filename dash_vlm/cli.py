@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
@@ -167,7 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the bundled dash-shapes checkpoint answers with and without DASH")
     add_halting_arguments(demo)
-    demo.add_argument("--halting-map", type=Path, default=Path("halting-map.png"), help="where to write the map")
+    demo.add_argument(
+        "--halting-map",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "dash-vlm-halting-map.png",
+        help="where to write the halting map (default: the temporary folder)",
+    )
 
     generate = commands.add_parser("generate", help="answer a prompt about images with a checkpoint under DASH")
     generate.add_argument("--model", required=True, help="hub id or local folder of a supported VLM")
@@ -246,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         run_demo(dash, args.halting_map)
     elif args.command == "generate":
+        if args.halting_map is not None and not (args.image or args.video):
+            parser.error("--halting-map needs an image (--image) or a video (--video)")
         run_generate(args, dash)
     elif args.command == "diagnose":
         if (args.images is None) == (not args.dash_shapes):

@@ -50,33 +50,42 @@ def row_bands(rows: int) -> torch.Tensor:
     return torch.arange(rows) * ROW_BANDS // rows
 
 
-def band_means(values: list[torch.Tensor]) -> list[float]:
-    """Mean of ``[rows, cols]`` grids of values per row band, pooled over the grids."""
+def band_means(values: list[torch.Tensor]) -> list[float | None]:
+    """Mean of ``[rows, cols]`` grids of values per row band, pooled over the grids (``None`` for a band no grid
+    reaches: grids of fewer rows than bands)."""
     sums, counts = torch.zeros(ROW_BANDS, dtype=torch.float64), torch.zeros(ROW_BANDS, dtype=torch.float64)
     for grid in values:
         bands = row_bands(grid.shape[0])
         sums.index_add_(0, bands, grid.double().sum(-1))
         counts.index_add_(0, bands, torch.full((grid.shape[0],), float(grid.shape[1]), dtype=torch.float64))
-    return (sums / counts).tolist()
+    return [total / count if count else None for total, count in zip(sums.tolist(), counts.tolist(), strict=True)]
+
+
+class _Stop(Exception):
+    """Raised once the decision layer's attention has run: the layers above it have nothing to add."""
 
 
 def decision_scores(vlm: DashVLM, conversations: list[list[dict]]) -> list[list[tuple[TokenGrid, torch.Tensor]]]:
     """Per conversation, each view of its images with the DASH score of each cell's token at the press's decision
-    layer, from one forward of the unmodified model (layers up to the decision layer run as without halting)."""
+    layer. The forward runs under the press at decoder ratio 0 (so a vision tower halts as the press would halt it;
+    the decoder layers up to the decision layer run as without halting) and stops at the decision layer."""
     model, adapter = vlm.model, vlm.adapter
     inputs = adapter.processor_inputs(vlm.processor, conversations, vlm.min_pixels, vlm.max_pixels)
     inputs = inputs.to(model.device, dtype=model.dtype)
     layers = adapter.decoder_layers(model)
-    decision = vlm.press.halting_config().decision_layer(len(layers))
+    press = dataclasses.replace(vlm.press.halting_config(), compression_ratio=0.0)
     captured = {}
 
     def keep(module, args, output):
         captured["scores"] = token_scores(output[0] if isinstance(output, tuple) else output).cpu()
+        raise _Stop
 
-    handle = layers[decision].self_attn.register_forward_hook(keep)
+    handle = layers[press.decision_layer(len(layers))].self_attn.register_forward_hook(keep)
     try:
-        with torch.inference_mode():
-            model(**inputs)
+        with torch.inference_mode(), press(model):
+            model(**inputs, use_cache=False)
+    except _Stop:
+        pass
     finally:
         handle.remove()
     grids = adapter.token_grids(model.config, vlm.processor, inputs)
@@ -147,15 +156,17 @@ def covered_cells(grid: TokenGrid, mask: np.ndarray) -> torch.Tensor:
 
 
 def fully_halted(cells: list, samples: list) -> dict:
-    """Share of dash-shapes shapes whose every covered token halted: all shapes, and those the question names."""
+    """Share of dash-shapes shapes whose every covering token halted (a shape covering no cell never counts): all
+    shapes, and those the question names."""
     from dash_vlm.shapes.data import asked_about, shape_mask
 
     counts = {"all_shapes": [0, 0], "asked_shapes": [0, 0]}
     for views, sample in zip(cells, samples, strict=True):
         asked = set(asked_about(sample.scene, sample.question))
         for shape in sample.scene:
-            mask = np.asarray(shape_mask(shape), dtype=np.uint8) * 255
-            halted = all(bool(halt[covered_cells(grid, mask)].all()) for grid, halt in views)
+            mask = np.asarray(shape_mask(shape), dtype=np.uint8)
+            covers = [(covered_cells(grid, mask), halt) for grid, halt in views]
+            halted = any(cover.any() for cover, _ in covers) and all(bool(halt[cover].all()) for cover, halt in covers)
             for key in ("all_shapes", *(("asked_shapes",) if shape in asked else ())):
                 counts[key][0] += halted
                 counts[key][1] += 1
@@ -217,8 +228,8 @@ def diagnose(
 
 def summary(document: dict) -> str:
     """The measurements as text, one line each."""
-    bands = " ".join(f"{value:7.2f}" for value in document["blank"]["score_by_row_band"])
-    image_bands = " ".join(f"{value:7.2f}" for value in document["images_scores"]["score_by_row_band"])
+    bands = " ".join(_number(value, 7) for value in document["blank"]["score_by_row_band"])
+    image_bands = " ".join(_number(value, 7) for value in document["images_scores"]["score_by_row_band"])
     lines = [
         f"{document['model']}: {document['images']} images, decision layer {document['decision_layer']}, "
         f"compression ratio {document['press']['compression_ratio']:g}",
@@ -231,13 +242,17 @@ def summary(document: dict) -> str:
         "halted share by row band:",
     ]
     for name, values in document["halted_by_row_band"].items():
-        lines.append(f"  {name:<13} " + " ".join(f"{value:5.2f}" for value in values))
+        lines.append(f"  {name:<13} " + " ".join(_number(value, 5) for value in values))
     for name, shares in document["fully_halted"].items():
         lines.append(
             f"shapes fully halted, {name:<13}: {shares['all_shapes']:.1%} of all, "
             f"{shares['asked_shapes']:.1%} of those the question names"
         )
     return "\n".join(lines)
+
+
+def _number(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.2f}"
 
 
 def plot(document: dict, path: Path) -> None:

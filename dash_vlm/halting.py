@@ -126,9 +126,10 @@ def row_groups(rows: list[list[torch.Tensor]], vision: torch.Tensor) -> torch.Te
     """
     batch, length = vision.shape
     groups = torch.full((batch, length), -1, dtype=torch.long)
+    text_tokens = (~vision).cpu()
     for sample, sample_rows in enumerate(rows):
         members = [row.cpu() for row in sample_rows]
-        text = (~vision[sample]).cpu().nonzero()[:, 0]
+        text = text_tokens[sample].nonzero()[:, 0]
         if len(text):
             members.append(text)
         for number, member in enumerate(sorted(members, key=lambda row: int(row.min()))):

@@ -556,7 +556,7 @@ class _Executor:
         if ratio == 0:  # nothing can halt in the decoder: no host sync, no work at all
             prefill.halt_counts = [0] * batch
             return
-        prefill.halt_counts = halt_counts(prefill.eligible_counts, ratio)  # the one host sync
+        prefill.halt_counts = halt_counts(prefill.eligible_counts, ratio)  # the host sync (per_row read its grids)
         prefill.halt_counts_tensor = halt_counts_on_device(prefill.counts[1], ratio)
         if prefill.halting:
             if "input_ids" in self.scorer.reads:

@@ -71,6 +71,7 @@ class VisionHalting:
             tower.register_forward_hook(self._on_pass_end, always_call=True),  # also when the tower fails
         ]
         self.pass_handles: list = []
+        self.patch_order: torch.Tensor | None = None
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -84,6 +85,7 @@ class VisionHalting:
 
     def _on_pass_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._remove_pass_hooks()  # left by a pass that failed
+        self.patch_order = self.adapter.vision_patch_order(module, args, kwargs)
         lengths, lengths_on_device = self.adapter.vision_segments(args, kwargs)
         n_halt = segment_halt_counts(lengths, self.ratio)
         if not any(n_halt) or self.decision_block + 1 >= len(self.blocks):
@@ -118,7 +120,10 @@ class VisionHalting:
         state.reading = {}
         state.plan = plan_segment_halting(scores, index, inside, n_halt, state.patches, state.kept)
         state.decision_output = output
-        self.passes[-1].halted = state.plan.kept_before.diff() == 0
+        halted = state.plan.kept_before.diff() == 0  # in the tower's order of patches: put back in the processor's
+        if self.patch_order is not None:
+            halted = torch.zeros_like(halted).index_copy_(0, self.patch_order.to(halted.device), halted)
+        self.passes[-1].halted = halted
 
     def _on_compact_block(self, module: nn.Module, args: tuple, kwargs: dict):
         if module is self.blocks[self.decision_block + 1]:  # the first block above the decision: gather once

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +40,19 @@ VIDEO_FPS = 2.0  # frames sampled per second of a video file, the qwen-vl-utils 
 class GenerationResult:
     """The answer to one prompt, the statistics of its prefill, the time to the first token (from the call to
     ``model.generate``, so preprocessing excluded; the same for every sample of a batch), how many tokens were
-    generated (end-of-sequence included) and the token grids of its images (positions in the unpadded prompt)."""
+    generated (end-of-sequence included) and, on demand, the token grids of its images (:attr:`grids`)."""
 
     text: str
     stats: PrefillStats
     ttft_ms: float = float("nan")
     generated_tokens: int = 0
-    grids: list[TokenGrid] = field(default_factory=list, repr=False)
+    grid_source: Callable[[], list[TokenGrid]] | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def grids(self) -> list[TokenGrid]:
+        """The token grids of the prompt's images (``models.TokenGrid``; positions in the unpadded prompt, as
+        ``stats.halted_positions`` are), built on first use by running the processor on this prompt alone."""
+        return [] if self.grid_source is None else self.grid_source()
 
     def halting_map(self, min_height: int = 0) -> list[Image.Image]:
         """One picture per image or video frame group of the prompt: the image as the model saw it, the cells of the
@@ -257,25 +264,25 @@ class DashVLM:
         )
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)
         with self._lock:
-            return self._generate(inputs, max_new_tokens, generation_kwargs)
+            results = self._generate(inputs, max_new_tokens, generation_kwargs)
+        for result, conversation, prompt in zip(results, conversations, prompts or [None] * len(results), strict=True):
+            # The grids are rebuilt from the prompt alone when asked for: nothing is kept from the batch or the model.
+            result.grid_source = functools.partial(
+                _token_grids,
+                self.adapter,
+                self.model.config,
+                self.processor,
+                self.min_pixels,
+                self.max_pixels,
+                conversation,
+                prompt,
+            )
+        return results
 
     def _generate(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
         if self.fast is not None:
-            results = self._generate_fast(inputs, max_new_tokens, generation_kwargs)
-        else:
-            results = self._generate_eager(inputs, max_new_tokens, generation_kwargs)
-        for result, grids in zip(results, self._token_grids(inputs), strict=True):
-            result.grids = grids
-        return results
-
-    def _token_grids(self, inputs) -> list[list[TokenGrid]]:
-        """Each sample's token grids, positions counted in its unpadded prompt (as ``halted_positions`` are)."""
-        grids = self.adapter.token_grids(self.model.config, self.processor, inputs)
-        rank = (inputs["attention_mask"].long().cumsum(-1) - 1).cpu()
-        return [
-            [replace(grid, positions=rank[sample][grid.positions]) for grid in sample_grids]
-            for sample, sample_grids in enumerate(grids)
-        ]
+            return self._generate_fast(inputs, max_new_tokens, generation_kwargs)
+        return self._generate_eager(inputs, max_new_tokens, generation_kwargs)
 
     def _generate_eager(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
         generation_kwargs.setdefault("do_sample", False)
@@ -361,6 +368,22 @@ class DashVLM:
         if not path.is_file():
             raise FileNotFoundError(f"{parameter} file not found: {path}")
         return path.read_bytes()
+
+
+def _token_grids(
+    adapter: ModelAdapter,
+    config: PretrainedConfig,
+    processor: ProcessorMixin,
+    min_pixels: int | None,
+    max_pixels: int | None,
+    conversation: list[dict],
+    prompt: str | None,
+) -> list[TokenGrid]:
+    """The token grids of one conversation's images, from its model inputs made alone (so unpadded)."""
+    inputs = adapter.processor_inputs(
+        processor, [conversation], min_pixels, max_pixels, None if prompt is None else [prompt]
+    )
+    return adapter.token_grids(config, processor, dict(inputs))[0]
 
 
 def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool = False) -> list[list]:

@@ -14,6 +14,7 @@ from dash_vlm import DashVLM
 from dash_vlm.cli import main as cli_main
 from dash_vlm.diagnose import ROW_BANDS, band_means, covered_cells, decision_scores, spearman
 from dash_vlm.models import TokenGrid
+from dash_vlm.shapes.data import split_samples
 from dash_vlm.shapes.evaluate import model_folder
 
 
@@ -35,16 +36,20 @@ def test_covered_cells_counts_a_tenth_of_a_cell():
 
 
 def test_scores_are_the_ones_the_press_halts_by():
+    """In a padded batch of two, each sample's lowest-scoring cells are the cells of the tokens the press halts."""
     vlm = DashVLM.from_pretrained(model_folder("llava"), compression_ratio=0.5)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    prompt = "what colour is the circle ?"
-    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-    ((grid, scores),) = decision_scores(vlm, [conversation])[0]
-    result = vlm.generate(image=image, prompt=prompt, max_new_tokens=1)
-    positions, scores = grid.positions.flatten(), scores.flatten()
-    lowest = positions[scores.argsort(stable=True)[: len(result.stats.halted_positions)]]
-    offset = result.grids[0].positions.flatten()[0] - positions[0]  # padded batch and unpadded prompt positions
-    assert sorted((lowest + offset).tolist()) == result.stats.halted_positions
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in (0, 1)]
+    prompts = ["what colour is the circle ?", "where is the red circle relative to the blue square ?"]  # padded
+    chats = [
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+        for image, prompt in zip(images, prompts, strict=True)
+    ]
+    scored = decision_scores(vlm, chats)
+    results = vlm.generate(image=images, prompt=prompts, max_new_tokens=1)
+    assert results[0].stats.tokens < results[1].stats.tokens  # the first sample is left-padded in the batch
+    for ((_, scores),), result in zip(scored, results, strict=True):
+        lowest = scores.flatten().argsort(stable=True)[: len(result.stats.halted_positions)]
+        assert sorted(result.grids[0].positions.flatten()[lowest].tolist()) == result.stats.halted_positions
 
 
 def test_diagnose_command_on_a_folder_and_on_dash_shapes(tmp_path, capsys):
@@ -72,6 +77,16 @@ def test_diagnose_command_on_a_folder_and_on_dash_shapes(tmp_path, capsys):
     assert 0 <= shares["all_shapes"] <= 1 and 0 <= shares["asked_shapes"] <= 1
     per_row = document["halted_by_row_band"]["dash per_row"]
     assert max(per_row) - min(per_row) <= 1 / 8 + 1e-9  # 8 tokens a row: each row halts 4, give or take one
+    samples = split_samples("test")[:20]  # the global rule's shares, recounted from the press's halted positions
+    vlm = DashVLM.from_pretrained(model_folder("llava"), compression_ratio=0.5)
+    results = vlm.generate(image=[s.image for s in samples], prompt=[s.question for s in samples], max_new_tokens=1)
+    halted_rows = torch.zeros(8)
+    for result in results:
+        first = int(result.grids[0].positions.min())  # 64 image tokens in raster order, 8 a row
+        for position in result.stats.halted_positions:
+            halted_rows[(position - first) // 8] += 1
+    expected = (halted_rows / (8 * len(samples))).tolist()
+    assert document["halted_by_row_band"]["dash global"] == pytest.approx(expected)
     assert plot.stat().st_size > 0
     assert "shapes fully halted, dash global" in capsys.readouterr().out
     with pytest.raises(SystemExit):

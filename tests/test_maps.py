@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import MaskedVisionReference
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from dash_vlm import DashVLM, DeltaPress
@@ -204,3 +205,28 @@ def test_halting_map_shades_exactly_the_cells_of_halted_tokens_and_patches(famil
 
 def test_halting_map_of_a_prompt_without_images_is_empty():
     assert halting_maps([], [1, 2]) == []
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if adapter_for(f).halts_in_vision_tower])
+def test_tower_halted_patches_are_counted_in_the_processors_order(family):
+    """Qwen2.5-VL's tower runs merge units window by window: the masked reference's choice, in the tower's order,
+    mapped through the model's own window index, is the press's ``vision_halted_patches``."""
+    model = adapter_for(family).tiny_model(family)
+    inputs = adapter_for(family).tiny_inputs(family)["images"]
+    reference = MaskedVisionReference(model, 0.5)
+    with torch.no_grad(), reference():
+        model(**inputs)
+    tower = model.model.visual
+    in_tower_order = reference.halted_per_pass[0]
+    unit = model.config.vision_config.spatial_merge_size**2
+    units = torch.arange(len(in_tower_order) // unit)
+    if hasattr(tower, "get_window_index"):
+        units = tower.get_window_index(inputs["image_grid_thw"])[0]
+    processor_index = (units[:, None] * unit + torch.arange(unit)).flatten()
+    expected = sorted(processor_index[in_tower_order].tolist())
+    press = DeltaPress(compression_ratio=0.0, vision_compression_ratio=0.5)
+    with torch.no_grad(), press(model):
+        model(**inputs)
+    assert press.last_stats[0].vision_halted_patches == expected
+    if family == "qwen2_5_vl":  # the window order differs from the processor's here
+        assert expected != in_tower_order.nonzero()[:, 0].tolist()

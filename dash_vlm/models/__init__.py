@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from dash_vlm.models.presets import PRESETS, Preset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenGrid:
     """One view of an image (or of a video frame group) as the decoder sees it: the picture its vision tower was given
     and the decoder token of each cell of a grid laid over that picture.
@@ -162,6 +162,11 @@ class ModelAdapter:
         """The patches of each attention segment (an image, a frame group of a video) of one vision-tower pass, from
         the tower's arguments: on the host, and on the device of the tower's inputs."""
         raise NotImplementedError(f"{self.model_types} does not halt in its vision tower")
+
+    def vision_patch_order(self, tower: nn.Module, tower_args: tuple, tower_kwargs: dict) -> torch.Tensor | None:
+        """For a tower that runs its patches in another order than the processor gives them: the processor index of
+        the patch at each place of the tower's sequence (``None``: the same order)."""
+        return None
 
     def vision_patches_per_token(self, config: PretrainedConfig) -> int | None:
         """How many tower patches one vision placeholder token stands for, or ``None`` when that is not fixed."""

@@ -79,6 +79,15 @@ class QwenVLAdapter(ModelAdapter):
     def vision_patches_per_token(self, config) -> int:
         return config.vision_config.spatial_merge_size**2
 
+    def vision_patch_order(self, tower: nn.Module, tower_args: tuple, tower_kwargs: dict) -> torch.Tensor | None:
+        """Qwen2.5-VL's tower runs its merge units window by window (``get_window_index``); Qwen2-VL's in order."""
+        if not hasattr(tower, "get_window_index"):
+            return None
+        grid = tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+        window_index, _ = tower.get_window_index(grid)
+        unit = tower.spatial_merge_unit
+        return (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).flatten()
+
     def _vision_items(self, config, inputs: dict):
         """Per image, then per video: its sample, its token positions ``[frame groups, rows, cols]``, the key of its
         pixels, its first patch row there and its patch grid (frame groups, height, width)."""
