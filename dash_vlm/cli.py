@@ -70,8 +70,6 @@ def save_halting_maps(result, path: Path) -> list[Path]:
     """Write a result's halting maps (``GenerationResult.halting_map``, at least 256 px tall): ``path`` for one image,
     ``<stem>-1<suffix>``, ``<stem>-2<suffix>``, ... for several."""
     pictures = result.halting_map(min_height=256)
-    if not pictures:
-        raise ValueError("--halting-map needs an image or a video in the prompt")
     paths = (
         [path]
         if len(pictures) == 1

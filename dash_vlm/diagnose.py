@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from dash_vlm.halting import token_scores
 from dash_vlm.models import TokenGrid
+from dash_vlm.scorers import read_decision_layer
 from dash_vlm.vlm import DashVLM
 
 ROW_BANDS = 8
@@ -76,18 +77,20 @@ def decision_scores(vlm: DashVLM, conversations: list[list[dict]]) -> list[list[
     press = dataclasses.replace(vlm.press.halting_config(), compression_ratio=0.0)
     captured = {}
 
-    def keep(module, args, output):
-        captured["scores"] = token_scores(output[0] if isinstance(output, tuple) else output).cpu()
+    def keep(name: str, attention_output: torch.Tensor) -> None:
+        captured["scores"] = token_scores(attention_output).cpu()
         raise _Stop
 
-    handle = layers[press.decision_layer(len(layers))].self_attn.register_forward_hook(keep)
+    decision = layers[press.decision_layer(len(layers))]
+    handles = read_decision_layer(decision, decision.self_attn, ("attention_output",), keep)
     try:
         with torch.inference_mode(), press(model):
             model(**inputs, use_cache=False)
     except _Stop:
         pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     grids = adapter.token_grids(model.config, vlm.processor, inputs)
     return [
         [(grid, captured["scores"][sample][grid.positions]) for grid in sample_grids]

@@ -15,7 +15,6 @@ on a CPU.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections import OrderedDict
@@ -31,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dash_vlm.cache import HaltedLayer, attach_halted_layers
 from dash_vlm.compact import additive_mask
-from dash_vlm.halting import select_halted, select_halted_per_row
+from dash_vlm.halting import selection_rule
 from dash_vlm.models import adapter_for
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.press import DeltaPress, Timer, executor_of
@@ -364,9 +363,7 @@ class _PrefillGraph:
             for handle in handles:
                 handle.remove()
         scores = scorer.score(Reading(self.real, **{name: reading[name] for name in scorer.reads}))
-        select = select_halted
-        if shape.per_row_ratio is not None:
-            select = functools.partial(select_halted_per_row, groups=self.groups, compression_ratio=shape.per_row_ratio)
+        select = selection_rule(None if shape.per_row_ratio is None else self.groups, shape.per_row_ratio)
         plan = plan_halting(
             scores, self.real, self.eligible, self.n_halt, [shape.slots], select, shape.slots, filler_last=True
         )

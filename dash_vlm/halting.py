@@ -7,6 +7,7 @@ model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -168,6 +169,23 @@ def select_halted_per_row(
     rank[by_group] = torch.arange(batch * length, device=scores.device)
     rank = rank - first_of_group[flat.flatten()]
     return member & (rank < quota[flat.flatten()]).view(batch, length)
+
+
+def selection_rule(groups: torch.Tensor | None, compression_ratio: float) -> Selection:
+    """The selection of a prefill: :func:`select_halted_per_row` over ``groups`` (``selection="per_row"``), or the
+    global :func:`select_halted` when there are none."""
+    if groups is None:
+        return select_halted
+    return functools.partial(select_halted_per_row, groups=groups, compression_ratio=compression_ratio)
+
+
+def placeholders(input_ids: torch.Tensor, token_ids) -> torch.Tensor:
+    """``[batch, tokens]`` bool: where ``input_ids`` holds one of ``token_ids`` (Python ints: nothing is copied to the
+    device)."""
+    found = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in token_ids:
+        found |= input_ids == token_id
+    return found
 
 
 def compact_layout(kept: torch.Tensor, num_slots: int, filler_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

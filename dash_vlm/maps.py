@@ -29,17 +29,19 @@ def shade_cells(pixels: np.ndarray, cells: np.ndarray, colour: tuple[int, int, i
     return shaded.round().astype(np.uint8)
 
 
+def scaled(picture: np.ndarray, factor: int) -> np.ndarray:
+    """``picture`` with every pixel repeated ``factor`` times in both directions."""
+    return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
+
+
 def side_by_side(pictures: list[np.ndarray]) -> np.ndarray:
     """The pictures in a row, each scaled (by whole pixels) toward the tallest one's height, on white."""
     height = max(picture.shape[0] for picture in pictures)
-    scaled = []
-    for picture in pictures:
-        factor = max(1, height // picture.shape[0])
-        scaled.append(np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1))
-    width = sum(picture.shape[1] for picture in scaled) + GAP * (len(scaled) - 1)
-    canvas = np.full((max(p.shape[0] for p in scaled), width, 3), 255, dtype=np.uint8)
+    scaled_pictures = [scaled(picture, max(1, height // picture.shape[0])) for picture in pictures]
+    width = sum(picture.shape[1] for picture in scaled_pictures) + GAP * (len(scaled_pictures) - 1)
+    canvas = np.full((max(p.shape[0] for p in scaled_pictures), width, 3), 255, dtype=np.uint8)
     left = 0
-    for picture in scaled:
+    for picture in scaled_pictures:
         canvas[: picture.shape[0], left : left + picture.shape[1]] = picture
         left += picture.shape[1] + GAP
     return canvas
@@ -66,6 +68,5 @@ def halting_maps(
     pictures = []
     for item in sorted(views):
         picture = side_by_side(views[item])
-        factor = max(1, -(-min_height // picture.shape[0]))
-        pictures.append(Image.fromarray(np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)))
+        pictures.append(Image.fromarray(scaled(picture, max(1, -(-min_height // picture.shape[0])))))
     return pictures

@@ -18,7 +18,6 @@ vision tower's passes halt patches too (``vision.py``, DESIGN.md section 6). The
 
 from __future__ import annotations
 
-import functools
 import numbers
 import time
 import weakref
@@ -36,13 +35,12 @@ from dash_vlm.compact import computed_once
 from dash_vlm.halting import (
     SCOPES,
     SELECTIONS,
-    Selection,
     eligible_tokens,
     halt_counts,
     halt_counts_on_device,
+    placeholders,
     row_groups,
-    select_halted,
-    select_halted_per_row,
+    selection_rule,
 )
 from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
 from dash_vlm.plan import HaltPlan, plan_halting
@@ -526,10 +524,7 @@ class _Executor:
                 [row for grid in grids for row in grid]
                 for grids in self.adapter.token_positions(self.model_config, dict(kwargs, input_ids=input_ids))
             ]
-            vision = torch.zeros_like(input_ids, dtype=torch.bool)
-            for token_id in self.vision_token_ids:
-                vision |= input_ids == token_id
-            groups = row_groups(rows, vision)
+            groups = row_groups(rows, placeholders(input_ids, self.vision_token_ids))
         # The statistics read these masks after the block: the closure holds what it needs, never the executor and
         # with it the model.
         vision_ids, protect, config = self.vision_ids, self.protect, self.config
@@ -538,11 +533,7 @@ class _Executor:
             real = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
             if attention_mask is not None:
                 real = attention_mask.bool()
-            candidates = real
-            if vision_ids is not None:  # compared with Python ints: nothing is copied to the device
-                candidates = torch.zeros_like(input_ids, dtype=torch.bool)
-                for token_id in vision_ids:
-                    candidates |= input_ids == token_id
+            candidates = real if vision_ids is None else placeholders(input_ids, vision_ids)
             protected = None if protect is None else protect.to(real.device)
             eligible = eligible_tokens(real, candidates, config.protect_first, config.protect_last, protected)
             return real, eligible if groups is None else eligible & (groups >= 0)
@@ -584,17 +575,9 @@ class _Executor:
             prefill.eligible,
             prefill.halt_counts_tensor,
             prefill.kept_counts,
-            self.selection(prefill),
+            selection_rule(prefill.groups, self.config.compression_ratio),
         )
         return prefill.plan
-
-    def selection(self, prefill: _Prefill) -> Selection:
-        """The selection rule of this block's press for ``prefill`` (``halting.Selection``)."""
-        if prefill.groups is None:
-            return select_halted
-        return functools.partial(
-            select_halted_per_row, groups=prefill.groups, compression_ratio=self.config.compression_ratio
-        )
 
     def _on_compact_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         prefill = self.prefill

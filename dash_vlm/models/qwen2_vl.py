@@ -38,6 +38,12 @@ from dash_vlm.models.tiny import (
     word_tokenizer,
 )
 
+
+def _grid_thw(tower_args: tuple, tower_kwargs: dict) -> torch.Tensor:
+    """The ``grid_thw`` a vision tower is called with."""
+    return tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+
+
 MODEL_CLASSES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
@@ -65,7 +71,7 @@ class QwenVLAdapter(ModelAdapter):
 
     def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
         """One segment per temporal patch of each image or video: the full-attention segments of the tower."""
-        grid = tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+        grid = _grid_thw(tower_args, tower_kwargs)
         rows = grid.tolist()  # the tower reads its grid on the host as well
         lengths = [height * width for frames, height, width in rows for _ in range(frames)]
         on_device = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0], output_size=len(lengths))
@@ -83,7 +89,7 @@ class QwenVLAdapter(ModelAdapter):
         """Qwen2.5-VL's tower runs its merge units window by window (``get_window_index``); Qwen2-VL's in order."""
         if not hasattr(tower, "get_window_index"):
             return None
-        grid = tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+        grid = _grid_thw(tower_args, tower_kwargs)
         window_index, _ = tower.get_window_index(grid)
         unit = tower.spatial_merge_unit
         return (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).flatten()

@@ -123,12 +123,33 @@ def evaluate(
     return rows
 
 
+def is_global(row: dict) -> bool:
+    """Whether a result row used the global selection (rows written before ``selection`` existed did)."""
+    return row.get("selection", "global") == "global"
+
+
+def by_ratio(rows: list[dict], model: str, scope: str, method: str, baseline: dict) -> dict[float, dict]:
+    """The rows of one model, scope and method by compression ratio, ``baseline`` at ratio 0."""
+    return {0.0: baseline} | {
+        r["ratio"]: r
+        for r in rows
+        if r["model"] == model and r["scope"] == scope and r["method"] == method and r["ratio"] > 0
+    }
+
+
+def accuracy_line(labels: tuple, kind: str, by_column: dict, columns: tuple) -> str:
+    """A table line: the labels, then the accuracy of question ``kind`` ("all": overall) in each column."""
+    values = [by_column[c]["accuracy"] if kind == "all" else by_column[c]["by_kind"][kind] for c in columns]
+    label = "**all**" if kind == "all" else kind
+    return "| " + " | ".join(map(str, (*labels, label))) + " | " + " | ".join(f"{v:.1%}" for v in values) + " |"
+
+
 def markdown_tables(rows: list[dict]) -> str:
     """One table per model: rows are scope / method / question kind, columns are compression ratios; then, for a model
     whose vision tower halts, one table of the vision ratios."""
     vision_rows = [row for row in rows if row["vision_ratio"] > 0]
-    per_row_rows = [row for row in rows if row.get("selection", "global") == "per_row"]
-    rows = [row for row in rows if row["vision_ratio"] == 0 and row.get("selection", "global") == "global"]
+    per_row_rows = [row for row in rows if not is_global(row)]
+    rows = [row for row in rows if row["vision_ratio"] == 0 and is_global(row)]
     lines = []
     for model in dict.fromkeys(row["model"] for row in rows):
         baseline = next(r for r in rows if r["model"] == model and r["ratio"] == 0)
@@ -137,17 +158,8 @@ def markdown_tables(rows: list[dict]) -> str:
         lines.append("|---|---|---|" + "---|" * len(RATIOS))
         for scope in SCOPES:
             for method in METHODS:
-                by_ratio = {0.0: baseline} | {
-                    r["ratio"]: r
-                    for r in rows
-                    if r["model"] == model and r["scope"] == scope and r["method"] == method and r["ratio"] > 0
-                }
-                for kind in ("all", *KINDS):
-                    values = [
-                        by_ratio[r]["accuracy"] if kind == "all" else by_ratio[r]["by_kind"][kind] for r in RATIOS
-                    ]
-                    label = "**all**" if kind == "all" else kind
-                    lines.append(f"| {scope} | {method} | {label} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+                columns = by_ratio(rows, model, scope, method, baseline)
+                lines += [accuracy_line((scope, method), kind, columns, RATIOS) for kind in ("all", *KINDS)]
         kept = {
             r["ratio"]: r["kept_fraction"]
             for r in rows
@@ -172,15 +184,10 @@ def per_row_table(model: str, global_rows: list[dict], per_row_rows: list[dict])
     baseline = next(r for r in global_rows if r["model"] == model and r["ratio"] == 0)
     candidates = [("global", "dash", global_rows), ("per_row", "dash", per_row_rows), ("global", "random", global_rows)]
     for selection, method, rows in candidates:
-        by_ratio = {0.0: baseline} | {
-            r["ratio"]: r
-            for r in rows
-            if r["model"] == model and r["scope"] == "vision" and r["method"] == method and r["ratio"] > 0
-        }
-        for kind in ("all", "position", *POSITION_AXES):
-            values = [by_ratio[r]["accuracy"] if kind == "all" else by_ratio[r]["by_kind"][kind] for r in RATIOS]
-            label = "**all**" if kind == "all" else kind
-            lines.append(f"| {selection} | {method} | {label} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+        columns = by_ratio(rows, model, "vision", method, baseline)
+        lines += [
+            accuracy_line((selection, method), kind, columns, RATIOS) for kind in ("all", "position", *POSITION_AXES)
+        ]
     return [*lines, ""]
 
 
@@ -199,12 +206,7 @@ def vision_table(model: str, decoder_rows: list[dict], vision_rows: list[dict]) 
                 and row["scope"] == "vision"
                 and (row["method"] == method or row["ratio"] == row["vision_ratio"] == 0)
             }
-            for kind in ("all", *KINDS):
-                values = [
-                    by_vision[v]["accuracy"] if kind == "all" else by_vision[v]["by_kind"][kind] for v in VISION_RATIOS
-                ]
-                label = "**all**" if kind == "all" else kind
-                lines.append(f"| {method} | {ratio:g} | {label} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+            lines += [accuracy_line((method, f"{ratio:g}"), kind, by_vision, VISION_RATIOS) for kind in ("all", *KINDS)]
     return [*lines, ""]
 
 
@@ -215,7 +217,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in rows if row["vision_ratio"] == 0 and row.get("selection", "global") == "global"]
+    rows = [row for row in rows if row["vision_ratio"] == 0 and is_global(row)]
     models = list(dict.fromkeys(row["model"] for row in rows))
     figure, axes = plt.subplots(len(models), len(SCOPES), figsize=(11, 4 * len(models)), squeeze=False)
     colours = dict(zip(("all", *KINDS), ("black", "tab:red", "tab:blue", "tab:green", "tab:purple"), strict=True))
@@ -368,7 +370,7 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
     text = config.text_config
     vision = config.vision_config
     stages = json.loads((folder / "training.json").read_text())["stages"]
-    mine = [r for r in rows if r["model"] == name and r["vision_ratio"] == 0 and r.get("selection") != "per_row"]
+    mine = [r for r in rows if r["model"] == name and r["vision_ratio"] == 0 and is_global(r)]
     baseline = next(r for r in mine if r["ratio"] == 0)
     dash = {r["ratio"]: r["accuracy"] for r in mine if r["scope"] == "vision" and r["method"] == "dash"}
     lines = [
