@@ -12,6 +12,7 @@ from pathlib import Path
 
 import transformers
 
+from dash_vlm.attention import ATTENTION_CHOICES
 from dash_vlm.bench import DEVICE_MAPS, PATHS
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--device", default=None, help="device or device map: cuda, cpu, auto (default: GPU if any)")
     generate.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    generate.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default=None)
+    generate.add_argument("--attn", choices=ATTENTION_CHOICES, default=None)
     generate.add_argument("--allow-urls", action="store_true", help="fetch http(s) images")
     generate.add_argument("--compare", action="store_true", help="also generate without halting and compare")
     generate.add_argument("--halting-map", type=Path, default=None, help="write the halting map here (PNG)")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
     bench.add_argument("--image-size", type=int, action="append", required=True, help="image side in px (repeatable)")
     add_halting_arguments(bench, swept=SWEPT_DEFAULTS)
-    bench.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    bench.add_argument("--attn", choices=ATTENTION_CHOICES, default="sdpa")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=10)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from dash_vlm.attention import FLASH_ATTENTION_4
 from dash_vlm.cache import HaltedLayer, attach_halted_layers
 from dash_vlm.compact import additive_mask
 from dash_vlm.halting import selection_rule
@@ -143,15 +144,25 @@ AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
 
 
 @contextmanager
-def _grouped_decode(config) -> None:
-    """Run SDPA layers of ``config`` with :func:`grouped_decode_attention` inside the block (eager ones as they are)."""
+def _attention_replaced(config, replacements: dict[str, str]) -> Iterator[None]:
+    """Inside the block the layers of ``config`` run ``replacements[attention]`` instead of their attention."""
     attention = config._attn_implementation
-    if attention == "sdpa":
-        config._attn_implementation = GROUPED_DECODE
+    config._attn_implementation = replacements.get(attention, attention)
     try:
         yield
     finally:
         config._attn_implementation = attention
+
+
+def _grouped_decode(config) -> AbstractContextManager:
+    """Run SDPA layers of ``config`` with :func:`grouped_decode_attention` inside the block (eager ones as they are)."""
+    return _attention_replaced(config, {"sdpa": GROUPED_DECODE})
+
+
+def _decoder_on_sdpa(model: PreTrainedModel) -> AbstractContextManager:
+    """The fast path's decoder layers run SDPA (captured with static masks; FA4 needs an unpadding sync), its vision
+    tower whatever it has."""
+    return _attention_replaced(adapter_for(model).decoder(model).config, {FLASH_ATTENTION_4: "sdpa"})
 
 
 def _call_layer(
@@ -447,9 +458,11 @@ class StaticDecoder:
         device = devices.pop()
         if capture and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs the model on a CUDA GPU; it is on {device}")
-        if model.config._attn_implementation not in ("sdpa", "eager"):
-            attention = model.config._attn_implementation
-            raise ValueError(f"cuda_graphs supports attn_implementation 'sdpa' and 'eager', got {attention!r}")
+        attention = adapter_for(model).decoder(model).config._attn_implementation
+        if attention not in ("sdpa", "eager", FLASH_ATTENTION_4):
+            raise ValueError(
+                f"cuda_graphs supports attn_implementation 'sdpa', 'eager' and {FLASH_ATTENTION_4!r}, got {attention!r}"
+            )
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         if not isinstance(prefill_bucket, int) or prefill_bucket < 1:
@@ -486,6 +499,10 @@ class StaticDecoder:
     def prefill(self, inputs: dict, press: DeltaPress | None) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """The prefill as ``generate`` runs it: the cache, the last position's logits and each sample's rotary position
         of its last prompt token (read where the decoder computes its rotary embeddings), which new tokens continue."""
+        with _decoder_on_sdpa(self.model):
+            return self._prefill(inputs, press)
+
+    def _prefill(self, inputs: dict, press: DeltaPress | None) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         model = self.model
         length = inputs["input_ids"].shape[1]
         cache = DynamicCache(config=model.config)
@@ -598,7 +615,11 @@ class StaticDecoder:
         penalty = float(config.repetition_penalty or 1.0)
         device = inputs["input_ids"].device
         captures = self.captures
-        with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        with (
+            torch.inference_mode(),
+            torch.cuda.device(device) if device.type == "cuda" else nullcontext(),
+            _decoder_on_sdpa(self.model),
+        ):
             first_token, answer = Timer(device), Timer(device)
             cache, logits, positions = self.prefill(inputs, press)
             seen = None

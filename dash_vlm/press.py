@@ -30,6 +30,7 @@ from kvpress import BasePress
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from dash_vlm.attention import FLASH_ATTENTION_4
 from dash_vlm.cache import attach_halted_layers, check_cache
 from dash_vlm.compact import computed_once
 from dash_vlm.halting import (
@@ -47,7 +48,7 @@ from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.scorers import SCORERS, Reading, Scorer, read_decision_layer
 from dash_vlm.vision import VisionHalting, VisionPass, vision_counts
 
-SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", FLASH_ATTENTION_4)
 _EXECUTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its executor, inside `with press(model)`
 
 
@@ -411,7 +412,7 @@ class _Executor:
             )
         self.press, self.config = press, press.halting_config()
         adapter: ModelAdapter = adapter_for(model)
-        attention = model.config._attn_implementation
+        attention = adapter.decoder(model).config._attn_implementation  # the fast path runs its decoder on SDPA
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(f"DASH supports attn_implementation in {SUPPORTED_ATTENTION}, got {attention!r}")
         scope = self.config.scope

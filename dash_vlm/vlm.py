@@ -23,6 +23,7 @@ from transformers import (
     StoppingCriteria,
 )
 
+from dash_vlm.attention import load_implementation, use_attention
 from dash_vlm.graphs import StaticDecoder, after_first_end
 from dash_vlm.maps import halting_maps
 from dash_vlm.models import ModelAdapter, TokenGrid, adapter_for, chat_prompts, model_types_with
@@ -145,11 +146,15 @@ class DashVLM:
         ``device_map=None`` puts the whole model on the first GPU if there is one, else on the CPU. The other
         keyword arguments go to the model's ``from_pretrained`` (``trust_remote_code``, ``revision``,
         ``quantization_config``, ...). ``cuda_graphs=True`` turns on the fast path (see :class:`DashVLM`).
+        ``attn_implementation``: one of ``attention.ATTENTION_CHOICES``; ``None`` and ``"sdpa"`` run SDPA in the
+        decoder, and a Qwen vision tower runs FA4 when it is installed (``None``) or one SDPA call per segment length
+        (``attention.VARLEN_SDPA``); ``"flash_attention_4"`` runs FA4 in both.
         """
         halting = DeltaPress.pop_parameters(model_kwargs)
         if press is not None and halting:
             raise ValueError(f"give either press or halting parameters, not both (got press and {sorted(halting)})")
         press = press if press is not None else DeltaPress(**halting)
+        loaded_as = load_implementation(attn_implementation)
         if str(name_or_path).startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
             raise FileNotFoundError(f"name_or_path {str(name_or_path)!r} is a local path that does not exist")
         hub_kwargs = {
@@ -163,11 +168,12 @@ class DashVLM:
         _check_device_map(device_map)
         if cuda_graphs is True and not torch.cuda.is_available():
             raise ValueError("cuda_graphs=True needs a CUDA GPU; this machine has none")
-        if attn_implementation is not None:
-            model_kwargs["attn_implementation"] = attn_implementation
+        if loaded_as is not None:
+            model_kwargs["attn_implementation"] = loaded_as
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, dtype=dtype, device_map=device_map, **model_kwargs
         ).eval()
+        use_attention(model, attn_implementation)
         processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
         logger.info("loaded %s (%s) on %s", name_or_path, config.model_type, model.device)
         return cls(

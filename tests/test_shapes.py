@@ -6,14 +6,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dash_vlm import DashVLM, DeltaPress
 from dash_vlm.cli import main as cli_main
+from dash_vlm.models.tiny import tiny_checkpoint
 from dash_vlm.resources import bundled
 from dash_vlm.shapes.data import (
     KINDS,
     TEST_FILE,
+    WORDS,
     held_out_keys,
     read_test_split,
     sample_key,
@@ -21,6 +24,7 @@ from dash_vlm.shapes.data import (
     training_scene,
 )
 from dash_vlm.shapes.evaluate import MODELS, answer_all, configurations, markdown_tables, model_folder, score
+from dash_vlm.shapes.train import ChatFormat, ShapesStream, training_batch
 
 RESULTS = bundled("assets") / "dash_shapes_accuracy.json"
 
@@ -122,7 +126,7 @@ def test_vision_rows_only_where_the_tower_halts():
     ]
     tables = markdown_tables(json.loads(RESULTS.read_text()))
     assert tables.count("halting inside the vision tower") == 1  # the Qwen2-VL checkpoint only
-    assert "| dash | 0.667 | **all** | 71.9% | 70.2% | 67.4% |" in tables
+    assert "| dash | 0.667 | **all** | 80.7% | 77.8% | 74.8% |" in tables
     assert tables.count('`selection="per_row"`') == 2  # both checkpoints, position questions split by axis
     assert tables.count("| per_row | dash | above/below |") == 2
 
@@ -137,3 +141,25 @@ def test_demo(capsys, tmp_path):
     assert f"halting map of the first question (halted tokens shaded): {tmp_path / 'map.png'}" in output
     with Image.open(tmp_path / "map.png") as picture:  # the 64 px scene, scaled by whole pixels to 256 rows
         assert picture.size == (256, 256)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_host_training_inputs_leave_the_training_loss_unchanged(family):
+    model, processor = tiny_checkpoint(family, WORDS, seed=0, vision_layers=1, vision_width=32, image_side=64)
+    processor.tokenizer.padding_side = "left"
+    stream = ShapesStream(processor, model.config, batch_size=3, exclude=set())
+    batch, host_keys = next(iter(stream))
+    reference = training_batch(ChatFormat(processor), range(3), set())
+    assert batch["attention_mask"].min() == 0  # scenes of different lengths: the positions must skip the padding
+    with torch.no_grad():
+        output, expected = model(**batch), model(**reference)
+    torch.testing.assert_close(output.logits, expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=1e-6)
+    if family == "qwen2_vl":
+        assert host_keys == ("image_grid_thw",)
+        assert batch["position_ids"].shape == (3, *batch["input_ids"].shape)
+        shifted = batch["position_ids"].roll(1, dims=-1)  # the check above sees wrong positions
+        with torch.no_grad():
+            assert (model(**{**batch, "position_ids": shifted}).logits - output.logits).abs().max() > 1e-3
+    else:
+        assert host_keys == () and batch.keys() == reference.keys()

@@ -33,6 +33,7 @@ import transformers
 from torch import nn
 from tqdm import tqdm
 
+from dash_vlm.attention import ATTENTION_CHOICES, load_implementation, use_attention
 from dash_vlm.compact import take_tokens
 from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import adapter_for, model_types_with
@@ -133,6 +134,8 @@ class BenchConfig:
                 f"device_map={self.device_map!r} splits the model over several GPUs; this machine has "
                 f"{torch.cuda.device_count()} and device is {self.device!r}"
             )
+        if self.attn not in ATTENTION_CHOICES:
+            raise ValueError(f"attn must be one of {ATTENTION_CHOICES}, got {self.attn!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if not self.image_sizes or any(size < 28 for size in self.image_sizes):
@@ -432,7 +435,8 @@ def run_bench(config: BenchConfig) -> dict:
     """
     preset: Preset = PRESETS[config.preset]
     dtype = torch.bfloat16 if config.device.startswith("cuda") else torch.float32
-    model = preset.build(config.device, dtype, config.attn)
+    model = preset.build(config.device, dtype, load_implementation(config.attn))
+    use_attention(model, config.attn)  # as DashVLM.from_pretrained sets it
     device_map = dispatch_over_gpus(model) if config.device_map is not None else None
     sizes = config.image_sizes
     if not preset.dynamic_resolution and len(sizes) > 1:

@@ -107,6 +107,9 @@ class ModelAdapter:
         family gives :meth:`vision_segments` and :meth:`vision_patches_per_token`.
     vision_attention_attribute : str
         Attribute of a vision block that holds its attention sublayer.
+    vision_packs_segments : bool
+        Whether the vision tower packs its segments (images, windows) into one sequence with ``cu_seqlens``, so that
+        its attention can run them in one call (``attention.VARLEN_SDPA``).
     presets : tuple of Preset
         Real model shapes with random weights, for the speed harness (``dash_vlm.models.presets.PRESETS``).
     """
@@ -119,6 +122,7 @@ class ModelAdapter:
     vision_blocks_path: str | None = None
     halts_in_vision_tower: bool = False
     vision_attention_attribute: str = "attn"
+    vision_packs_segments: bool = False
     presets: tuple[Preset, ...] = ()
 
     @property
@@ -253,6 +257,11 @@ class ModelAdapter:
         """A tiny model with its real processor class and a word-level tokenizer over ``words``, ready for
         ``save_pretrained`` (``tiny.tiny_checkpoint`` documents the arguments)."""
         raise NotImplementedError(f"{model_type} has no tiny checkpoint")
+
+    def host_training_inputs(self, config: PretrainedConfig, batch: dict) -> tuple[dict, tuple[str, ...]]:
+        """``batch`` (processor outputs on the host) completed for a training step, and the names of the entries that
+        must stay on the host when the rest moves to the GPU. By default nothing is added and everything moves."""
+        return batch, ()
 
 
 def vision_items(conversations: list[list[dict]]) -> list[dict]:

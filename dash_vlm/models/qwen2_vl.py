@@ -8,6 +8,7 @@ processor, under the same pixel budget. The family's tiny test models, its speed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -23,7 +24,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel, apply_multimodal_rotary_pos_emb
 
 from dash_vlm.models import ModelAdapter, TokenGrid, in_prompt_order, item_positions, register_adapter, rgb_pixels
 from dash_vlm.models.presets import Preset
@@ -48,6 +50,7 @@ MODEL_CLASSES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
+BASE_MODEL_CLASSES = {"qwen2_vl": Qwen2VLModel, "qwen2_5_vl": Qwen2_5_VLModel}
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,18 @@ class QwenVLAdapter(ModelAdapter):
         content = [{"type": "image", "image": visual} for visual in visuals]
         content.append({"type": "text", "text": context.replace("<image>", "")})
         return [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}], None
+
+    def host_training_inputs(self, config, batch: dict) -> tuple[dict, tuple[str, ...]]:
+        """M-RoPE positions computed here and the grids kept on the host: given a device ``grid_thw``, transformers'
+        per-image loops (rope index, vision rotary positions, per-image attention split) read it back item by item,
+        a GPU sync each (966 of them in a batch-64 step of the dash-shapes model)."""
+        model_class = BASE_MODEL_CLASSES[config.model_type]
+        grids = {key: batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch}
+        # get_rope_index reads nothing of the model but its config.
+        position_ids, _ = model_class.get_rope_index(
+            SimpleNamespace(config=config), batch["input_ids"], attention_mask=batch.get("attention_mask"), **grids
+        )
+        return {**batch, "position_ids": position_ids}, tuple(grids)
 
     def tiny_model(self, model_type: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
         return tiny_qwen_vl(model_type, attn_implementation)
@@ -454,6 +469,7 @@ QWEN2_VL = register_adapter(
         vision_tower_attribute="visual",
         vision_blocks_path="blocks",
         halts_in_vision_tower=True,
+        vision_packs_segments=True,
         presets=PRESETS,
     )
 )

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dash_vlm.models import chat_prompts
+from dash_vlm.attention import use_attention
+from dash_vlm.models import adapter_for, chat_prompts
 from dash_vlm.models.tiny import tiny_checkpoint
 from dash_vlm.shapes.data import ANSWERS, WORDS, Sample, held_out_keys, split_samples, training_scene
 
@@ -84,7 +85,8 @@ class ChatFormat:
 
 
 def training_batch(chat: ChatFormat, indices: range, exclude: set[str]) -> dict:
-    """Scenes ``indices`` with a question of every kind each, left-padded, minus held-out (image, question) pairs."""
+    """Scenes ``indices`` with a question of every kind each, left-padded, minus held-out (image, question) pairs; the
+    processor's outputs and the labels, on the host."""
     images, texts = [], []
     for index in indices:
         image, turns = training_scene(index, exclude)
@@ -97,10 +99,12 @@ def training_batch(chat: ChatFormat, indices: range, exclude: set[str]) -> dict:
 
 
 class ShapesStream(IterableDataset):
-    """Batch ``b`` holds training scenes ``b * size ...``; workers interleave batches."""
+    """Batch ``b`` holds training scenes ``b * size ...``; workers interleave batches. Each batch comes with the names
+    of its entries that stay on the host (``ModelAdapter.host_training_inputs``)."""
 
-    def __init__(self, processor, batch_size: int, exclude: set[str], first_scene: int = 0):
-        self.processor, self.batch_size, self.exclude, self.first_scene = processor, batch_size, exclude, first_scene
+    def __init__(self, processor, config, batch_size: int, exclude: set[str], first_scene: int = 0):
+        self.processor, self.config, self.batch_size = processor, config, batch_size
+        self.exclude, self.first_scene = exclude, first_scene
 
     def __iter__(self):
         worker = get_worker_info()
@@ -109,7 +113,8 @@ class ShapesStream(IterableDataset):
         batch_index = rank
         while True:
             start = self.first_scene + batch_index * self.batch_size
-            yield training_batch(chat, range(start, start + self.batch_size), self.exclude)
+            batch = training_batch(chat, range(start, start + self.batch_size), self.exclude)
+            yield adapter_for(self.config.model_type).host_training_inputs(self.config, batch)
             batch_index += workers
 
 
@@ -147,12 +152,14 @@ def train(
     if resume is not None:  # continue from a saved checkpoint (weights only; a fresh optimizer and schedule)
         model = type(model).from_pretrained(resume, dtype=torch.float32)
     processor.tokenizer.padding_side = "left"
+    use_attention(model, "sdpa")  # a Qwen tower runs its equal-sized images in one attention call per block
     model.to(device).train()
     validation = split_samples("validation", 1000)
     loader = DataLoader(
-        ShapesStream(processor, batch_size, held_out_keys(), first_scene),
+        ShapesStream(processor, model.config, batch_size, held_out_keys(), first_scene),
         batch_size=None,
         num_workers=workers,
+        pin_memory=device != "cpu",
         persistent_workers=workers > 0,
         prefetch_factor=8 if workers else None,
     )
@@ -166,11 +173,13 @@ def train(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history, done = [], 0
-    for step, batch in enumerate(loader):
+    for step, (batch, host_keys) in enumerate(loader):
         if step == steps or time.perf_counter() - started > 60 * max_minutes:
             break
         done = step + 1
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = {
+            key: value if key in host_keys else value.to(device, non_blocking=True) for key, value in batch.items()
+        }
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
             loss = model(**batch).loss
         loss.backward()
