@@ -30,23 +30,25 @@ FLASH_ATTENTION_4 = "flash_attention_4"
 # "flash" in the name makes transformers' vision attention hand the segments over as cu_seqlens in one call
 # (utils.generic.is_flash_attention_requested) instead of calling the function once per segment.
 VARLEN_SDPA = "dash_vlm_varlen_sdpa_flash_api"
-# What ``attn_implementation`` accepts everywhere, and what it runs in the decoder and in the vision tower.
+# What ``attn_implementation`` accepts everywhere (``use_attention`` says what each runs where).
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", FLASH_ATTENTION_4)
 FLASH4_EXTRA = "pip install 'dash-vlm[flash4]' (flash-attn-4: NVIDIA Hopper or Blackwell GPUs)"
 
 
 class PerTensor:
-    """Values computed once per tensor object (and a small key), kept while the tensor lives; a few at a time."""
+    """Values computed once per tensor object (and a small key), kept while the tensor lives unchanged (its version
+    counter); a few at a time."""
 
     def __init__(self, size: int = 8):
         self.size, self.entries = size, OrderedDict()
 
     def get(self, tensor: torch.Tensor, key, compute: Callable):
+        version = None if tensor.is_inference() else tensor._version  # inference tensors keep no version counter
         entry = self.entries.get((id(tensor), key))
-        if entry is not None and entry[0]() is tensor:
-            return entry[1]
+        if entry is not None and entry[0]() is tensor and entry[1] == version:
+            return entry[2]
         value = compute(tensor)
-        self.entries[(id(tensor), key)] = (weakref.ref(tensor), value)
+        self.entries[(id(tensor), key)] = (weakref.ref(tensor), version, value)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return value
@@ -69,6 +71,11 @@ def unpadded(mask: torch.Tensor) -> Unpadded:
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     return Unpadded(indices, cu_seqlens, mask.shape[-1])
+
+
+def one_query_per_row(batch: int, device: torch.device) -> Unpadded:
+    rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    return Unpadded(rows[:-1].long(), rows, 1)
 
 
 def longest_segment(cu_seqlens: torch.Tensor) -> int:
@@ -97,6 +104,9 @@ class FlashAttention4:
     ) -> tuple[torch.Tensor, None]:
         if dropout:
             raise ValueError(f"{FLASH_ATTENTION_4} runs inference only (dropout 0), got dropout={dropout}")
+        unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
+        if unsupported:
+            raise NotImplementedError(f"dash-vlm's {FLASH_ATTENTION_4} does not implement {unsupported}; use sdpa")
         dense, varlen = flash_attention_4_kernels()
         causal = module.is_causal if is_causal is None else is_causal
         batch, heads, length, dim = query.shape
@@ -113,13 +123,17 @@ class FlashAttention4:
             return output.view(batch, length, heads, -1), None
         if attention_mask is None:
             return first(dense(query, key, value, **options)), None
-        # a 2-D padding mask over the keys; the queries are its last `length` positions (one new token at decode)
+        # a 2-D padding mask over the keys (a static cache holds more slots: the mask says how many are in use); the
+        # queries are its last `length` positions, with left padding every row's last one at decode
+        width = attention_mask.shape[-1]
+        key, value = key[:, :width], value[:, :width]
         keys = self.memo.get(attention_mask, "keys", unpadded)
-        queries = (
-            keys
-            if length == attention_mask.shape[1]
-            else self.memo.get(attention_mask, length, lambda mask: unpadded(mask[:, -length:]))
-        )
+        if length == width:
+            queries = keys
+        elif length == 1:
+            queries = self.memo.get(attention_mask, 1, lambda mask: one_query_per_row(batch, mask.device))
+        else:
+            queries = self.memo.get(attention_mask, length, lambda mask: unpadded(mask[:, -length:]))
         flat_keys, flat_values = (tensor.reshape(-1, *tensor.shape[2:])[keys.indices] for tensor in (key, value))
         flat_query = query.reshape(-1, heads, dim)[queries.indices]
         rows = dict(cu_seqlens_q=queries.cu_seqlens, cu_seqlens_k=keys.cu_seqlens)
@@ -155,7 +169,7 @@ class SegmentGroups:
     """The segments of a ``cu_seqlens`` grouped by length: per length, the segments' flat positions (a slice when
     they are one contiguous run) and how many segments there are."""
 
-    def __init__(self, cu_seqlens: torch.Tensor):
+    def __init__(self, cu_seqlens: torch.Tensor, device: torch.device):
         bounds = cu_seqlens.tolist()  # the one host read of these segments
         by_length: dict[int, list[int]] = {}
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
@@ -167,8 +181,8 @@ class SegmentGroups:
             if contiguous:
                 positions = slice(starts[0], starts[0] + length * len(starts))
             else:
-                offsets = torch.tensor(starts, device=cu_seqlens.device)[:, None]
-                positions = (offsets + torch.arange(length, device=cu_seqlens.device)).flatten()
+                offsets = torch.tensor(starts, device=device)[:, None]
+                positions = (offsets + torch.arange(length, device=device)).flatten()
             self.groups.append((length, len(starts), positions))
 
 
@@ -196,8 +210,11 @@ class VarlenSdpa:
                 kwargs.pop(name, None)
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         _, heads, tokens, dim = query.shape
-        output = query.new_empty(tokens, heads, dim)  # as flash kernels return it
-        for length, count, positions in self.memo.get(cu_seq_lens_q, "groups", SegmentGroups).groups:
+        if key.shape[1] != heads or kwargs.get("is_causal"):
+            raise NotImplementedError(f"{VARLEN_SDPA} runs vision towers: bidirectional, as many key as query heads")
+        output = query.new_zeros(tokens, heads, dim)  # as flash kernels return it
+        groups = self.memo.get(cu_seq_lens_q, query.device, lambda cu: SegmentGroups(cu, query.device)).groups
+        for length, count, positions in groups:
             # [1, heads, tokens, dim] -> [segments, heads, length, dim]
             q, k, v = (
                 t[0][:, positions].reshape(heads, count, length, -1).transpose(0, 1) for t in (query, key, value)
@@ -219,6 +236,10 @@ def load_implementation(attn_implementation: str | dict | None) -> str | dict | 
     (:func:`use_attention`), since transformers' loader takes every name with "flash" for a hub kernel. A dict (one
     implementation per sub-config, as transformers takes it) passes through."""
     if isinstance(attn_implementation, dict):
+        if FLASH_ATTENTION_4 in attn_implementation.values():
+            raise ValueError(
+                f"attn_implementation={FLASH_ATTENTION_4!r} is set on the whole model: give it as a string"
+            )
         return attn_implementation
     if attn_implementation is not None and attn_implementation not in ATTENTION_CHOICES:
         raise ValueError(f"attn_implementation must be one of {ATTENTION_CHOICES}, got {attn_implementation!r}")
@@ -229,24 +250,39 @@ def load_implementation(attn_implementation: str | dict | None) -> str | dict | 
 
 
 def use_attention(model: PreTrainedModel, attn_implementation: str | dict | None) -> None:
-    """Set the decoder's and the vision tower's attention for ``attn_implementation`` once the model is loaded:
-    FA4 in both for ``flash_attention_4``. A vision tower that packs segments (``ModelAdapter.vision_packs_segments``)
-    and was loaded with SDPA runs FA4 when asked for nothing (``None``) and FA4 works on the model's GPU, else
-    :data:`VARLEN_SDPA`. Anything else stays as transformers set it."""
+    """Set the decoder's and the vision tower's attention for ``attn_implementation`` once the model is loaded.
+
+    ``flash_attention_4``: FA4 in both (``ValueError`` when the weights are not bf16 or fp16 on a Hopper or Blackwell
+    GPU). A vision tower that packs segments (``ModelAdapter.vision_packs_segments``) and was loaded with SDPA runs
+    FA4 when nothing was asked for (``None``) and FA4 can run its weights, else :data:`VARLEN_SDPA`. Anything else
+    stays as transformers set it.
+    """
     register()
     if attn_implementation == FLASH_ATTENTION_4:
+        reason = flash_attention_4_unsupported(model)
+        if reason is not None:
+            raise ValueError(reason)
         for config in configs_of(model):
             config._attn_implementation = FLASH_ATTENTION_4
     adapter = adapter_for(model)
     tower = adapter.vision_tower(model) if adapter.vision_packs_segments else None
     if tower is not None and tower.config._attn_implementation == "sdpa":
-        fastest = attn_implementation is None and flash_attention_4_runs_on(next(tower.parameters()).device)
+        fastest = attn_implementation is None and flash_attention_4_available()
+        fastest = fastest and flash_attention_4_unsupported(tower) is None
         tower.config._attn_implementation = FLASH_ATTENTION_4 if fastest else VARLEN_SDPA
 
 
-def flash_attention_4_runs_on(device: torch.device) -> bool:
-    """Whether FA4 is installed and ``device`` is a GPU it supports (Hopper, Blackwell)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and flash_attention_4_available()
+def flash_attention_4_unsupported(module: nn.Module) -> str | None:
+    """Why FA4 cannot run ``module``'s weights (their device or dtype), or ``None`` when it can."""
+    weight = next(module.parameters())
+    name = f"attn_implementation={FLASH_ATTENTION_4!r}"
+    if weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device)[0] < 9:
+        return f"{name} needs a Hopper or Blackwell GPU; the model is on {weight.device}"
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return (
+            f"{name} runs bfloat16 or float16 weights; the model is {weight.dtype} (load it with dtype=torch.bfloat16)"
+        )
+    return None
 
 
 def configs_of(model: PreTrainedModel) -> list:

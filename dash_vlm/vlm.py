@@ -147,8 +147,9 @@ class DashVLM:
         keyword arguments go to the model's ``from_pretrained`` (``trust_remote_code``, ``revision``,
         ``quantization_config``, ...). ``cuda_graphs=True`` turns on the fast path (see :class:`DashVLM`).
         ``attn_implementation``: one of ``attention.ATTENTION_CHOICES``; ``None`` and ``"sdpa"`` run SDPA in the
-        decoder, and a Qwen vision tower runs FA4 when it is installed (``None``) or one SDPA call per segment length
-        (``attention.VARLEN_SDPA``); ``"flash_attention_4"`` runs FA4 in both.
+        decoder, and a Qwen vision tower runs FA4 (``None``, when FA4 is installed and the weights are bf16 or fp16
+        on a Hopper or Blackwell GPU) or one SDPA call per segment length (``attention.VARLEN_SDPA``);
+        ``"flash_attention_4"`` runs FA4 in both (``attention.use_attention``).
         """
         halting = DeltaPress.pop_parameters(model_kwargs)
         if press is not None and halting:

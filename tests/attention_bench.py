@@ -52,9 +52,8 @@ VARIANTS = {
 
 def use_setting(model, setting: str) -> None:
     vision, decoder = SETTINGS[setting]
-    adapter = adapter_for(model)
-    adapter.vision_tower(model).config._attn_implementation = vision
-    adapter.decoder(model).config._attn_implementation = decoder
+    model.config._attn_implementation = decoder  # every config, as use_attention sets it; then the tower's own
+    adapter_for(model).vision_tower(model).config._attn_implementation = vision
 
 
 def build(preset_name: str, device: str):

@@ -4,6 +4,8 @@ SDPA, under DASH, in a padded batch, on the halted cache and on the fast path's 
 
 import copy
 import math
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from dash_vlm.models.tiny import left_pad_batch
 from dash_vlm.resources import bundled
 from dash_vlm.shapes.data import split_samples
 
-CALLS = {"dense": 0, "varlen": 0}
+CALLS = {"dense": 0, "varlen": 0, "query_bounds": set()}
 
 
 def reference_dense(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False):
@@ -60,6 +62,7 @@ def reference_varlen(
     FA4's ``flash_attn_varlen_func`` signature up to ``causal``."""
     assert qv is None and cu_seqlens_q is not None and cu_seqlens_k is not None
     CALLS["varlen"] += 1
+    CALLS["query_bounds"].add(max_seqlen_q)
     assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     assert bounds_q[-1] == q.shape[0] and bounds_k[-1] == k.shape[0]
@@ -79,9 +82,10 @@ def counted_dense(*args, **kwargs):
 
 @pytest.fixture
 def reference_kernels(monkeypatch):
-    """FA4's two kernels replaced by the references, counting their calls."""
+    """FA4's two kernels replaced by the references, counting their calls; the references run the CPU's float32."""
     monkeypatch.setattr(attention, "flash_attention_4_kernels", lambda: (counted_dense, reference_varlen))
-    CALLS.update(dense=0, varlen=0)
+    monkeypatch.setattr(attention, "flash_attention_4_unsupported", lambda module: None)
+    CALLS.update(dense=0, varlen=0, query_bounds=set())
     return CALLS
 
 
@@ -159,6 +163,36 @@ def test_flash_attention_4_next_turn_on_the_halted_cache(family, reference_kerne
     assert CALLS["dense"] > 0  # one sample, no padding: the dense kernel, causal bottom-right for the next turn
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flash_attention_4_next_turn_of_a_padded_batch(family, reference_kernels):
+    """Several new tokens per row on a halted cache, left padding: queries and keys unpadded apart."""
+    model = adapter_for(family).tiny_model(family, "sdpa")
+    flash = with_flash_attention_4(model)
+    batch, _ = batch_and_singles(family)
+    rows = batch["input_ids"].shape[0]
+    turn = torch.tensor([[5, 17, 29, 41]] * rows)
+    mask = torch.cat([batch["attention_mask"], torch.ones(rows, turn.shape[1], dtype=torch.long)], dim=1)
+    # the same positions for both models (what they are does not matter to the comparison); Qwen's are 3-D
+    length = batch["input_ids"].shape[1]
+    positions = torch.arange(length, length + turn.shape[1]).expand(rows, -1)
+    if family.startswith("qwen"):
+        positions = positions.expand(3, -1, -1)
+
+    def converse(chat_model):
+        press, cache = DeltaPress(compression_ratio=0.667), DynamicCache()
+        with torch.no_grad():
+            with press(chat_model):
+                first = chat_model(**batch, past_key_values=cache).logits[:, -1]
+            later = chat_model(input_ids=turn, attention_mask=mask, position_ids=positions, past_key_values=cache)
+            return first, later.logits
+
+    (first, turn_logits), (expected_first, expected_turn) = converse(flash), converse(model)
+    assert relative_error(first, expected_first) <= 1e-4
+    for row in range(rows):
+        assert relative_error(turn_logits[row], expected_turn[row]) <= 1e-4, f"row {row}"
+    assert turn.shape[1] in CALLS["query_bounds"]  # the turn's queries went through their own unpadding
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_fast_path_runs_its_decoder_on_sdpa_under_flash_attention_4(family, reference_kernels):
     model = adapter_for(family).tiny_model(family, "sdpa")
@@ -171,7 +205,9 @@ def test_fast_path_runs_its_decoder_on_sdpa_under_flash_attention_4(family, refe
     assert torch.equal(actual.tokens, expected.tokens)
     for a, b in zip(actual.logits, expected.logits, strict=True):
         assert relative_error(a, b) <= 1e-4
-    assert CALLS["varlen"] > 0  # the vision tower still ran FA4
+    tower = adapter_for(flash).vision_tower(flash)
+    assert CALLS["dense"] == 0  # the decoder ran SDPA; the tower FA4, one call per block and pass
+    assert CALLS["varlen"] == len(tower.blocks)
     assert attention_of(flash) == {"decoder": FLASH_ATTENTION_4, "vision": FLASH_ATTENTION_4}  # restored
 
 
@@ -240,14 +276,56 @@ def test_flash_attention_4_loads_as_sdpa_then_switches(reference_kernels):
     assert CALLS["varlen"] > 0
 
 
-def test_clear_errors_for_attention_names():
+def test_clear_errors_for_attention_names(monkeypatch):
+    checkpoint = bundled("assets") / "models" / "dash-shapes-qwen2-vl"
     with pytest.raises(ValueError, match="attn_implementation must be one of .*flash_attention_4"):
         load_implementation("flash")
-    with pytest.raises(ImportError, match=r"dash-vlm\[flash4\]"):
-        DashVLM.from_pretrained(
-            bundled("assets") / "models" / "dash-shapes-qwen2-vl", attn_implementation="flash_attention_4"
-        )
+    with pytest.raises(ValueError, match="give it as a string"):
+        load_implementation({"text_config": FLASH_ATTENTION_4})
     assert load_implementation({"text_config": "sdpa"}) == {"text_config": "sdpa"}
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # as when flash-attn-4 is not installed
+    with pytest.raises(ImportError, match=r"dash-vlm\[flash4\]"):
+        DashVLM.from_pretrained(checkpoint, attn_implementation="flash_attention_4")
+
+
+def test_flash_attention_4_refuses_weights_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(attention, "flash_attention_4_kernels", lambda: (counted_dense, reference_varlen))
+    checkpoint = bundled("assets") / "models" / "dash-shapes-qwen2-vl"
+    with pytest.raises(ValueError, match="needs a Hopper or Blackwell GPU; the model is on cpu"):
+        DashVLM.from_pretrained(checkpoint, device_map="cpu", attn_implementation=FLASH_ATTENTION_4)
+
+    class OnGPU(torch.nn.Module):  # what the check reads of a model: its first weight's device and dtype
+        def __init__(self, dtype):
+            super().__init__()
+            self.dtype_ = dtype
+
+        def parameters(self):
+            yield SimpleNamespace(device=torch.device("cuda", 0), dtype=self.dtype_)
+
+    for capability, dtype, reason in [
+        ((9, 0), torch.bfloat16, None),
+        ((10, 0), torch.float16, None),
+        ((9, 0), torch.float32, "runs bfloat16 or float16 weights; the model is torch.float32"),
+        ((8, 0), torch.bfloat16, "needs a Hopper or Blackwell GPU; the model is on cuda:0"),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, answer=capability: answer)
+        found = attention.flash_attention_4_unsupported(OnGPU(dtype))
+        assert found == reason if reason is None else reason in found
+
+
+def test_fa4_in_the_tower_only_when_it_can_run_it(monkeypatch):
+    """Left at None, the tower gets FA4 where FA4 is installed and runs the weights, one-call SDPA elsewhere."""
+    monkeypatch.setattr(attention, "flash_attention_4_available", lambda: True)
+    model = tiny_qwen_vl("qwen2_vl", "sdpa")
+    use_attention(model, None)  # float32 on a CPU: FA4 cannot run it
+    assert attention_of(model) == {"decoder": "sdpa", "vision": VARLEN_SDPA}
+    monkeypatch.setattr(attention, "flash_attention_4_unsupported", lambda module: None)
+    model = tiny_qwen_vl("qwen2_vl", "sdpa")
+    use_attention(model, None)
+    assert attention_of(model) == {"decoder": "sdpa", "vision": FLASH_ATTENTION_4}
+    model = tiny_qwen_vl("qwen2_vl", "sdpa")
+    use_attention(model, "sdpa")  # asked for SDPA: SDPA in both, the tower's in one call per length
+    assert attention_of(model) == {"decoder": "sdpa", "vision": VARLEN_SDPA}
 
 
 def test_bench_measures_under_flash_attention_4(reference_kernels):

@@ -478,6 +478,10 @@ def run_bench(config: BenchConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "attention": {
+            "decoder": adapter_for(model).decoder(model).config._attn_implementation,
+            "vision": getattr(adapter_for(model).vision_tower(model), "config", model.config)._attn_implementation,
+        },
         "graph_captures": {path: decoder.captures for path, decoder in decoders.items()},
         "graph_memory_bytes": {path: decoder.graph_memory_bytes for path, decoder in decoders.items()},
         "rows": rows,
