@@ -26,7 +26,15 @@ from transformers import (
 from dash_vlm.attention import load_implementation, use_attention
 from dash_vlm.graphs import StaticDecoder, after_first_end
 from dash_vlm.maps import halting_maps
-from dash_vlm.models import ModelAdapter, TokenGrid, adapter_for, chat_prompts, model_types_with
+from dash_vlm.models import (
+    DEFAULT_MAX_FRAMES,
+    ModelAdapter,
+    TokenGrid,
+    adapter_for,
+    chat_prompts,
+    frame_indices,
+    model_types_with,
+)
 from dash_vlm.press import DeltaPress, PrefillStats, Timer
 
 logger = logging.getLogger(__name__)
@@ -193,6 +201,7 @@ class DashVLM:
         prompt: str | Sequence[str] = "",
         *,
         video: VideoInput | Sequence | None = None,
+        max_frames: int = DEFAULT_MAX_FRAMES,
         max_new_tokens: int = 128,
         **generation_kwargs,
     ) -> GenerationResult | list[GenerationResult]:
@@ -207,6 +216,9 @@ class DashVLM:
             The user message; a list is a batch, padded on the left.
         video : path or list of PIL frames, optional
             Qwen2-VL family only; a file is decoded with PyAV at 2 frames per second. Batched like ``image``.
+        max_frames : int
+            At most this many frames of each video, evenly spaced (as lmms-eval's ``qwen2_vl`` keeps them); a file's
+            other frames are never held in memory.
         max_new_tokens : int
             Generation length limit.
         **generation_kwargs
@@ -224,6 +236,7 @@ class DashVLM:
             raise ValueError(f"prompt must be a non-empty string or a non-empty list of them, got {prompt!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        frame_indices(1, max_frames)  # validates max_frames
         if video is not None and not self.adapter.video:
             raise ValueError(
                 f"video is supported for model types {', '.join(model_types_with('video'))}, "
@@ -237,7 +250,7 @@ class DashVLM:
                     "role": "user",
                     "content": [
                         *({"type": "image", "image": self._load_image(item)} for item in sample_images),
-                        *({"type": "video", "video": self._load_video(item)} for item in sample_videos),
+                        *({"type": "video", "video": self._load_video(item, max_frames)} for item in sample_videos),
                         {"type": "text", "text": text},
                     ],
                 }
@@ -356,10 +369,10 @@ class DashVLM:
             f"image must be a path, URL, bytes, PIL image, numpy array or torch tensor, got {type(image).__name__}"
         )
 
-    def _load_video(self, video: VideoInput) -> list[Image.Image]:
+    def _load_video(self, video: VideoInput, max_frames: int) -> list[Image.Image]:
         if isinstance(video, (str, Path)):
-            return _decode_video(self._read_file("video", video), str(video))
-        return [self._load_image(frame) for frame in video]
+            return _decode_video(self._read_file("video", video), str(video), max_frames)
+        return [self._load_image(video[index]) for index in frame_indices(len(video), max_frames)]
 
     def _read_file(self, parameter: str, source: str | Path) -> bytes:
         text = str(source)
@@ -459,14 +472,19 @@ def _array_image(array: np.ndarray | torch.Tensor) -> Image.Image:
     return _rgb(Image.fromarray(pixels), f"array of shape {tuple(array.shape)}")
 
 
-def _decode_video(data: bytes, name: str) -> list[Image.Image]:
+def _decode_video(data: bytes, name: str, max_frames: int) -> list[Image.Image]:
+    """The frames of a video file at ``VIDEO_FPS``, at most ``max_frames`` of them evenly spaced: the packets are
+    counted first, so that only the kept frames are ever converted and held."""
     import av
 
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             step = max(1, round(float(stream.average_rate or VIDEO_FPS) / VIDEO_FPS))
-            frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i % step == 0]
+            sampled = range(0, sum(1 for packet in container.demux(stream) if packet.size), step)
+            kept = {sampled[index] for index in frame_indices(len(sampled), max_frames)} if len(sampled) else set()
+            container.seek(0)
+            frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in kept]
     except (av.error.FFmpegError, IndexError) as error:
         raise ValueError(f"video {name!r} is not a video file PyAV can decode ({error})") from error
     if not frames:

@@ -19,7 +19,7 @@ from lmms_eval.utils import load_yaml_config
 from dash_vlm import DashVLM
 from dash_vlm.lmms import figures
 from dash_vlm.lmms.models import DashLlava, DashQwen2VL
-from dash_vlm.lmms.tasks import REFERENCES, DashShapesTask, DashTask
+from dash_vlm.lmms.tasks import LMMS_TASKS, MVBENCH_SUBTASKS, REFERENCES, DashShapesTask, DashTask
 from dash_vlm.resources import tasks_folder
 from dash_vlm.shapes.data import read_test_split
 from dash_vlm.shapes.evaluate import is_correct, model_folder
@@ -69,15 +69,34 @@ DOCS = {
     "docvqa_val": {"answers": ["yes"]},
     "vqav2_val_lite": {"answers": [{"answer": "yes", "answer_id": i} for i in range(10)]},
     "scienceqa_img": {"answer": 0},
+    "videomme": {
+        "question_id": "001-1",
+        "videoID": "v1",
+        "duration": "short",
+        "domain": "d",
+        "sub_category": "s",
+        "task_type": "t",
+        "options": ["A. yes", "B. no"],
+        "answer": "A",
+    },
+    "longvideobench_val_v": {
+        "id": "q1",
+        "duration_group": 15,
+        "question_category": "c",
+        "correct_choice": 0,
+        **{f"option{i}": "N/A" if i > 1 else ["yes", "no"][i] for i in range(5)},
+    },
+    **{f"mvbench_{name}": {"candidates": ["yes", "no"], "answer": "yes"} for name in MVBENCH_SUBTASKS},
 }
 
 
 @pytest.mark.parametrize("reference", sorted(REFERENCES))
 def test_adapter_resolves_and_adds_speed_metrics(reference, monkeypatch):
-    path = tasks_folder() / f"dash_{reference}" / f"dash_{reference}.yaml"
+    (path,) = tasks_folder().rglob(f"dash_{reference}.yaml")
     config = load_yaml_config(str(path), mode="full")
     assert config["class"] is DashTask and config["dash_reference"] == reference
     doc = BASE_DOC | DOCS.get(reference, {})
+    response = "A" if reference == "longvideobench_val_v" else "yes"  # its parser guesses at random on free text
     split = next(config_split for config_split in ("test_split", "validation_split") if config_split in _ref(reference))
 
     def offline_download(self, dataset_kwargs=None):
@@ -89,12 +108,12 @@ def test_adapter_resolves_and_adds_speed_metrics(reference, monkeypatch):
     assert task.config.task == f"dash_{reference}"
     numbered = task.eval_docs[0]
     assert numbered.doc_id == 0
-    builtin = ConfigurableTask.process_results(task, dict(numbered), ["yes"])
+    builtin = ConfigurableTask.process_results(task, dict(numbered), [response])
     assert builtin and not set(builtin) & set(FIGURES)
     figures.clear()
-    assert task.process_results(numbered, ["yes"]) == builtin  # no figures recorded: a cached answer
+    assert task.process_results(numbered, [response]) == builtin  # no figures recorded: a cached answer
     figures.record(f"dash_{reference}", 0, FIGURES)
-    assert task.process_results(numbered, ["yes"]) == builtin | FIGURES
+    assert task.process_results(numbered, [response]) == builtin | FIGURES
     assert all(task.aggregation()[name]([1.0, 3.0]) == 2.0 for name in FIGURES)
 
 
@@ -248,3 +267,9 @@ def test_lmms_eval_beam_search_gives_one_answer_per_request(tmp_path):
         results["results"]["dash_shapes"]["dash_kept_tokens,none"]
         < results["results"]["dash_shapes"]["dash_tokens,none"]
     )
+
+
+def test_dash_mvbench_groups_every_subtask_of_lmms_eval_mvbench():
+    theirs = load_yaml_config(str(LMMS_TASKS / "mvbench" / "mvbench.yaml"), mode="simple")["task"]
+    ours = load_yaml_config(str(tasks_folder() / "dash_mvbench" / "dash_mvbench.yaml"), mode="simple")
+    assert ours["group"] == "dash_mvbench" and ours["task"] == [f"dash_{task}" for task in theirs]

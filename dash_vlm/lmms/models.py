@@ -3,11 +3,13 @@
 ``DashLMM`` holds the request loop, batching, timing and the figures; the prompt rule (how lmms-eval's own model of
 the family turns a request into a prompt, so that ratio-0 scores are comparable with published lmms-eval numbers)
 is the family adapter's ``lmms_conversation``. A family subclass only names its default checkpoint and its own
-settings. Images are passed as they are (no JPEG re-encoding).
+settings. Images are passed as they are (no JPEG re-encoding); video files (Qwen family) are read as lmms-eval's
+``qwen2_vl`` reads them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 from accelerate import Accelerator
@@ -19,8 +21,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from dash_vlm.lmms import figures
+from dash_vlm.models import DEFAULT_MAX_FRAMES, model_types_with
 from dash_vlm.press import DeltaPress
 from dash_vlm.vlm import DashVLM
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 
 class DashLMM(lmms):
@@ -104,11 +109,29 @@ class DashLMM(lmms):
         return self.accelerator.device
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        """A document's images (RGB) and video file paths, in its order."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        kept = []
         for visual in visuals:
-            if not isinstance(visual, Image.Image):
-                raise NotImplementedError(f"dash lmms-eval models take images only; {task} gave {type(visual)}")
-        return [visual.convert("RGB") for visual in visuals]
+            if isinstance(visual, str) and visual.lower().endswith(VIDEO_SUFFIXES):
+                if not self.vlm.adapter.video:
+                    raise NotImplementedError(
+                        f"{type(self).__name__} takes images only; {task} gave the video {visual!r} (video: "
+                        f"{', '.join(model_types_with('video'))})"
+                    )
+                if importlib.util.find_spec("decord") is None:
+                    raise ImportError(
+                        "video through lmms-eval is read by decord, as lmms-eval's qwen2_vl reads it: "
+                        "pip install 'dash-vlm[eval]'"
+                    )
+                kept.append(visual)
+            elif isinstance(visual, Image.Image):
+                kept.append(visual.convert("RGB"))
+            else:
+                raise NotImplementedError(
+                    f"dash lmms-eval models take images and video files; {task} gave {visual!r:.80}"
+                )
+        return kept
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         collator = Collator(
@@ -198,15 +221,19 @@ class DashLMM(lmms):
 
 
 class DashQwen2VL(DashLMM):
-    """Prompts as lmms-eval's ``qwen2_vl``, whose pixel budget is the default here."""
+    """Prompts as lmms-eval's ``qwen2_vl``, whose pixel budget and video frame cap (``max_num_frames``) are the
+    defaults here."""
 
     def __init__(
         self,
         pretrained: str = "Qwen/Qwen2-VL-7B-Instruct",
         system_prompt: str = "You are a helpful assistant.",
+        max_num_frames: int | str = DEFAULT_MAX_FRAMES,
         **kwargs,
     ):
-        self.system_prompt = system_prompt
+        self.system_prompt, self.max_num_frames = system_prompt, int(max_num_frames)
+        if self.max_num_frames < 1:
+            raise ValueError(f"max_num_frames must be a positive int, got {max_num_frames!r}")
         super().__init__(pretrained, **kwargs)
 
     def family_model_args(self, min_pixels: int = 3136, max_pixels: int = 602112, **model_args) -> dict:
@@ -214,7 +241,7 @@ class DashQwen2VL(DashLMM):
         return {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
 
     def prompt_options(self) -> dict:
-        return {"system_prompt": self.system_prompt}
+        return {"system_prompt": self.system_prompt, "max_num_frames": self.max_num_frames}
 
 
 class DashQwen2_5_VL(DashQwen2VL):  # noqa: N801 - named like lmms-eval's Qwen2_5_VL

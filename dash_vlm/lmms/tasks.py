@@ -20,6 +20,29 @@ from dash_vlm.lmms.figures import SPEED_METRICS, lookup
 
 LMMS_TASKS = Path(str(resources.files("lmms_eval") / "tasks"))
 
+# MVBench's 20 subtasks, in the order of lmms-eval's ``mvbench`` group (the ``dash_mvbench`` group lists them all).
+MVBENCH_SUBTASKS = (
+    "action_sequence",
+    "moving_count",
+    "action_prediction",
+    "episodic_reasoning",
+    "action_antonym",
+    "action_count",
+    "scene_transition",
+    "object_shuffle",
+    "object_existence",
+    "fine_grained_pose",
+    "unexpected_action",
+    "moving_direction",
+    "state_change",
+    "object_interaction",
+    "character_order",
+    "action_localization",
+    "counterfactual_inference",
+    "fine_grained_action",
+    "moving_attribute",
+    "egocentric_navigation",
+)
 # lmms-eval task -> its YAML file inside lmms_eval/tasks, for the adapters of the tasks pruning papers report.
 REFERENCES = {
     "textvqa_val": "textvqa/textvqa_val.yaml",
@@ -31,6 +54,9 @@ REFERENCES = {
     "mmbench_en_dev": "mmbench/mmbench_en_dev.yaml",
     "scienceqa_img": "scienceqa/scienceqa_img.yaml",
     "vqav2_val_lite": "vqav2/vqav2_val_lite.yaml",
+    "videomme": "videomme/videomme.yaml",
+    "longvideobench_val_v": "longvideobench/longvideobench_val_v.yaml",
+    **{f"mvbench_{name}": f"mvbench/mvbench_{name}.yaml" for name in MVBENCH_SUBTASKS},
 }
 
 

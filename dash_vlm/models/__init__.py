@@ -264,6 +264,17 @@ class ModelAdapter:
         return batch, ()
 
 
+DEFAULT_MAX_FRAMES = 32  # lmms-eval's qwen2_vl default
+
+
+def frame_indices(frames: int, max_frames: int) -> np.ndarray:
+    """Which of ``frames`` sampled frames a video keeps under a cap of ``max_frames``, as lmms-eval's ``qwen2_vl``
+    picks them: evenly spaced, first and last included, no index twice."""
+    if not isinstance(max_frames, int) or max_frames < 1:
+        raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
+    return np.unique(np.linspace(0, frames - 1, max_frames, dtype=int))
+
+
 def vision_items(conversations: list[list[dict]]) -> list[dict]:
     """The image and video entries of the conversations, in order."""
     return [

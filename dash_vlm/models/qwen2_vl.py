@@ -27,7 +27,16 @@ from transformers import (
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel, apply_multimodal_rotary_pos_emb
 
-from dash_vlm.models import ModelAdapter, TokenGrid, in_prompt_order, item_positions, register_adapter, rgb_pixels
+from dash_vlm.models import (
+    DEFAULT_MAX_FRAMES,
+    ModelAdapter,
+    TokenGrid,
+    frame_indices,
+    in_prompt_order,
+    item_positions,
+    register_adapter,
+    rgb_pixels,
+)
 from dash_vlm.models.presets import Preset
 from dash_vlm.models.tiny import (
     IMAGE_TOKEN,
@@ -58,19 +67,32 @@ class QwenVLAdapter(ModelAdapter):
     def vision_inputs(
         self, processor: ProcessorMixin, items: list[dict], min_pixels: int | None, max_pixels: int | None
     ) -> dict:
+        """Images and videos through qwen-vl-utils under the pixel budget. A video is a frame list or a file path (read
+        by qwen-vl-utils at 2 frames a second); ``max_frames`` in its entry keeps that many evenly spaced frames of
+        what was read, as lmms-eval's ``qwen2_vl`` does (``models.frame_indices``)."""
         size = processor.image_processor.size
         limits = {
             "min_pixels": size["shortest_edge"] if min_pixels is None else min_pixels,
             "max_pixels": size["longest_edge"] if max_pixels is None else max_pixels,
         }
+        caps = [item.get("max_frames") for item in items if item["type"] == "video"]
+        content = [{key: value for key, value in item.items() if key != "max_frames"} | limits for item in items]
         images, videos, video_kwargs = process_vision_info(
-            [[{"role": "user", "content": [item | limits for item in items]}]],
+            [[{"role": "user", "content": content}]],
             return_video_kwargs=True,
             image_patch_size=processor.image_processor.patch_size,
         )
-        # Frames were sampled already; every video here is a frame list at the same sampling rate.
-        video_kwargs = {"do_sample_frames": False, "fps": video_kwargs["fps"][0]} if videos else {}
-        return {"images": images, "videos": videos, **limits, **video_kwargs}
+        if not videos:
+            return {"images": images, "videos": None, **limits}
+        rates = list(video_kwargs["fps"])
+        for number, (video, cap) in enumerate(zip(videos, caps, strict=True)):
+            if cap is not None and len(video) > cap:
+                kept = frame_indices(len(video), cap)
+                videos[number] = video[torch.as_tensor(kept)]
+                rates[number] *= len(kept) / len(video)
+        # Frames were sampled already; the processor takes one rate, the first video's (Qwen2.5-VL's temporal positions
+        # read it; a batch mixing videos of different lengths under a cap is off there).
+        return {"images": images, "videos": videos, **limits, "do_sample_frames": False, "fps": rates[0]}
 
     def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
         """One segment per temporal patch of each image or video: the full-attention segments of the tower."""
@@ -152,9 +174,16 @@ class QwenVLAdapter(ModelAdapter):
         visuals: list,
         processor: ProcessorMixin,
         system_prompt: str = "You are a helpful assistant.",
+        max_num_frames: int = DEFAULT_MAX_FRAMES,
     ) -> tuple[list[dict], str | None]:
-        """As lmms-eval's ``qwen2_vl``: a system message, the images, then the text without ``<image>`` tags."""
-        content = [{"type": "image", "image": visual} for visual in visuals]
+        """As lmms-eval's ``qwen2_vl``: a system message, the images and videos (file paths, read at 2 frames a second,
+        then ``max_num_frames`` evenly spaced kept), then the text without ``<image>`` tags."""
+        content = [
+            {"type": "video", "video": visual, "max_frames": max_num_frames}
+            if isinstance(visual, str)
+            else {"type": "image", "image": visual}
+            for visual in visuals
+        ]
         content.append({"type": "text", "text": context.replace("<image>", "")})
         return [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}], None
 
