@@ -10,7 +10,8 @@ Settings (vision tower / decoder): ``sdpa`` (transformers' SDPA, a call per imag
 
 - ``check``: a left-padded batch of two prompts (two image sizes). SDPA's greedy tokens are the reference; every
   other setting is fed them (teacher forcing) and reports the relative error of each step's logits against SDPA's
-  and the share of steps whose greedy token agrees, for vanilla, DASH, and DASH with vision-tower halting.
+  and the share of steps whose greedy token agrees, for vanilla, DASH, and DASH with vision-tower halting; under
+  halting also how far each sample's halted tokens and tower patches overlap SDPA's (Jaccard).
 - ``time``: one prefill (``logits_to_keep=1``) per (setting, variant), settings rotated every repeat; medians of the
   vision tower, the decoder and the whole prefill (CUDA events), and each setting's gain against ``sdpa``.
 """
@@ -90,6 +91,17 @@ def forced_logits(model, inputs: dict, press, tokens: torch.Tensor | None, steps
     return forced.logits
 
 
+def halted_sets(press: DeltaPress | None) -> list[tuple[set, set]]:
+    """Per sample, the prompt positions the decoder halted and the patches the tower halted."""
+    if press is None:
+        return []
+    return [(set(s.halted_positions), set(s.vision_halted_patches or ())) for s in press.last_stats]
+
+
+def overlap(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
 def check(args) -> dict:
     model, preset, dtype = build(args.preset, args.device)
     samples = [preset.inputs(size, args.text_tokens, seed=number) for number, size in enumerate(args.check_sizes)]
@@ -98,26 +110,27 @@ def check(args) -> dict:
     rows = []
     for variant in VARIANTS:
         use_setting(model, "sdpa")
-        reference = forced_logits(model, inputs, press_of(variant), None, args.steps)
+        press = press_of(variant)
+        reference = forced_logits(model, inputs, press, None, args.steps)
+        reference_halted = halted_sets(press)
         tokens = torch.stack([step.argmax(-1) for step in reference], dim=1)
         for setting in args.settings.split(","):
             if setting == "sdpa":
                 continue
             use_setting(model, setting)
-            logits = forced_logits(model, inputs, press_of(variant), tokens, args.steps)
+            press = press_of(variant)
+            logits = forced_logits(model, inputs, press, tokens, args.steps)
             errors = [relative_error(a, b) for a, b in zip(logits, reference, strict=True)]
             agree = [
                 float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(logits, reference, strict=True)
             ]
-            rows.append(
-                {
-                    "variant": variant,
-                    "setting": setting,
-                    "max_relative_error": max(errors),
-                    "prefill_relative_error": errors[0],
-                    "greedy_agreement": statistics.mean(agree),
-                }
-            )
+            row = {"variant": variant, "setting": setting, "max_relative_error": max(errors)}
+            row |= {"prefill_relative_error": errors[0], "greedy_agreement": statistics.mean(agree)}
+            if press is not None:  # the same tokens and patches halted as under SDPA? (Jaccard per sample)
+                pairs = list(zip(halted_sets(press), reference_halted, strict=True))
+                row["halted_tokens_overlap"] = [overlap(ours[0], theirs[0]) for ours, theirs in pairs]
+                row["halted_patches_overlap"] = [overlap(ours[1], theirs[1]) for ours, theirs in pairs]
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     return {"preset": args.preset, "device": device_name(model), "steps": args.steps, "rows": rows}
 
