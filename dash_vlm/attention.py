@@ -1,4 +1,4 @@
-"""Attention implementations dash-vlm adds to transformers' registry (DESIGN.md section "Attention").
+"""Attention implementations dash-vlm adds to transformers' registry (DESIGN.md section 9).
 
 - ``flash_attention_4``: FlashAttention 4 (``flash_attn.cute``, Hopper and Blackwell GPUs) in the decoder and the
   vision towers, with transformers' flash conventions: a 2-D padding mask (left padding is unpadded into one varlen
@@ -262,8 +262,7 @@ def use_attention(model: PreTrainedModel, attn_implementation: str | dict | None
         reason = flash_attention_4_unsupported(model)
         if reason is not None:
             raise ValueError(reason)
-        for config in configs_of(model):
-            config._attn_implementation = FLASH_ATTENTION_4
+        model.config._attn_implementation = FLASH_ATTENTION_4  # transformers' setter sets every sub-config too
     adapter = adapter_for(model)
     tower = adapter.vision_tower(model) if adapter.vision_packs_segments else None
     if tower is not None and tower.config._attn_implementation == "sdpa":
@@ -285,8 +284,11 @@ def flash_attention_4_unsupported(module: nn.Module) -> str | None:
     return None
 
 
-def configs_of(model: PreTrainedModel) -> list:
-    """The model's config and its modules' configs, each once."""
-    configs = {id(model.config): model.config}
-    configs |= {id(module.config): module.config for module in model.modules() if hasattr(module, "config")}
-    return list(configs.values())
+def attention_of(model: PreTrainedModel) -> dict[str, str]:
+    """The attention implementation the decoder and the vision tower run (a text model's "vision" is its own)."""
+    adapter = adapter_for(model)
+    tower = adapter.vision_tower(model)
+    return {
+        "decoder": adapter.decoder(model).config._attn_implementation,
+        "vision": (model.config if tower is None else tower.config)._attn_implementation,
+    }

@@ -14,7 +14,7 @@ from test_press_vlm import FAMILIES, batch_and_singles, generate, samples
 from transformers import DynamicCache
 
 from dash_vlm import DashVLM, DeltaPress, attention
-from dash_vlm.attention import FLASH_ATTENTION_4, VARLEN_SDPA, load_implementation, use_attention
+from dash_vlm.attention import FLASH_ATTENTION_4, VARLEN_SDPA, attention_of, load_implementation, use_attention
 from dash_vlm.bench import BenchConfig, run_bench
 from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import adapter_for
@@ -87,12 +87,6 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(attention, "flash_attention_4_unsupported", lambda module: None)
     CALLS.update(dense=0, varlen=0, query_bounds=set())
     return CALLS
-
-
-def attention_of(model) -> dict[str, str]:
-    adapter = adapter_for(model)
-    tower = adapter.vision_tower(model)
-    return {"decoder": adapter.decoder(model).config._attn_implementation, "vision": tower.config._attn_implementation}
 
 
 def with_flash_attention_4(model):

@@ -33,7 +33,7 @@ import transformers
 from torch import nn
 from tqdm import tqdm
 
-from dash_vlm.attention import ATTENTION_CHOICES, load_implementation, use_attention
+from dash_vlm.attention import ATTENTION_CHOICES, attention_of, load_implementation, use_attention
 from dash_vlm.compact import take_tokens
 from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import adapter_for, model_types_with
@@ -478,10 +478,7 @@ def run_bench(config: BenchConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "attention": {
-            "decoder": adapter_for(model).decoder(model).config._attn_implementation,
-            "vision": getattr(adapter_for(model).vision_tower(model), "config", model.config)._attn_implementation,
-        },
+        "attention": attention_of(model),
         "graph_captures": {path: decoder.captures for path, decoder in decoders.items()},
         "graph_memory_bytes": {path: decoder.graph_memory_bytes for path, decoder in decoders.items()},
         "rows": rows,

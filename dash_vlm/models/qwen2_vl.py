@@ -84,15 +84,14 @@ class QwenVLAdapter(ModelAdapter):
         )
         if not videos:
             return {"images": images, "videos": None, **limits}
-        rates = list(video_kwargs["fps"])
+        first_frames = len(videos[0])
         for number, (video, cap) in enumerate(zip(videos, caps, strict=True)):
             if cap is not None and len(video) > cap:
-                kept = frame_indices(len(video), cap)
-                videos[number] = video[torch.as_tensor(kept)]
-                rates[number] *= len(kept) / len(video)
-        # Frames were sampled already; the processor takes one rate, the first video's (Qwen2.5-VL's temporal positions
-        # read it; a batch mixing videos of different lengths under a cap is off there).
-        return {"images": images, "videos": videos, **limits, "do_sample_frames": False, "fps": rates[0]}
+                videos[number] = video[torch.as_tensor(frame_indices(len(video), cap))]
+        # Frames were sampled already; the processor takes one rate, the first video's after its cap (Qwen2.5-VL's
+        # temporal positions read it; a batch mixing videos of different lengths under a cap is off there).
+        fps = video_kwargs["fps"][0] * len(videos[0]) / first_frames
+        return {"images": images, "videos": videos, **limits, "do_sample_frames": False, "fps": fps}
 
     def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
         """One segment per temporal patch of each image or video: the full-attention segments of the tower."""
