@@ -207,7 +207,14 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
     bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
-    bench.add_argument("--image-size", type=int, action="append", required=True, help="image side in px (repeatable)")
+    bench.add_argument(
+        "--image-size", type=int, action="append", required=True, help="image (or video frame) side in px (repeatable)"
+    )
+    bench.add_argument(
+        "--video-frames",
+        default="",
+        help="comma-separated frame counts: a video of each, of --image-size frames, instead of an image (Qwen)",
+    )
     add_halting_arguments(bench, swept=SWEPT_DEFAULTS)
     bench.add_argument("--attn", choices=ATTENTION_CHOICES, default="sdpa")
     bench.add_argument("--batch-size", type=int, default=1)
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         dash = DeltaPress.from_options(**options)
         kinds = {parameter.name: type(parameter.default) for parameter in dataclasses.fields(DeltaPress)}
         sweeps = {name: [kinds[name](value) for value in values.split(",")] for name, values in swept.items()}
+        video_frames = [int(frames) for frames in getattr(args, "video_frames", "").split(",") if frames]
     except ValueError as error:
         parser.error(str(error))
     if args.command == "demo":
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             attn=args.attn,
             device_map=args.device_map,
             paths=args.paths.split(","),
+            video_frames=video_frames,
             **({"device": args.device} if args.device else {}),
         )
         bench.main(config, args.output, args.plot)

@@ -91,6 +91,31 @@ def test_bench_sweeps_vision_ratios(tmp_path, capsys):
     assert "vision" in capsys.readouterr().out
 
 
+def test_bench_measures_videos_of_each_frame_count(tmp_path, capsys):
+    """``--video-frames``: a video of each count at the one frame side, with the prompt's video tokens and the tower's
+    patches growing with the frames, and halting in the decoder and the tower on the video's tokens."""
+    output, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    cli_main(
+        ["bench", "--preset", "tiny", "--image-size", "32", "--video-frames", "4,8", "--ratios", "0.5",
+         "--vision-compression-ratios", "0,0.5", "--repeats", "1", "--warmup", "1", "--new-tokens", "2",
+         "--output", str(output), "--plot", str(plot)]
+    )  # fmt: skip
+    document = json.loads(output.read_text())
+    groups = {4: 2, 8: 4}  # two frames per temporal patch
+    for row in document["rows"]:
+        frames = row["video_frames"]
+        assert row["image_size"] == 32 and row["vision_patches"] == groups[frames] * 8 * 8  # 32 px in 4 px patches
+        assert row["tokens"] == PRESETS["tiny"].inputs(32, frames=frames)["input_ids"].shape[1]
+        assert row["tokens"] - groups[frames] * 4 * 4 == PRESETS["tiny"].inputs(32)["input_ids"].shape[1] - 4 * 4
+        assert row["kept"] < row["tokens"] and row["vision_kept"] == row["vision_patches"] // (
+            2 if row["vision_ratio"] else 1
+        )
+    assert {entry["video_frames"] for entry in document["latency"]} == {4, 8}
+    assert "   8f eager" in capsys.readouterr().out and plot.stat().st_size > 0
+    with pytest.raises(NotImplementedError, match="takes no video"):
+        PRESETS["llava-1.5-7b"].inputs(336, frames=4)
+
+
 def test_bench_measures_every_decode_path(tmp_path):
     output = tmp_path / "bench.json"
     cli_main(
@@ -174,6 +199,9 @@ def test_presets_have_the_real_shapes(preset, size, tokens):
         (dict(preset="llava-1.5-7b", vision_ratios=[0.5]), "preset 'llava-1.5-7b' is 'llava'"),
         (dict(paths=["eager", "compiled"]), "paths must be distinct entries of"),
         (dict(paths=[]), "paths must be distinct entries of"),
+        (dict(preset="llava-1.5-7b", video_frames=[8]), "video_frames needs a model that takes video"),
+        (dict(image_sizes=[32, 64], video_frames=[8]), "video_frames takes one frame side"),
+        (dict(video_frames=[8, 5]), "video_frames must be even counts >= 2"),
     ],
 )
 def test_bad_bench_config(kwargs, match):

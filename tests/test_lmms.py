@@ -21,6 +21,7 @@ from dash_vlm.lmms import figures
 from dash_vlm.lmms.models import DashLlava, DashQwen2VL
 from dash_vlm.lmms.tasks import LMMS_TASKS, MVBENCH_SUBTASKS, REFERENCES, DashShapesTask, DashTask
 from dash_vlm.resources import tasks_folder
+from dash_vlm.shapes import video
 from dash_vlm.shapes.data import read_test_split
 from dash_vlm.shapes.evaluate import is_correct, model_folder
 
@@ -201,8 +202,10 @@ def test_loglikelihood_protects_the_continuation(shapes_task):
     assert plain_greedy == (sample.answer == processor.tokenizer.decode([logits.argmax().item()]).strip())
 
 
-def run_lmms_eval(tmp_path: Path, processes: int, limit: int, *extra: str) -> tuple[dict, list[dict]]:
-    output = tmp_path / f"run{processes}{''.join(extra)}"
+def run_lmms_eval(
+    tmp_path: Path, processes: int, limit: int, *extra: str, task: str = "dash_shapes"
+) -> tuple[dict, list[dict]]:
+    output = tmp_path / f"run{processes}{''.join(extra)}{task}"
     launcher = [sys.executable, "-m", "lmms_eval"]
     if processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
@@ -211,7 +214,7 @@ def run_lmms_eval(tmp_path: Path, processes: int, limit: int, *extra: str) -> tu
         *launcher,
         "--model", "dash_qwen2vl",
         "--model_args", f"pretrained={QWEN},compression_ratio=0.5,device_map=cpu",
-        "--tasks", "dash_shapes",
+        "--tasks", task,
         "--include_path", str(tasks_folder()),
         "--limit", str(limit),
         "--batch_size", "8",
@@ -222,7 +225,7 @@ def run_lmms_eval(tmp_path: Path, processes: int, limit: int, *extra: str) -> tu
     run = subprocess.run(command, env=os.environ | OFFLINE, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(next(output.rglob("*_results.json")).read_text())
-    samples = [json.loads(line) for line in next(output.rglob("*_samples_dash_shapes.jsonl")).read_text().splitlines()]
+    samples = [json.loads(line) for line in next(output.rglob(f"*_samples_{task}.jsonl")).read_text().splitlines()]
     return results, samples
 
 
@@ -252,6 +255,21 @@ def test_lmms_eval_command_line_one_and_two_processes(tmp_path):
     assert all(all(name in sample for name in FIGURES) for sample in two_samples)  # both ranks' figures
     for name in ("exact_match", "dash_tokens", "dash_kept_tokens", "dash_kv_cache_mb"):
         assert two["results"]["dash_shapes"][f"{name},none"] == pytest.approx(scores[f"{name},none"])
+
+
+def test_lmms_eval_command_line_video_task(tmp_path):
+    """``dash_shapes_video`` end to end: the clips reach the model as video (lmms-eval's decord reading), and the
+    answers equal ``DashVLM.generate(video=...)`` on the same files (PyAV reading)."""
+    limit = 12
+    results, samples = run_lmms_eval(tmp_path, 1, limit, task="dash_shapes_video")
+    docs = video.read_test_split()[:limit]
+    vlm = DashVLM.from_pretrained(QWEN, compression_ratio=0.5)
+    direct = vlm.generate(video=[str(d.path) for d in docs], prompt=[d.question for d in docs], max_new_tokens=4)
+    assert [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])] == [r.text for r in direct]
+    scores = results["results"]["dash_shapes_video"]
+    assert scores["exact_match,none"] == pytest.approx(sum(is_correct(r.text, d.answer) for r, d in zip(
+        direct, docs, strict=True)) / limit)  # fmt: skip
+    assert scores["dash_kept_tokens,none"] < scores["dash_tokens,none"] and scores["dash_tokens,none"] > 256
 
 
 def test_lmms_eval_beam_search_gives_one_answer_per_request(tmp_path):

@@ -119,6 +119,7 @@ class BenchConfig:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     device_map: str | None = None
     paths: list[str] = field(default_factory=lambda: ["eager"])
+    video_frames: list[int] = field(default_factory=list)  # a video of each frame count instead of an image
 
     def __post_init__(self) -> None:
         if not self.paths or any(path not in PATHS for path in self.paths) or len(set(self.paths)) < len(self.paths):
@@ -140,6 +141,17 @@ class BenchConfig:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if not self.image_sizes or any(size < 28 for size in self.image_sizes):
             raise ValueError(f"image_sizes must be pixel sides >= 28, got {self.image_sizes}")
+        model_type = PRESETS[self.preset].model_classes()[0].model_type
+        if self.video_frames:
+            if not adapter_for(model_type).video:
+                raise ValueError(
+                    f"video_frames needs a model that takes video ({', '.join(model_types_with('video'))}); "
+                    f"preset {self.preset!r} is {model_type!r}"
+                )
+            if len(self.image_sizes) != 1:
+                raise ValueError(f"video_frames takes one frame side in image_sizes, got {self.image_sizes}")
+            if any(frames < 2 or frames % 2 for frames in self.video_frames):
+                raise ValueError(f"video_frames must be even counts >= 2 (frame pairs), got {self.video_frames}")
         sweeps = (("compression_ratio", "ratios"), ("vision_compression_ratio", "vision_ratios"), ("method", "methods"))
         for name, sweep in sweeps:
             if name in self.halting:
@@ -148,7 +160,6 @@ class BenchConfig:
                 raise ValueError(f"{sweep} must hold at least one value")
         for variant in self.variants():
             self.press(variant)  # validates every field
-        model_type = PRESETS[self.preset].model_classes()[0].model_type
         if any(self.vision_ratios) and not adapter_for(model_type).halts_in_vision_tower:
             raise ValueError(
                 f"vision_ratios > 0 need a model whose vision tower can halt "
@@ -442,6 +453,8 @@ def run_bench(config: BenchConfig) -> dict:
     if not preset.dynamic_resolution and len(sizes) > 1:
         logger.warning("%s has a fixed input resolution: --image-size is ignored, one size is measured", preset.name)
         sizes = sizes[:1]
+    # (side, frames) of each prompt measured: an image of each side, or a video of each frame count (frames 0: image)
+    shapes = [(sizes[0], frames) for frames in config.video_frames] or [(size, 0) for size in sizes]
     timers = StageTimers(model)
     decoders = {}
     if "graphs" in config.paths:  # on a CPU its static steps run uncaptured
@@ -451,11 +464,12 @@ def run_bench(config: BenchConfig) -> dict:
     rows, latency = [], []
     presses = {variant: config.press(variant) for variant in config.variants()}
     measured = config.runs()
-    steps = len(sizes) * (config.warmup + config.repeats) * len(measured)
+    steps = len(shapes) * (config.warmup + config.repeats) * len(measured)
     try:
         with tqdm(total=steps, desc=f"bench {preset.name}") as progress:
-            for size in sizes:
-                inputs = batch_inputs(preset.inputs(size, config.text_tokens), config.batch_size, config.device, dtype)
+            for size, frames in shapes:
+                prompt = preset.inputs(size, config.text_tokens, frames=frames)
+                inputs = batch_inputs(prompt, config.batch_size, config.device, dtype)
                 runs = {run: [] for run in measured}
                 for repeat in range(config.warmup + config.repeats):
                     shift = repeat % len(measured)
@@ -465,9 +479,12 @@ def run_bench(config: BenchConfig) -> dict:
                         if repeat >= config.warmup and not figures.pop("captured"):
                             runs[(path, variant)].append(figures)
                         progress.update()
-                size_latency = latency_entries(size, runs)
-                latency += size_latency
-                rows += size_rows(model, inputs, size, config, presses, runs, size_latency)
+                shape_latency = latency_entries(size, runs)
+                shape_rows = size_rows(model, inputs, size, config, presses, runs, shape_latency)
+                for entry in [*shape_latency, *shape_rows] if frames else []:
+                    entry["video_frames"] = frames
+                latency += shape_latency
+                rows += shape_rows
     finally:
         timers.remove()
     return {
@@ -602,9 +619,15 @@ def summarize(size: int, ratio: float, batch_size: int, vanilla_runs: list, dash
     }
 
 
+def shape_label(row: dict) -> str:
+    """The prompt a row measured: its image side, or its video's frame count."""
+    return f"{row['video_frames']:>4}f" if "video_frames" in row else f"{row['image_size']:>5}"
+
+
 def table(document: dict) -> str:
-    """The results as text: per row the path, the ratios, T -> K, stage times vanilla / DASH (ms) and gains; then what
-    users wait for per path and variant. A row marked ``*`` is noisy (its ratio-0 control is off by more than 3%)."""
+    """The results as text: per row the image side (px) or the video's frames (``32f``), the path, the ratios,
+    T -> K, stage times vanilla / DASH (ms) and gains; then what users wait for per path and variant. A row marked
+    ``*`` is noisy (its ratio-0 control is off by more than 3%)."""
     lines = [f"{document['preset']} on {document['device']} ({document['dtype']}); times in ms, vanilla / DASH"]
     lines.append(
         "   px path      method       ratio vision      T      K       vision x ideal       decoder x ideal"
@@ -617,7 +640,7 @@ def table(document: dict) -> str:
             return f"{v[key]:>6.1f}/{d[key]:<6.1f}"
 
         lines.append(
-            f"{row['image_size']:>5} {row['path']:<8}{'*' if row['noisy'] else ' '} {row['method']:<11}"
+            f"{shape_label(row)} {row['path']:<8}{'*' if row['noisy'] else ' '} {row['method']:<11}"
             f" {row['ratio']:>5g}"
             f" {row['vision_ratio']:>6g} {row['tokens']:>6} {row['kept']:>6}"
             f" {pair('vision_ms')} {row['vision_speedup']:>4.2f} {row['ideal_vision_speedup']:>5.2f}"
@@ -638,14 +661,15 @@ def table(document: dict) -> str:
             f" {entry[key]:>7.2f}" for key in ("ttft_speedup_vs_eager", "answer_speedup_vs_eager") if key in entry
         )
         lines.append(
-            f"{entry['image_size']:>5} {entry['path']:<8}{'*' if entry['noisy'] else ' '} {variant:<24}"
+            f"{shape_label(entry)} {entry['path']:<8}{'*' if entry['noisy'] else ' '} {variant:<24}"
             f" {entry['ttft_ms']:>6.1f} {entry['decode_step_ms']:>7.2f} {entry['answer_ms']:>8.1f}{gains}"
         )
     return "\n".join(lines)
 
 
 def plot(document: dict, path: Path) -> None:
-    """Prefill time against image size: vanilla, one line per ratio, and the vision tower's share."""
+    """Prefill time against image size (or video frames): vanilla, one line per ratio, and the vision tower's
+    share."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -654,9 +678,10 @@ def plot(document: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     first_path = document["rows"][0].get("path", "eager")  # prefill times do not depend on the decode path
     rows = [row for row in document["rows"] if row.get("path", "eager") == first_path]
-    sizes = sorted({row["image_size"] for row in rows})
-    vanilla = [statistics.median(r["vanilla"]["prefill_ms"] for r in rows if r["image_size"] == s) for s in sizes]
-    vision = [statistics.median(r["vanilla"]["vision_ms"] for r in rows if r["image_size"] == s) for s in sizes]
+    axis_key = "video_frames" if "video_frames" in rows[0] else "image_size"
+    sizes = sorted({row[axis_key] for row in rows})
+    vanilla = [statistics.median(r["vanilla"]["prefill_ms"] for r in rows if r[axis_key] == s) for s in sizes]
+    vision = [statistics.median(r["vanilla"]["vision_ms"] for r in rows if r[axis_key] == s) for s in sizes]
     axis.plot(sizes, vanilla, "k-o", label="vanilla")
     axis.plot(sizes, vision, "k:", label="vision tower, vanilla")
 
@@ -664,10 +689,10 @@ def plot(document: dict, path: Path) -> None:
         return row["ratio"], row["vision_ratio"], row.get("method", "dash")
 
     for variant in sorted({variant_of(row) for row in rows}):
-        points = sorted((r["image_size"], r["dash"]["prefill_ms"]) for r in rows if variant_of(r) == variant)
+        points = sorted((r[axis_key], r["dash"]["prefill_ms"]) for r in rows if variant_of(r) == variant)
         label = f"{variant[2]} {variant[0]:g}" + (f", vision {variant[1]:g}" if variant[1] else "")
         axis.plot([p[0] for p in points], [p[1] for p in points], "--o", label=label)
-    axis.set_xlabel("image side (px)")
+    axis.set_xlabel(f"video frames ({rows[0]['image_size']} px)" if axis_key == "video_frames" else "image side (px)")
     axis.set_ylabel("prefill time (ms, median)")
     axis.set_title(f"{document['preset']}, {document['device']}, batch {rows[0]['batch_size']}")
     axis.grid(alpha=0.3)

@@ -136,6 +136,12 @@ def shapes_process_results(doc: dict, results: list[str]) -> dict:
     return {"exact_match": correct, f"{doc['kind']}_accuracy": correct}
 
 
+def shapes_video_doc_to_visual(doc: dict) -> list[str]:
+    from dash_vlm.shapes.video import TASK_FOLDER
+
+    return [str(TASK_FOLDER / doc["video"])]
+
+
 class DashShapesTask(DashTask):
     """dash-shapes: the bundled test split (``tasks/dash_shapes/test.parquet``), fully offline, exact match overall
     and per question kind, plus the speed figures."""
@@ -148,17 +154,33 @@ class DashShapesTask(DashTask):
     def shapes_config() -> dict:
         from dash_vlm.shapes.data import KINDS, TEST_FILE
 
-        metrics = ["exact_match", *(f"{kind}_accuracy" for kind in KINDS)]
-        return {
-            "dataset_path": "parquet",
-            "dataset_kwargs": {"data_files": {"test": str(TEST_FILE)}},
-            "test_split": "test",
-            "output_type": "generate_until",
-            "doc_to_visual": shapes_doc_to_visual,
-            "doc_to_text": shapes_doc_to_text,
-            "doc_to_target": "answer",
-            "generation_kwargs": {"max_new_tokens": 4, "temperature": 0, "do_sample": False},
-            "process_results": shapes_process_results,
-            "metric_list": [{"metric": name, "aggregation": "mean", "higher_is_better": True} for name in metrics],
-            "metadata": {"version": 1.0},
-        }
+        return shapes_task_config(KINDS, TEST_FILE, shapes_doc_to_visual)
+
+
+class DashShapesVideoTask(DashShapesTask):
+    """Moving dash-shapes: the bundled test clips (``tasks/dash_shapes_video``, MP4 files read as video), fully
+    offline, exact match overall and per question kind, plus the speed figures."""
+
+    @staticmethod
+    def shapes_config() -> dict:
+        from dash_vlm.shapes.video import KINDS, TEST_FILE
+
+        return shapes_task_config(KINDS, TEST_FILE, shapes_video_doc_to_visual)
+
+
+def shapes_task_config(kinds: tuple[str, ...], test_file: Path, doc_to_visual) -> dict:
+    """An offline one-word-answer task over a bundled parquet test split."""
+    metrics = ["exact_match", *(f"{kind}_accuracy" for kind in kinds)]
+    return {
+        "dataset_path": "parquet",
+        "dataset_kwargs": {"data_files": {"test": str(test_file)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_visual": doc_to_visual,
+        "doc_to_text": shapes_doc_to_text,
+        "doc_to_target": "answer",
+        "generation_kwargs": {"max_new_tokens": 4, "temperature": 0, "do_sample": False},
+        "process_results": shapes_process_results,
+        "metric_list": [{"metric": name, "aggregation": "mean", "higher_is_better": True} for name in metrics],
+        "metadata": {"version": 1.0},
+    }

@@ -52,12 +52,16 @@ class Preset:
         with torch.device(device):
             return model_class._from_config(config, dtype=dtype).eval()
 
-    def inputs(self, image_side: int, text_tokens: int = 64, seed: int = 0) -> dict:
+    def inputs(self, image_side: int, text_tokens: int = 64, seed: int = 0, frames: int = 0) -> dict:
         """One prompt: ``text_tokens / 2`` random text tokens, one random image of ``image_side`` pixels (ignored by
-        fixed-resolution models), the rest of the text; the model's own image processor makes the pixel inputs."""
+        fixed-resolution models) or, with ``frames``, a random video of that many frames of that side, the rest of the
+        text; the model's own image (video) processor makes the pixel inputs."""
         rng = np.random.default_rng(seed)
-        image = Image.fromarray(rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8))
-        pixels, image_ids = self.image_inputs(image)
+        if frames:
+            pixels, image_ids = self.video_inputs(rng.integers(0, 256, (frames, image_side, image_side, 3), np.uint8))
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8))
+            pixels, image_ids = self.image_inputs(image)
         head, tail = (
             rng.integers(*self.text_ids, text_tokens // 2),
             rng.integers(*self.text_ids, text_tokens - text_tokens // 2),
@@ -100,6 +104,11 @@ class Preset:
     def image_inputs(self, image: Image.Image) -> tuple[dict, list[int]]:
         """The image processor's outputs for ``image``, and the prompt token ids that stand for the image."""
         raise NotImplementedError
+
+    def video_inputs(self, video: np.ndarray) -> tuple[dict, list[int]]:
+        """The video processor's outputs for ``video`` (``[frames, height, width, 3]``, every frame kept), and the
+        prompt token ids that stand for it; only for families that take video."""
+        raise NotImplementedError(f"preset {self.name!r} takes no video")
 
 
 PRESETS: dict[str, Preset] = {}  # filled by dash_vlm.models.register_adapter with every family's presets

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 from qwen_vl_utils import process_vision_info
@@ -404,14 +405,23 @@ class QwenVLPreset(Preset):
     def image_inputs(self, image: Image.Image) -> tuple[dict, list[int]]:
         from transformers import Qwen2VLImageProcessorFast
 
+        return self._vision_inputs(Qwen2VLImageProcessorFast, "image", images=[image])
+
+    def video_inputs(self, video: np.ndarray) -> tuple[dict, list[int]]:
+        from transformers import Qwen2VLVideoProcessor
+
+        return self._vision_inputs(Qwen2VLVideoProcessor, "video", videos=[video], do_sample_frames=False)
+
+    def _vision_inputs(self, processor_class: type, kind: str, **visuals) -> tuple[dict, list[int]]:
+        """The processor's outputs at the side given (no pixel budget), and the placeholder ids of ``kind``."""
         vision, ids = self.config["vision_config"], self.config
         merge = vision["spatial_merge_size"]
-        processor = Qwen2VLImageProcessorFast(
+        processor = processor_class(
             patch_size=vision["patch_size"], merge_size=merge, min_pixels=64, max_pixels=4096 * 4096
         )
-        pixels = dict(processor(images=[image], return_tensors="pt"))
-        count = int(pixels["image_grid_thw"].prod()) // merge**2
-        return pixels, [ids["vision_start_token_id"], *[ids["image_token_id"]] * count, ids["vision_end_token_id"]]
+        pixels = dict(processor(**visuals, return_tensors="pt"))
+        count = int(pixels[f"{kind}_grid_thw"].prod()) // merge**2
+        return pixels, [ids["vision_start_token_id"], *[ids[f"{kind}_token_id"]] * count, ids["vision_end_token_id"]]
 
 
 @dataclass(frozen=True)
@@ -481,6 +491,7 @@ PRESETS = (
         dict(
             vision_config=dict(patch_size=PATCH, spatial_merge_size=MERGE),
             image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
             vision_start_token_id=VISION_START,
             vision_end_token_id=VISION_END,
         ),

@@ -28,6 +28,7 @@ from dash_vlm.resources import bundled
 
 IMAGE_SIZE = 64
 GRID = 3
+BACKGROUND = (245, 245, 245)
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("colour", "count", "exist", "position")
@@ -75,21 +76,26 @@ def random_scene(rng: random.Random) -> list[Shape]:
     ]
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: str, cx: float, cy: float, size: int) -> None:
+    """One shape of bounding-box side ``size`` centred at ``(cx, cy)``."""
+    half = size / 2
+    box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
+    fill = COLOURS[colour]
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), (round(cx), box[1])], fill=fill)
+
+
 def render(scene: list[Shape]) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = IMAGE_SIZE / GRID
     for shape in scene:
         cx, cy = (shape.column + 0.5) * cell + shape.dx, (shape.row + 0.5) * cell + shape.dy
-        half = shape.size / 2
-        box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
-        colour = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse(box, fill=colour)
-        elif shape.kind == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon([(box[0], box[3]), (box[2], box[3]), (round(cx), box[1])], fill=colour)
+        draw_shape(draw, shape.kind, shape.colour, cx, cy, shape.size)
     return image
 
 
@@ -150,7 +156,7 @@ def training_scene(index: int, exclude: set[str] = frozenset()) -> tuple[Image.I
 def shape_mask(shape: Shape) -> Image.Image:
     """Where ``shape`` is drawn, as a 1-bit image of the scene's size."""
     drawn = render([shape]).convert("RGB")
-    background = Image.new("RGB", drawn.size, (245, 245, 245))
+    background = Image.new("RGB", drawn.size, BACKGROUND)
     return ImageChops.difference(drawn, background).convert("L").point(lambda value: 255 if value else 0).convert("1")
 
 

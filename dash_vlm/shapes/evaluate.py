@@ -2,6 +2,7 @@
 
     python -m dash_vlm.shapes.evaluate --output shapes_accuracy.json --plot assets/dash_shapes_accuracy.png
     python -m dash_vlm.shapes.evaluate --compare-methods --output methods.json   # every method, 0.5 / 0.667 / 0.8
+    python -m dash_vlm.shapes.evaluate --video --output assets/dash_shapes_video_accuracy.json   # moving shapes
 
 Every configuration answers every test question through ``DashVLM.generate`` (greedy, batched); an answer is
 correct when it equals the reference after lower-casing and stripping. Prints a Markdown table per model.
@@ -16,6 +17,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -23,8 +25,9 @@ from dash_vlm.models import adapter_for
 from dash_vlm.press import DeltaPress
 from dash_vlm.resources import bundled
 from dash_vlm.scorers import SCORERS
-from dash_vlm.shapes.data import KINDS, Sample, read_test_split
-from dash_vlm.vlm import DashVLM
+from dash_vlm.shapes import video
+from dash_vlm.shapes.data import BACKGROUND, KINDS, Sample, read_test_split
+from dash_vlm.vlm import DashVLM, GenerationResult
 
 MODELS = {"qwen2-vl": "dash-shapes-qwen2-vl", "llava": "dash-shapes-llava"}
 RATIOS = (0.0, 0.25, 0.5, 0.667, 0.8, 0.9)
@@ -32,7 +35,11 @@ SCOPES = ("vision", "all")
 METHODS = ("dash", "random")
 VISION_RATIOS = (0.0, 0.3, 0.5)  # halting inside the vision tower, where the family can (scope vision)
 VISION_DECODER_RATIOS = (0.0, 0.667)  # the decoder ratios measured with each vision ratio
-COMPARISON_RATIOS = (0.5, 0.667, 0.8)  # --compare-methods: every method in SCORERS at these ratios, scope vision
+COMPARISON_RATIOS = (0.5, 0.667, 0.8)
+VIDEO_RATIOS = (0.5, 0.667, 0.8)  # --video: the moving-shapes clips, Qwen2-VL only
+VIDEO_RESULTS = (
+    bundled("assets") / "dash_shapes_video_accuracy.json"
+)  # --compare-methods: every method in SCORERS at these ratios, scope vision
 POSITION_AXES = {"above/below": ("above", "below"), "left/right": ("left", "right")}  # position answers by axis
 
 
@@ -45,23 +52,62 @@ def is_correct(text: str, answer: str) -> bool:
     return text.strip().lower() == answer.strip().lower()
 
 
-def answer_all(vlm: DashVLM, samples: list[Sample], batch_size: int) -> tuple[list[str], float]:
-    """The answers to every sample and the mean share of prompt tokens kept."""
-    texts, kept = [], []
+def generate_all(vlm: DashVLM, samples: list[Sample | video.Clip], batch_size: int) -> list[GenerationResult]:
+    """The generation of every sample (image, or clip read from its file), in batches."""
+    results = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        results = vlm.generate(image=[s.image for s in chunk], prompt=[s.question for s in chunk], max_new_tokens=4)
-        texts += [result.text for result in results]
-        kept += [result.stats.kept / result.stats.tokens for result in results]
-    return texts, sum(kept) / len(kept)
+        visuals = (
+            {"video": [str(s.path) for s in chunk]}
+            if isinstance(chunk[0], video.Clip)
+            else {"image": [s.image for s in chunk]}
+        )
+        results += vlm.generate(**visuals, prompt=[s.question for s in chunk], max_new_tokens=4)
+    return results
 
 
-def score(texts: list[str], samples: list[Sample]) -> dict:
+def answer_all(vlm: DashVLM, samples: list[Sample | video.Clip], batch_size: int) -> tuple[list[str], float]:
+    """The answers to every sample and the mean share of prompt tokens kept."""
+    results = generate_all(vlm, samples, batch_size)
+    return [result.text for result in results], kept_share(results)
+
+
+def kept_share(results: list[GenerationResult]) -> float:
+    return sum(result.stats.kept / result.stats.tokens for result in results) / len(results)
+
+
+def halted_by_content(results: list[GenerationResult], clips: list[video.Clip]) -> dict[str, float]:
+    """Where the decoder halted in clips: the share of the video tokens showing a shape (in either frame of their
+    frame pair) that halted, the same for the background tokens, and the share of frame pairs halted whole."""
+    halted = {"shape": [], "background": []}
+    whole_pairs = []
+    for result, clip in zip(results, clips, strict=True):
+        positions = set(result.stats.halted_positions)
+        frames = video.frames_array(clip.frames)
+        for grid in result.grids:
+            rows, cols = grid.positions.shape
+            drawn = (frames[2 * grid.item : 2 * grid.item + 2] != BACKGROUND).any(-1).any(0)
+            shape_cells = drawn.reshape(rows, drawn.shape[0] // rows, cols, drawn.shape[1] // cols).any(axis=(1, 3))
+            cell_halted = np.isin(grid.positions.numpy(), list(positions))
+            halted["shape"] += cell_halted[shape_cells].tolist()
+            halted["background"] += cell_halted[~shape_cells].tolist()
+            whole_pairs.append(cell_halted.all())
+    return {
+        "shape_tokens_halted": float(np.mean(halted["shape"])),
+        "background_tokens_halted": float(np.mean(halted["background"])),
+        "frame_pairs_halted_whole": float(np.mean(whole_pairs)),
+    }
+
+
+def score(texts: list[str], samples: list[Sample | video.Clip]) -> dict:
     """Overall accuracy and accuracy per question kind, position questions also split by axis
     (``POSITION_AXES``)."""
     correct = [is_correct(text, sample.answer) for text, sample in zip(texts, samples, strict=True)]
-    groups = {kind: lambda s, kind=kind: s.kind == kind for kind in KINDS}
-    groups |= {axis: lambda s, answers=answers: s.answer in answers for axis, answers in POSITION_AXES.items()}
+    groups = {kind: lambda s, kind=kind: s.kind == kind for kind in dict.fromkeys(s.kind for s in samples)}
+    groups |= {
+        axis: lambda s, answers=answers: s.kind == "position" and s.answer in answers
+        for axis, answers in POSITION_AXES.items()
+    }
     by_kind = {kind: [c for c, s in zip(correct, samples, strict=True) if member(s)] for kind, member in groups.items()}
     return {
         "accuracy": sum(correct) / len(correct),
@@ -99,9 +145,23 @@ def method_configurations(vision_tower_halts: bool) -> list[dict]:
     ]
 
 
+def video_configurations(vision_tower_halts: bool) -> list[dict]:
+    """The rows of ``--video``: ratio 0, DASH and random at ``VIDEO_RATIOS`` (scope vision: the video's tokens),
+    and halting inside the vision tower alone and with the decoder's."""
+    return (
+        [dict(compression_ratio=0.0, scope="vision")]
+        + [dict(compression_ratio=ratio, scope="vision", method=method) for method in METHODS for ratio in VIDEO_RATIOS]
+        + [
+            dict(compression_ratio=ratio, scope="vision", vision_compression_ratio=vision_ratio)
+            for vision_ratio in VISION_RATIOS[1:]
+            for ratio in VISION_DECODER_RATIOS
+        ]
+    )
+
+
 def evaluate(
     models: list[str],
-    samples: list[Sample],
+    samples: list[Sample | video.Clip],
     batch_size: int,
     device: str | None,
     plan: Callable[[bool], list[dict]] = configurations,
@@ -114,13 +174,35 @@ def evaluate(
         for name, vlm in vlms.items():
             for parameters in plans[name]:
                 vlm.press = press = DeltaPress(**parameters)
-                texts, kept = answer_all(vlm, samples, batch_size)
+                results = generate_all(vlm, samples, batch_size)
+                texts = [result.text for result in results]
                 row = {"model": name, "ratio": press.compression_ratio, "scope": press.scope, "method": press.method}
                 row |= {"selection": press.selection}
-                row |= {"vision_ratio": press.vision_compression_ratio, "kept_fraction": kept}
+                row |= {"vision_ratio": press.vision_compression_ratio, "kept_fraction": kept_share(results)}
+                if isinstance(samples[0], video.Clip):
+                    row |= halted_by_content(results, samples)
                 rows.append(row | score(texts, samples))
                 progress.update()
     return rows
+
+
+def video_table(rows: list[dict]) -> str:
+    """The moving-shapes accuracy per configuration (Markdown): overall and per question kind."""
+    lines = [
+        f"| method | decoder ratio | vision ratio | kept | accuracy | {' | '.join(video.KINDS)} | shape tokens halted"
+        " | background halted | frame pairs halted whole |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (len(video.KINDS) + 3),
+    ]
+    for row in rows:
+        kinds = " | ".join(f"{row['by_kind'][kind]:.1%}" for kind in video.KINDS)
+        where = " | ".join(
+            f"{row[key]:.0%}" for key in ("shape_tokens_halted", "background_tokens_halted", "frame_pairs_halted_whole")
+        )
+        lines.append(
+            f"| {row['method']} | {row['ratio']:g} | {row['vision_ratio']:g} | {row['kept_fraction']:.2f} |"
+            f" {row['accuracy']:.1%} | {kinds} | {where} |"
+        )
+    return "\n".join(lines)
 
 
 def is_global(row: dict) -> bool:
@@ -336,9 +418,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rows", type=Path, default=None, help="with --compare-methods: tabulate and plot these results, not new runs"
     )
+    parser.add_argument("--video", action="store_true", help="the moving-shapes clips (qwen2-vl), not the images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    if args.video:
+        rows = evaluate(
+            ["qwen2-vl"], video.read_test_split()[: args.limit], args.batch_size, args.device, video_configurations
+        )
+        args.output.write_text(json.dumps(rows, indent=1))
+        print(video_table(rows))
+        return
     samples = read_test_split()[: args.limit]
     if args.compare_methods:
         if args.rows is not None:
@@ -393,6 +483,15 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
         "Procedurally generated scenes (1 to 3 coloured shapes on a 3x3 grid) and one-word questions of four kinds:",
         "colour, count, exist, position (`dash_vlm/shapes/data.py`). Training draws scenes from its own seed range",
         "and drops every (image, question) pair of the validation and test splits.",
+        *(
+            [
+                "Stages with `--video-share` also train on moving-shapes clips (8 frames, 256 video tokens;",
+                "direction, order of appearance, count across frames: `dash_vlm/shapes/video.py`), whose question",
+                "words extend the vocabulary after the image task's words.",
+            ]
+            if any(stage["arguments"].get("video_share") for stage in stages)
+            else []
+        ),
         "",
         "## Training",
         "",
@@ -410,7 +509,9 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
         lines.append(
             f"- `python -m dash_vlm.shapes.train --family {arguments['family']} --output OUT {options}` on "
             f"{stage['device']}: {stage['steps']} steps in {stage['seconds']} s; last validation first-token "
-            f"accuracy {last.get('validation_first_token', float('nan')):.3f} (step {last.get('step', '-')})"
+            f"accuracy {last.get('validation_first_token', float('nan')):.3f}"
+            + (f", video {last['validation_video_first_token']:.3f}" if "validation_video_first_token" in last else "")
+            + f" (step {last.get('step', '-')})"
             + (f" ({stage['note']})" if stage.get("note") else "")
         )
     lines += [
@@ -424,10 +525,35 @@ def write_model_card(name: str, rows: list[dict]) -> Path:
         "",
         "Measured by `python -m dash_vlm.shapes.evaluate`; the full table is in the repository's BENCHMARKS.md.",
         "",
+        *video_card_lines(name),
     ]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def video_card_lines(name: str) -> list[str]:
+    """The model card's video section, from the published ``--video`` results, when the model has them."""
+    rows = [r for r in json.loads(VIDEO_RESULTS.read_text()) if r["model"] == name] if VIDEO_RESULTS.is_file() else []
+    if not rows:
+        return []
+    baseline = next(r for r in rows if r["ratio"] == 0 and r["vision_ratio"] == 0)
+    dash = {r["ratio"]: r["accuracy"] for r in rows if r["method"] == "dash" and r["vision_ratio"] == 0}
+    vision = {(r["ratio"], r["vision_ratio"]): r["accuracy"] for r in rows if r["vision_ratio"] > 0}
+    return [
+        f"## Video test accuracy ({len(video.read_test_split())} moving-shapes questions, exact match, greedy)",
+        "",
+        f"- without halting: **{baseline['accuracy']:.1%}** ("
+        + ", ".join(f"{kind} {value:.1%}" for kind, value in baseline["by_kind"].items())
+        + ")",
+        "- with DASH on the video's tokens: "
+        + ", ".join(f"ratio {r:g}: {a:.1%}" for r, a in sorted(dash.items()) if r),
+        "- halting inside the vision tower: "
+        + ", ".join(f"vision {v:g} (decoder {r:g}): {a:.1%}" for (r, v), a in sorted(vision.items())),
+        "",
+        "Measured by `python -m dash_vlm.shapes.evaluate --video`; the clips are `tasks/dash_shapes_video`.",
+        "",
+    ]
 
 
 VISION_FIELDS = ("depth", "embed_dim", "num_hidden_layers", "hidden_size", "patch_size", "image_size", "num_heads")

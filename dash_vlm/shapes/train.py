@@ -2,10 +2,13 @@
 
     python -m dash_vlm.shapes.train --family qwen2_vl --output assets/models/dash-shapes-qwen2-vl
     python -m dash_vlm.shapes.train --family llava --output assets/models/dash-shapes-llava
+    python -m dash_vlm.shapes.train --family qwen2_vl --resume assets/models/dash-shapes-qwen2-vl --video-share 0.5 \
+        --output OUT   # moving dash-shapes clips too (``dash_vlm.shapes.video``): half the batches are clips
 
 Seeded and deterministic in its data (sample ``i`` of the stream is a pure function of ``i``); runs on a GPU or the
-CPU (``--device``). Each training sequence is one scene and a question of every kind, as a multi-turn chat; the
-loss is on the answer words and their end-of-turn tokens only.
+CPU (``--device``). Each training sequence is one scene (or clip) and a question of every kind, as a multi-turn chat;
+the loss is on the answer words and their end-of-turn tokens only. With clips the vocabulary gains the video
+questions' words (``video.WORDS``, after the image task's, so a resumed checkpoint keeps its ids; its embeddings grow).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dash_vlm.attention import use_attention
 from dash_vlm.models import adapter_for, chat_prompts
 from dash_vlm.models.tiny import tiny_checkpoint
-from dash_vlm.shapes.data import ANSWERS, WORDS, Sample, held_out_keys, split_samples, training_scene
+from dash_vlm.shapes import video
+from dash_vlm.shapes.data import ANSWERS, WORDS, held_out_keys, split_samples, training_scene
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +45,21 @@ ARCHITECTURE = dict(
 )
 
 
-def conversation(sample: Sample) -> list[dict]:
-    content = [{"type": "image", "image": sample.image}, {"type": "text", "text": sample.question}]
-    return [{"role": "user", "content": content}]
+Visual = Image.Image | tuple[Image.Image, ...]  # an image, or a clip's frames
+
+
+def conversation(visual: Visual, question: str) -> list[dict]:
+    entry = (
+        {"type": "image", "image": visual} if isinstance(visual, Image.Image) else {"type": "video", "video": visual}
+    )
+    return [{"role": "user", "content": [entry, {"type": "text", "text": question}]}]
+
+
+def visual_inputs(visuals: list[Visual]) -> dict:
+    """The processor's keyword for a batch of images or of clips (frames as ``[frames, height, width, 3]``)."""
+    if all(isinstance(visual, Image.Image) for visual in visuals):
+        return {"images": visuals}
+    return {"videos": [video.frames_array(frames) for frames in visuals]}
 
 
 class ChatFormat:
@@ -52,10 +68,9 @@ class ChatFormat:
 
     SENTINEL = "sentinel"
 
-    def __init__(self, processor):
+    def __init__(self, processor, answers: tuple[str, ...] = ANSWERS):
         self.processor, self.eos = processor, processor.tokenizer.eos_token
-        image = Image.new("RGB", (8, 8))
-        user = conversation(Sample(image, "first", "", ""))
+        user = conversation(Image.new("RGB", (8, 8)), "first")
         follow_up = {"role": "user", "content": [{"type": "text", "text": "{question}"}]}
         answer = {"role": "assistant", "content": [{"type": "text", "text": self.SENTINEL}]}
         rendered = chat_prompts(processor, [[*user, answer, follow_up]])[0]
@@ -64,11 +79,11 @@ class ChatFormat:
         tokenizer = processor.tokenizer
         self.eos_id = tokenizer.convert_tokens_to_ids(self.eos)
         self.answer_marker_id = tokenizer(chat_prompts(processor, [user])[0])["input_ids"][-1]
-        self.answer_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(ANSWERS)))
+        self.answer_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(answers)))
 
-    def text(self, image: Image.Image, turns: list[tuple[str, str]]) -> str:
+    def text(self, visual: Visual, turns: list[tuple[str, str]]) -> str:
         first_question, first_answer = turns[0]
-        text = chat_prompts(self.processor, [conversation(Sample(image, first_question, "", ""))])[0]
+        text = chat_prompts(self.processor, [conversation(visual, first_question)])[0]
         text += f" {first_answer}{self.eos}"
         for question, answer in turns[1:]:
             text += self.next_turn.format(question=question) + f" {answer}{self.eos}"
@@ -84,49 +99,63 @@ class ChatFormat:
         return torch.where(target, input_ids, -100)
 
 
-def training_batch(chat: ChatFormat, indices: range, exclude: set[str]) -> dict:
-    """Scenes ``indices`` with a question of every kind each, left-padded, minus held-out (image, question) pairs; the
-    processor's outputs and the labels, on the host."""
-    images, texts = [], []
+def training_batch(chat: ChatFormat, indices: range, exclude: set[str], clips: bool = False) -> dict:
+    """Scenes (``clips``: moving-shapes clips) ``indices`` with a question of every kind each, left-padded, minus
+    held-out (visual, question) pairs; the processor's outputs and the labels, on the host."""
+    visuals, texts = [], []
     for index in indices:
-        image, turns = training_scene(index, exclude)
+        visual, turns = (video.training_clip if clips else training_scene)(index, exclude)
         if turns:
-            images.append(image)
-            texts.append(chat.text(image, turns))
-    batch = dict(chat.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+            visuals.append(visual)
+            texts.append(chat.text(visual, turns))
+    batch = dict(chat.processor(text=texts, **visual_inputs(visuals), padding=True, return_tensors="pt"))
     batch["labels"] = chat.labels(batch["input_ids"])
     return batch
 
 
-class ShapesStream(IterableDataset):
-    """Batch ``b`` holds training scenes ``b * size ...``; workers interleave batches. Each batch comes with the names
-    of its entries that stay on the host (``ModelAdapter.host_training_inputs``)."""
+def is_clip_batch(batch_index: int, video_share: float) -> bool:
+    """Whether batch ``batch_index`` holds clips: a ``video_share`` of the batches, evenly spread."""
+    return math.floor((batch_index + 1) * video_share) > math.floor(batch_index * video_share)
 
-    def __init__(self, processor, config, batch_size: int, exclude: set[str], first_scene: int = 0):
+
+class ShapesStream(IterableDataset):
+    """Batch ``b`` holds training scenes (or clips, ``is_clip_batch``) ``b * size ...``; workers interleave batches.
+    Each batch comes with the names of its entries that stay on the host (``ModelAdapter.host_training_inputs``)."""
+
+    def __init__(
+        self, processor, config, batch_size: int, exclude: set[str], first_scene: int = 0, video_share: float = 0.0
+    ):
         self.processor, self.config, self.batch_size = processor, config, batch_size
-        self.exclude, self.first_scene = exclude, first_scene
+        self.exclude, self.first_scene, self.video_share = exclude, first_scene, video_share
 
     def __iter__(self):
         worker = get_worker_info()
         workers, rank = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        chat = ChatFormat(self.processor)
+        chat = ChatFormat(self.processor, answer_words(self.video_share))
         batch_index = rank
         while True:
             start = self.first_scene + batch_index * self.batch_size
-            batch = training_batch(chat, range(start, start + self.batch_size), self.exclude)
+            clips = is_clip_batch(batch_index, self.video_share)
+            batch = training_batch(chat, range(start, start + self.batch_size), self.exclude, clips)
             yield adapter_for(self.config.model_type).host_training_inputs(self.config, batch)
             batch_index += workers
 
 
+def answer_words(video_share: float) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*ANSWERS, *(video.ANSWERS if video_share else ())]))
+
+
 @torch.inference_mode()
-def first_token_accuracy(model, processor, samples: list[Sample], batch_size: int = 250) -> float:
-    """Share of samples whose greedy first answer token is the answer word (a quick validation metric)."""
+def first_token_accuracy(model, processor, samples: list, batch_size: int = 250) -> float:
+    """Share of samples (``data.Sample`` or ``video.Clip``) whose greedy first answer token is the answer word (a
+    quick validation metric)."""
     tokenizer = processor.tokenizer
     correct = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        prompts = chat_prompts(processor, [conversation(sample) for sample in chunk])
-        inputs = processor(text=prompts, images=[s.image for s in chunk], padding=True, return_tensors="pt")
+        visuals = [sample.frames if isinstance(sample, video.Clip) else sample.image for sample in chunk]
+        prompts = chat_prompts(processor, [conversation(v, s.question) for v, s in zip(visuals, chunk, strict=True)])
+        inputs = processor(text=prompts, **visual_inputs(visuals), padding=True, return_tensors="pt")
         logits = model(**inputs.to(model.device)).logits[:, -1]
         answers = torch.tensor([tokenizer.convert_tokens_to_ids(s.answer) for s in chunk], device=logits.device)
         correct += (logits.argmax(-1) == answers).sum().item()
@@ -146,17 +175,26 @@ def train(
     max_minutes: float,
     resume: Path | None = None,
     first_scene: int = 0,
+    video_share: float = 0.0,
 ) -> dict:
     started = time.perf_counter()
-    model, processor = tiny_checkpoint(family, WORDS, seed=seed, **ARCHITECTURE)
+    words = [*WORDS, *video.WORDS] if video_share else WORDS
+    model, processor = tiny_checkpoint(family, words, seed=seed, **ARCHITECTURE)
     if resume is not None:  # continue from a saved checkpoint (weights only; a fresh optimizer and schedule)
         model = type(model).from_pretrained(resume, dtype=torch.float32)
+        saved = model.get_input_embeddings().num_embeddings
+        if saved > len(processor.tokenizer):
+            raise ValueError(f"{resume} knows the video words ({saved} tokens): keep training it with --video-share")
+        model.resize_token_embeddings(len(processor.tokenizer))  # new words start at the mean embedding
     processor.tokenizer.padding_side = "left"
     use_attention(model, "sdpa")  # a Qwen tower runs its equal-sized images in one attention call per block
     model.to(device).train()
-    validation = split_samples("validation", 1000)
+    validations = {"validation_first_token": split_samples("validation", 1000)}
+    if video_share:
+        validations["validation_video_first_token"] = video.split_clips("validation")
+    exclude = held_out_keys() | (video.held_out_keys() if video_share else set())
     loader = DataLoader(
-        ShapesStream(processor, model.config, batch_size, held_out_keys(), first_scene),
+        ShapesStream(processor, model.config, batch_size, exclude, first_scene, video_share),
         batch_size=None,
         num_workers=workers,
         pin_memory=device != "cpu",
@@ -164,7 +202,7 @@ def train(
         prefetch_factor=8 if workers else None,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = min(200, steps // 10)
+    warmup = max(1, min(200, steps // 10))
 
     def schedule(step: int) -> float:
         # With a time budget the cosine follows whichever runs out first, steps or minutes.
@@ -189,15 +227,13 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % validate_every == 0 or step + 1 == steps:
             model.eval()
-            accuracy = first_token_accuracy(model, processor, validation)
+            accuracies = {
+                name: first_token_accuracy(model, processor, samples) for name, samples in validations.items()
+            }
             model.train()
-            history.append({"step": step + 1, "loss": round(loss.item(), 4), "validation_first_token": accuracy})
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), **accuracies})
             logger.info(
-                "step %d loss %.4f validation first-token accuracy %.3f (%.0f s)",
-                step + 1,
-                loss.item(),
-                accuracy,
-                time.perf_counter() - started,
+                "step %d loss %.4f %s (%.0f s)", step + 1, loss.item(), accuracies, time.perf_counter() - started
             )
     model.eval().to("cpu")
     output.mkdir(parents=True, exist_ok=True)
@@ -221,7 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", type=Path, default=None, help="continue training this saved checkpoint")
     parser.add_argument("--first-scene", type=int, default=0, help="index of the first training scene to use")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop early (and save) after this")
+    parser.add_argument(
+        "--video-share", type=float, default=0.0, help="share of the batches that are moving-shapes clips (qwen2_vl)"
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.video_share <= 1 or (args.video_share and args.family != "qwen2_vl"):
+        parser.error(f"--video-share must be in [0, 1], and 0 for a family without video; got {args.video_share}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # every batch has the same image shapes: pick the fastest convolution once
@@ -238,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         args.max_minutes,
         args.resume,
         args.first_scene,
+        args.video_share,
     )
     arguments = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     stages = []  # a resumed run keeps the record of the runs before it
