@@ -208,12 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
     bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
     bench.add_argument(
-        "--image-size", type=int, action="append", required=True, help="image (or video frame) side in px (repeatable)"
+        "--image-size",
+        type=int,
+        action="append",
+        required=True,
+        help="image side in px (repeatable); with --video-frames, the one frame side",
     )
     bench.add_argument(
         "--video-frames",
         default="",
-        help="comma-separated frame counts: a video of each, of --image-size frames, instead of an image (Qwen)",
+        help="comma-separated even frame counts (e.g. 8,16,32): one random video of each, its frames of the single "
+        "--image-size side, instead of an image (Qwen presets)",
     )
     add_halting_arguments(bench, swept=SWEPT_DEFAULTS)
     bench.add_argument("--attn", choices=ATTENTION_CHOICES, default="sdpa")
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         "static cache, vanilla only; DashVLM's CUDA-graph fast path)",
     )
     bench.add_argument("--output", type=Path, required=True, help="results JSON")
-    bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size (PNG)")
+    bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size, or video frames (PNG)")
     commands.add_parser("tasks", help="print the folder of the dash_* lmms-eval tasks, for --include_path")
 
     args = parser.parse_args(argv)
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         dash = DeltaPress.from_options(**options)
         kinds = {parameter.name: type(parameter.default) for parameter in dataclasses.fields(DeltaPress)}
         sweeps = {name: [kinds[name](value) for value in values.split(",")] for name, values in swept.items()}
-        video_frames = [int(frames) for frames in getattr(args, "video_frames", "").split(",") if frames]
+        video_frames = frame_counts(getattr(args, "video_frames", ""))
     except ValueError as error:
         parser.error(str(error))
     if args.command == "demo":
@@ -269,24 +274,35 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from dash_vlm import bench
 
-        config = bench.BenchConfig(
-            preset=args.preset,
-            image_sizes=args.image_size,
-            ratios=sweeps["compression_ratio"],
-            vision_ratios=sweeps["vision_compression_ratio"],
-            methods=sweeps["method"],
-            halting={name: getattr(dash, name) for name in options},
-            batch_size=args.batch_size,
-            new_tokens=args.new_tokens,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            attn=args.attn,
-            device_map=args.device_map,
-            paths=args.paths.split(","),
-            video_frames=video_frames,
-            **({"device": args.device} if args.device else {}),
-        )
+        try:
+            config = bench.BenchConfig(
+                preset=args.preset,
+                image_sizes=args.image_size,
+                ratios=sweeps["compression_ratio"],
+                vision_ratios=sweeps["vision_compression_ratio"],
+                methods=sweeps["method"],
+                halting={name: getattr(dash, name) for name in options},
+                batch_size=args.batch_size,
+                new_tokens=args.new_tokens,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                attn=args.attn,
+                device_map=args.device_map,
+                paths=args.paths.split(","),
+                video_frames=video_frames,
+                **({"device": args.device} if args.device else {}),
+            )
+        except ValueError as error:
+            parser.error(str(error))
         bench.main(config, args.output, args.plot)
+
+
+def frame_counts(text: str) -> list[int]:
+    """``--video-frames``: comma-separated whole numbers."""
+    try:
+        return [int(frames) for frames in text.split(",") if frames]
+    except ValueError:
+        raise ValueError(f"--video-frames must be comma-separated whole numbers, got {text!r}") from None
 
 
 if __name__ == "__main__":

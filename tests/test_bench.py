@@ -114,6 +114,11 @@ def test_bench_measures_videos_of_each_frame_count(tmp_path, capsys):
     assert "   8f eager" in capsys.readouterr().out and plot.stat().st_size > 0
     with pytest.raises(NotImplementedError, match="takes no video"):
         PRESETS["llava-1.5-7b"].inputs(336, frames=4)
+    for flags, message in ((["--video-frames", "8,x"], "--video-frames must be comma-separated whole numbers"),
+                           (["--video-frames", "7"], "video_frames must be distinct even counts")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli_main(["bench", "--preset", "tiny", "--image-size", "32", *flags, "--output", str(output)])
+        assert message in capsys.readouterr().err
 
 
 def test_bench_measures_every_decode_path(tmp_path):
@@ -201,7 +206,8 @@ def test_presets_have_the_real_shapes(preset, size, tokens):
         (dict(paths=[]), "paths must be distinct entries of"),
         (dict(preset="llava-1.5-7b", video_frames=[8]), "video_frames needs a model that takes video"),
         (dict(image_sizes=[32, 64], video_frames=[8]), "video_frames takes one frame side"),
-        (dict(video_frames=[8, 5]), "video_frames must be even counts >= 2"),
+        (dict(video_frames=[8, 5]), "video_frames must be distinct even counts >= 2"),
+        (dict(video_frames=[8, 8]), "video_frames must be distinct even counts >= 2"),
     ],
 )
 def test_bad_bench_config(kwargs, match):

@@ -15,8 +15,18 @@ from dash_vlm.lmms.tasks import DashShapesVideoTask
 from dash_vlm.models.tiny import tiny_checkpoint
 from dash_vlm.shapes import video
 from dash_vlm.shapes.data import BACKGROUND, COLOURS, WORDS
-from dash_vlm.shapes.evaluate import VIDEO_RESULTS, answer_all, model_folder, score, video_configurations
-from dash_vlm.shapes.train import ChatFormat, answer_words, is_clip_batch, training_batch
+from dash_vlm.shapes.evaluate import (
+    VIDEO_RESULTS,
+    answer_all,
+    generate_all,
+    halted_by_content,
+    model_folder,
+    score,
+    video_configurations,
+    video_table,
+)
+from dash_vlm.shapes.train import ChatFormat, answer_words, is_clip_batch, train, training_batch
+from dash_vlm.shapes.train import main as train_main
 
 QWEN = model_folder("qwen2-vl")
 
@@ -76,10 +86,10 @@ def test_answers_follow_what_the_frames_show():
             pick = min if "first" in clip.question else max
             assert pick(visible, key=lambda kind: visible[kind][0]) == clip.answer
         elif clip.question == "how many shapes appear ?":
-            assert len(visible) == int(clip.answer)
+            assert sum(bool(frames) for frames in visible.values()) == int(clip.answer)
             # never all on screen at once when there are three: the count is across frames
             assert len(visible) < 3 or not set.intersection(*(set(frames) for frames in visible.values()))
-        else:
+        else:  # clips of distinct colours only: a count of 0 or 1, read as whether the colour is drawn
             colour = clip.question.split()[2]
             drawn = sum(point is not None for point in colour_track(clip.frames, colour))
             assert (drawn > 0) == (clip.answer != "0")
@@ -113,6 +123,18 @@ def test_training_batch_of_clips():
         assert torch.isfinite(model(**batch).loss)
 
 
+def test_training_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="video_share must be > 0 to resume"):
+        train(
+            "qwen2_vl", tmp_path, steps=1, batch_size=2, learning_rate=1e-4, seed=0, device="cpu", workers=0,
+            validate_every=1, max_minutes=1, resume=QWEN, video_share=0.0,
+        )  # fmt: skip
+    with pytest.raises(SystemExit):
+        train_main(["--family", "llava", "--output", str(tmp_path), "--video-share", "0.5"])
+    with pytest.raises(SystemExit):
+        train_main(["--family", "qwen2_vl", "--output", str(tmp_path), "--video-share", "1.5"])
+
+
 def test_bundled_checkpoint_extends_the_image_vocabulary():
     """Training resumes the bundled checkpoint with the tokenizer ``train`` builds: the image words keep their ids and
     the video words follow them."""
@@ -143,6 +165,28 @@ def test_video_accuracy_matches_the_published_results(test_clips):
         assert measured["accuracy"] == pytest.approx(row["accuracy"], abs=0.005), parameters
         assert measured["by_kind"] == pytest.approx(row["by_kind"], abs=0.02), parameters
     assert published[0]["ratio"] == 0 and published[0]["accuracy"] >= 0.7
+
+
+def test_halted_by_content_splits_the_video_tokens(test_clips):
+    """Shape and background shares bracket the share of all video tokens halted; nothing halts at ratio 0; the table
+    shows a kind absent from a short split as '-'."""
+    clips = test_clips[:6]
+    vlm = DashVLM.from_pretrained(QWEN, compression_ratio=0.0)
+    assert halted_by_content(generate_all(vlm, clips, 6), clips) == dict.fromkeys(
+        ("shape_tokens_halted", "background_tokens_halted", "frame_pairs_halted_whole"), 0.0)  # fmt: skip
+    vlm.press = DeltaPress(compression_ratio=0.667)
+    results = generate_all(vlm, clips, 6)
+    where = halted_by_content(results, clips)
+    video_positions = [p for r in results for grid in r.grids for p in grid.positions.flatten().tolist()]
+    halted = sum(p in set(r.stats.halted_positions) for r in results for grid in r.grids
+                 for p in grid.positions.flatten().tolist())  # fmt: skip
+    overall = halted / len(video_positions)
+    assert len(video_positions) == len(clips) * video.FRAMES // 2 * 64 and 0.5 < overall < 0.8
+    low, high = sorted((where["shape_tokens_halted"], where["background_tokens_halted"]))
+    assert low <= overall <= high
+    row = {"method": "dash", "ratio": 0.667, "vision_ratio": 0, "kept_fraction": 0.4, "accuracy": 0.5,
+           "by_kind": {"order": 0.5}, **where}  # fmt: skip
+    assert "| - | 50.0% | - |" in video_table([row])
 
 
 def test_lmms_task_reads_the_clips_as_video(test_clips):

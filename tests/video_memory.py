@@ -56,7 +56,8 @@ def measure(args) -> dict:
     rows, failed = [], set()
     for frames in tqdm(args.frames, desc=f"{args.preset} video memory"):
         if failed >= set(args.variants):
-            break
+            rows += [{"frames": frames, "variant": name, "oom": True, "skipped": True} for name in args.variants]
+            continue
         inputs = batch_inputs(preset.inputs(args.side, 64, frames=frames), 1, args.device, dtype)
         tokens = inputs["input_ids"].shape[1]
         for name in args.variants:
@@ -77,7 +78,8 @@ def measure(args) -> dict:
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             finally:
-                torch.cuda.empty_cache() if on_gpu else None
+                if on_gpu:  # every run starts from an empty cache, so that its peak is its own
+                    torch.cuda.empty_cache()
             stats = None if press is None else press.last_stats[0]
             row |= {key: value for key, value in figures.items() if key.endswith("_ms")}
             row["peak_memory_bytes"] = figures["peak_memory_bytes"]
@@ -102,12 +104,13 @@ def measure(args) -> dict:
 
 def prefill_once(model, inputs: dict, press: DeltaPress | None, timers: StageTimers) -> dict:
     """One prefill and its stage times and peak memory."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    device = inputs["input_ids"].device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     timers.reset()
     with torch.inference_mode(), press(model) if press is not None else nullcontext():
         model(**inputs, use_cache=True, logits_to_keep=1)
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return timers.milliseconds() | {"peak_memory_bytes": peak}
 
 
@@ -122,7 +125,8 @@ def extrapolate(rows: list[dict], capacity: int) -> dict:
         if len(points) >= 2 and capacity:
             slope, intercept = np.polyfit(*zip(*points, strict=True), 1)
             entry |= {"bytes_per_frame": float(slope), "fixed_bytes": float(intercept)}
-            entry["frames_at_capacity_extrapolated"] = int((capacity - intercept) / slope)
+            if slope > 0:
+                entry["frames_at_capacity_extrapolated"] = int((capacity - intercept) / slope)
         result[name] = entry
     return result
 

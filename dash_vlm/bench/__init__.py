@@ -150,8 +150,12 @@ class BenchConfig:
                 )
             if len(self.image_sizes) != 1:
                 raise ValueError(f"video_frames takes one frame side in image_sizes, got {self.image_sizes}")
-            if any(frames < 2 or frames % 2 for frames in self.video_frames):
-                raise ValueError(f"video_frames must be even counts >= 2 (frame pairs), got {self.video_frames}")
+            if any(frames < 2 or frames % 2 for frames in self.video_frames) or len(set(self.video_frames)) < len(
+                self.video_frames
+            ):
+                raise ValueError(
+                    f"video_frames must be distinct even counts >= 2 (frame pairs), got {self.video_frames}"
+                )
         sweeps = (("compression_ratio", "ratios"), ("vision_compression_ratio", "vision_ratios"), ("method", "methods"))
         for name, sweep in sweeps:
             if name in self.halting:
@@ -437,8 +441,8 @@ def ideal_speedup(num_layers: int, decision_layer: int, full_ms: float, kept_ms:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Measure every image size: on each path, vanilla and DASH at each (decoder ratio, vision ratio), in turns;
-    returns the JSON document.
+    """Measure every image size (or video frame count): on each path, vanilla and DASH at each (decoder ratio, vision
+    ratio), in turns; returns the JSON document.
 
     Each repeat runs every (path, variant) once, the order rotated by one each repeat, so that drift of the shared
     machine spreads evenly; every variant's gain is against the vanilla runs of its path. A graphs-path run that
@@ -481,8 +485,9 @@ def run_bench(config: BenchConfig) -> dict:
                         progress.update()
                 shape_latency = latency_entries(size, runs)
                 shape_rows = size_rows(model, inputs, size, config, presses, runs, shape_latency)
-                for entry in [*shape_latency, *shape_rows] if frames else []:
-                    entry["video_frames"] = frames
+                if frames:
+                    for entry in [*shape_latency, *shape_rows]:
+                        entry["video_frames"] = frames
                 latency += shape_latency
                 rows += shape_rows
     finally:
@@ -534,8 +539,9 @@ def size_rows(
     runs: dict,
     latency: list[dict],
 ) -> list[dict]:
-    """The rows of one image size, one per path with halting and variant, from its runs, with the ideal gains of the
-    decoder and the vision tower from per-layer and per-block timings (taken once, on the eager path's modules)."""
+    """The rows of one prompt shape (image size, or video), one per path with halting and variant, from its runs,
+    with the ideal gains of the decoder and the vision tower from per-layer and per-block timings (taken once, on the
+    eager path's modules)."""
     adapter = adapter_for(model)
     num_layers = len(adapter.decoder(model).layers)
     stats = {variant: press.last_stats[0] for variant, press in presses.items()}
@@ -630,7 +636,7 @@ def table(document: dict) -> str:
     ``*`` is noisy (its ratio-0 control is off by more than 3%)."""
     lines = [f"{document['preset']} on {document['device']} ({document['dtype']}); times in ms, vanilla / DASH"]
     lines.append(
-        "   px path      method       ratio vision      T      K       vision x ideal       decoder x ideal"
+        "shape path      method       ratio vision      T      K       vision x ideal       decoder x ideal"
         "       prefill x          ttft x        answer x"
     )
     for row in document["rows"]:
@@ -653,7 +659,7 @@ def table(document: dict) -> str:
                 else ""
             )
         )
-    header = "   px path      variant                      ttft  decode   answer  ttft x answer x"
+    header = f"{'shape':>5} path      variant                      ttft  decode   answer  ttft x answer x"
     lines += ["", "what users wait for (ms); gains against eager vanilla", header]
     for entry in document["latency"]:
         variant = "vanilla" if entry["variant"] is None else "{2} {0:g}, vision {1:g}".format(*entry["variant"])

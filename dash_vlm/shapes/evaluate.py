@@ -35,11 +35,9 @@ SCOPES = ("vision", "all")
 METHODS = ("dash", "random")
 VISION_RATIOS = (0.0, 0.3, 0.5)  # halting inside the vision tower, where the family can (scope vision)
 VISION_DECODER_RATIOS = (0.0, 0.667)  # the decoder ratios measured with each vision ratio
-COMPARISON_RATIOS = (0.5, 0.667, 0.8)
+COMPARISON_RATIOS = (0.5, 0.667, 0.8)  # --compare-methods: every method in SCORERS at these ratios, scope vision
 VIDEO_RATIOS = (0.5, 0.667, 0.8)  # --video: the moving-shapes clips, Qwen2-VL only
-VIDEO_RESULTS = (
-    bundled("assets") / "dash_shapes_video_accuracy.json"
-)  # --compare-methods: every method in SCORERS at these ratios, scope vision
+VIDEO_RESULTS = bundled("assets") / "dash_shapes_video_accuracy.json"
 POSITION_AXES = {"above/below": ("above", "below"), "left/right": ("left", "right")}  # position answers by axis
 
 
@@ -58,7 +56,7 @@ def generate_all(vlm: DashVLM, samples: list[Sample | video.Clip], batch_size: i
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         visuals = (
-            {"video": [str(s.path) for s in chunk]}
+            {"video": [str(s.path) if s.path else list(s.frames) for s in chunk]}
             if isinstance(chunk[0], video.Clip)
             else {"image": [s.image for s in chunk]}
         )
@@ -87,6 +85,8 @@ def halted_by_content(results: list[GenerationResult], clips: list[video.Clip]) 
         for grid in result.grids:
             rows, cols = grid.positions.shape
             drawn = (frames[2 * grid.item : 2 * grid.item + 2] != BACKGROUND).any(-1).any(0)
+            if drawn.shape != grid.pixels.shape[:2] or drawn.shape[0] % rows or drawn.shape[1] % cols:
+                raise ValueError(f"clip frames of {drawn.shape} do not tile the model's {rows}x{cols} token grid")
             shape_cells = drawn.reshape(rows, drawn.shape[0] // rows, cols, drawn.shape[1] // cols).any(axis=(1, 3))
             cell_halted = np.isin(grid.positions.numpy(), list(positions))
             halted["shape"] += cell_halted[shape_cells].tolist()
@@ -153,8 +153,9 @@ def video_configurations(vision_tower_halts: bool) -> list[dict]:
         + [dict(compression_ratio=ratio, scope="vision", method=method) for method in METHODS for ratio in VIDEO_RATIOS]
         + [
             dict(compression_ratio=ratio, scope="vision", vision_compression_ratio=vision_ratio)
-            for vision_ratio in VISION_RATIOS[1:]
+            for vision_ratio in VISION_RATIOS
             for ratio in VISION_DECODER_RATIOS
+            if vision_ratio > 0 and vision_tower_halts
         ]
     )
 
@@ -179,7 +180,7 @@ def evaluate(
                 row = {"model": name, "ratio": press.compression_ratio, "scope": press.scope, "method": press.method}
                 row |= {"selection": press.selection}
                 row |= {"vision_ratio": press.vision_compression_ratio, "kept_fraction": kept_share(results)}
-                if isinstance(samples[0], video.Clip):
+                if isinstance(samples[0], video.Clip):  # main() refuses an empty split
                     row |= halted_by_content(results, samples)
                 rows.append(row | score(texts, samples))
                 progress.update()
@@ -194,7 +195,7 @@ def video_table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|" + "---:|" * (len(video.KINDS) + 3),
     ]
     for row in rows:
-        kinds = " | ".join(f"{row['by_kind'][kind]:.1%}" for kind in video.KINDS)
+        kinds = " | ".join(f"{row['by_kind'][kind]:.1%}" if kind in row["by_kind"] else "-" for kind in video.KINDS)
         where = " | ".join(
             f"{row[key]:.0%}" for key in ("shape_tokens_halted", "background_tokens_halted", "frame_pairs_halted_whole")
         )
@@ -420,6 +421,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--video", action="store_true", help="the moving-shapes clips (qwen2-vl), not the images")
     args = parser.parse_args(argv)
+    if args.video and (args.models != list(MODELS) or args.plot or args.model_cards or args.compare_methods):
+        parser.error(
+            "--video measures the qwen2-vl checkpoint's table only: no --models, --plot, --model-cards or "
+            "--compare-methods (the model cards read its results file)"
+        )
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of samples, got {args.limit}")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     if args.video:
@@ -537,11 +545,13 @@ def video_card_lines(name: str) -> list[str]:
     rows = [r for r in json.loads(VIDEO_RESULTS.read_text()) if r["model"] == name] if VIDEO_RESULTS.is_file() else []
     if not rows:
         return []
-    baseline = next(r for r in rows if r["ratio"] == 0 and r["vision_ratio"] == 0)
+    baseline = next((r for r in rows if r["ratio"] == 0 and r["vision_ratio"] == 0), None)
+    if baseline is None:
+        raise ValueError(f"{VIDEO_RESULTS} has no ratio-0 row for {name}: re-run `evaluate --video`")
     dash = {r["ratio"]: r["accuracy"] for r in rows if r["method"] == "dash" and r["vision_ratio"] == 0}
     vision = {(r["ratio"], r["vision_ratio"]): r["accuracy"] for r in rows if r["vision_ratio"] > 0}
     return [
-        f"## Video test accuracy ({len(video.read_test_split())} moving-shapes questions, exact match, greedy)",
+        f"## Video test accuracy ({len(video.test_questions())} moving-shapes questions, exact match, greedy)",
         "",
         f"- without halting: **{baseline['accuracy']:.1%}** ("
         + ", ".join(f"{kind} {value:.1%}" for kind, value in baseline["by_kind"].items())

@@ -184,7 +184,10 @@ def train(
         model = type(model).from_pretrained(resume, dtype=torch.float32)
         saved = model.get_input_embeddings().num_embeddings
         if saved > len(processor.tokenizer):
-            raise ValueError(f"{resume} knows the video words ({saved} tokens): keep training it with --video-share")
+            raise ValueError(
+                f"video_share must be > 0 to resume {resume}: it knows the video words ({saved} tokens, "
+                f"{len(processor.tokenizer)} without them)"
+            )
         model.resize_token_embeddings(len(processor.tokenizer))  # new words start at the mean embedding
     processor.tokenizer.padding_side = "left"
     use_attention(model, "sdpa")  # a Qwen tower runs its equal-sized images in one attention call per block
@@ -261,8 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         "--video-share", type=float, default=0.0, help="share of the batches that are moving-shapes clips (qwen2_vl)"
     )
     args = parser.parse_args(argv)
-    if not 0 <= args.video_share <= 1 or (args.video_share and args.family != "qwen2_vl"):
-        parser.error(f"--video-share must be in [0, 1], and 0 for a family without video; got {args.video_share}")
+    if not 0 <= args.video_share <= 1:
+        parser.error(f"--video-share must be in [0, 1], got {args.video_share}")
+    if args.video_share and args.family != "qwen2_vl":
+        parser.error(f"--video-share needs --family qwen2_vl (the family that takes video), got {args.family}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # every batch has the same image shapes: pick the fastest convolution once
