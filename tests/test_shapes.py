@@ -126,7 +126,7 @@ def test_vision_rows_only_where_the_tower_halts():
     ]
     tables = markdown_tables(json.loads(RESULTS.read_text()))
     assert tables.count("halting inside the vision tower") == 1  # the Qwen2-VL checkpoint only
-    assert "| dash | 0.667 | **all** | 80.7% | 77.8% | 74.8% |" in tables
+    assert "| dash | 0.667 | **all** | 84.4% | 83.2% | 80.8% |" in tables
     assert tables.count('`selection="per_row"`') == 2  # both checkpoints, position questions split by axis
     assert tables.count("| per_row | dash | above/below |") == 2
 

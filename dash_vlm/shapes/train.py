@@ -142,6 +142,7 @@ class ShapesStream(IterableDataset):
 
 
 def answer_words(video_share: float) -> tuple[str, ...]:
+    """The words the loss falls on: the image task's answers, and the clips' when clips are trained."""
     return tuple(dict.fromkeys([*ANSWERS, *(video.ANSWERS if video_share else ())]))
 
 
