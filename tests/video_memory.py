@@ -139,22 +139,12 @@ def plot(document: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     gib = 2**30
-    for name in VARIANTS:
-        points = [
-            (r["frames"], r["peak_memory_bytes"] / gib)
-            for r in document["rows"]
-            if r["variant"] == name and "oom" not in r
-        ]
+    lines = [(name, "peak_memory_bytes", "-o", "peak") for name in VARIANTS]
+    lines += [(name, "kv_cache_bytes", ":", "KV cache") for name in ("vanilla", "dash")]
+    for name, key, style, what in lines:
+        points = [(r["frames"], r[key] / gib) for r in document["rows"] if r["variant"] == name and "oom" not in r]
         if points:
-            axis.plot(*zip(*points, strict=True), "-o", label=f"{name}: peak")
-    for name in ("vanilla", "dash"):
-        points = [
-            (r["frames"], r["kv_cache_bytes"] / gib)
-            for r in document["rows"]
-            if r["variant"] == name and "oom" not in r
-        ]
-        if points:
-            axis.plot(*zip(*points, strict=True), ":", label=f"{name}: KV cache")
+            axis.plot(*zip(*points, strict=True), style, label=f"{name}: {what}")
     if document["capacity_bytes"]:
         axis.axhline(document["capacity_bytes"] / gib, color="k", linewidth=0.8, label="GPU memory")
     axis.set_xscale("log", base=2)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image, ImageChops, ImageDraw
 
@@ -45,6 +47,7 @@ WORDS = sorted(
     }
 )
 TEST_FILE = bundled("tasks") / "dash_shapes" / "test.parquet"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -191,14 +194,18 @@ def split_samples(split: str, size: int = TEST_SIZE) -> list[Sample]:
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     taken = set() if split == "test" else {sample_key(s.image, s.question) for s in split_samples("test", size)}
-    samples = []
+    return distinct(partial(make_sample, split), lambda sample: sample_key(sample.image, sample.question), size, taken)
+
+
+def distinct(make: Callable[[int], T], key: Callable[[T], str], size: int, taken: set[str]) -> list[T]:
+    """``make(0) .. make(size - 1)`` minus any whose key is in ``taken`` or repeats an earlier one's."""
+    taken, kept = set(taken), []
     for index in range(size):
-        sample = make_sample(split, index)
-        key = sample_key(sample.image, sample.question)
-        if key not in taken:
-            taken.add(key)
-            samples.append(sample)
-    return samples
+        item = make(index)
+        if (item_key := key(item)) not in taken:
+            taken.add(item_key)
+            kept.append(item)
+    return kept
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -20,14 +20,14 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from dash_vlm.resources import bundled
-from dash_vlm.shapes.data import BACKGROUND, COLOURS, IMAGE_SIZE, SHAPES, draw_shape
+from dash_vlm.shapes.data import BACKGROUND, COLOURS, IMAGE_SIZE, SHAPES, distinct, draw_shape
 
 FRAMES = 8
 FRAME_RATE = 2
@@ -191,14 +191,7 @@ def split_clips(split: str, size: int = TEST_SIZE) -> list[Clip]:
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     taken = set() if split == "test" else {clip_key(c.frames, c.question) for c in split_clips("test", size)}
-    clips = []
-    for index in range(size):
-        clip = make_clip(split, index)
-        key = clip_key(clip.frames, clip.question)
-        if key not in taken:
-            taken.add(key)
-            clips.append(clip)
-    return clips
+    return distinct(partial(make_clip, split), lambda clip: clip_key(clip.frames, clip.question), size, taken)
 
 
 def held_out_keys(size: int = TEST_SIZE) -> set[str]:
