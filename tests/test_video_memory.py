@@ -19,40 +19,24 @@ def run_script(monkeypatch, *arguments: str) -> None:
     video_memory.main()
 
 
+TINY_ON_CPU = ("--preset", "tiny", "--side", "56", "--device", "cpu")
+
+
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory):
     folder = tmp_path_factory.mktemp("video_memory")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        run_script(
-            patch,
-            "--preset",
-            "tiny",
-            "--side",
-            "56",
-            "--frames",
-            "8,4",
-            "--device",
-            "cpu",
-            "--new-tokens",
-            "2",
-            "--output",
-            str(folder / "sweep.json"),
-        )
+        run_script(patch, *TINY_ON_CPU, "--frames", "8,4", "--new-tokens", "2", "--output", str(folder / "sweep.json"))
         patch.delenv("PYTORCH_CUDA_ALLOC_CONF")
         run_script(
             patch,
-            "--preset",
-            "tiny",
-            "--side",
-            "56",
+            *TINY_ON_CPU,
             "--frames",
             "12",
             "--variants",
             "dash",
             "--prefill-only",
-            "--device",
-            "cpu",
             "--output",
             str(folder / "limit.json"),
         )
