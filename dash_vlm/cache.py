@@ -2,14 +2,15 @@
 
 A forward that continues a halted cache (a decode step, a question chunk, a chat's next turn) needs, in those
 layers, an attention mask over the compact keys instead of the model's full-layout mask. That knowledge travels
-with the cache, not with the press: each :class:`HaltedLayer` watches its decoder layer with a forward pre-hook that
-acts only on forwards given this very cache, and that is removed when the layer is garbage collected. So such
-forwards work inside or outside ``with press(model)``, as kvpress's pipeline needs.
+with the cache, not with the press, and the model carries no hook between forwards: the cache layer of the decision
+layer (:class:`ArmingLayer`) is updated in every such forward before any deeper layer runs, and only then gives each
+deeper decoder layer a one-shot pre-hook that rewrites its mask and removes itself. So such forwards work inside or
+outside ``with press(model)``, as kvpress's pipeline needs, and after any forward the model can be saved or copied
+as it was.
 """
 
 from __future__ import annotations
 
-import copy
 import weakref
 
 import torch
@@ -35,12 +36,22 @@ class HaltRecord:
         Whether any sample keeps fewer tokens than there are slots.
     flash : bool
         Whether the model runs FlashAttention (2-D masks).
+    padded : bool
+        Whether the prompt held padding.
     """
 
-    def __init__(self, index: torch.Tensor, valid: torch.Tensor, prompt_length: int, has_filler: bool, flash: bool):
+    def __init__(
+        self, index: torch.Tensor, valid: torch.Tensor, prompt_length: int, has_filler: bool, flash: bool, padded: bool
+    ):
         self.index, self.valid = index, valid
-        self.prompt_length, self.has_filler, self.flash = prompt_length, has_filler, flash
+        self.prompt_length, self.has_filler, self.flash, self.padded = prompt_length, has_filler, flash, padded
         self._memo: tuple | None = None
+
+    def needs_mask(self, num_queries: int) -> bool:
+        """Whether a forward of ``num_queries`` new tokens needs its mask rewritten above the decision layer. One new
+        token over a layout without filler or padding needs none: every compact key is visible to it, and the model's
+        mask, if it builds one (eager), allows every key (SDPA and eager cut it to the key length)."""
+        return num_queries > 1 or self.has_filler or self.padded or self.flash
 
     @property
     def slots(self) -> int:
@@ -78,26 +89,9 @@ class HaltedLayer(DynamicLayer):
     that ``crop`` takes a length of the full layout, as the whole-cache ``crop`` does.
     """
 
-    def __init__(self, record: HaltRecord, decoder_layer: nn.Module, layer_idx: int, leader: bool):
+    def __init__(self, record: HaltRecord, layer_idx: int, leader: bool):
         super().__init__()
         self.record, self.layer_idx, self.leader = record, layer_idx, leader
-        self._decoder_layer = weakref.ref(decoder_layer)
-        self._watch()
-
-    def _watch(self) -> None:
-        decoder_layer = self._decoder_layer()
-        if decoder_layer is None:
-            return
-        hook = _continue_halted_cache(weakref.ref(self), self.record)
-        handle = decoder_layer.register_forward_pre_hook(hook, with_kwargs=True)
-        weakref.finalize(self, handle.remove)
-
-    def __deepcopy__(self, memo: dict) -> HaltedLayer:
-        clone = HaltedLayer.__new__(HaltedLayer)
-        memo[id(self)] = clone
-        clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
-        clone._watch()
-        return clone
 
     def crop(self, max_length: int) -> None:
         halted = self.record.prompt_length - self.record.slots  # full-layout positions this layer does not hold
@@ -122,48 +116,75 @@ class HaltedLayer(DynamicLayer):
             self.record.select_batch(indices)
 
 
-def _continue_halted_cache(layer_ref: weakref.ref, record: HaltRecord):
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        mask = kwargs.get("attention_mask")
-        if mask is None and not record.has_filler:  # causal, no padding: the compact keys need no mask either
-            return None  # the common decode step: checked first, as this runs in every step of every deeper layer
-        layer = layer_ref()
-        cache = kwargs.get("past_key_values")
-        if (
-            layer is None
-            or cache is None
-            or layer.layer_idx >= len(cache.layers)
-            or cache.layers[layer.layer_idx] is not layer
-        ):
+class ArmingLayer(DynamicLayer):
+    """The decision layer's ``DynamicLayer`` in a halted cache (every prompt position). Its ``update`` runs in each
+    forward that continues the cache, after the model has built its masks and before any deeper layer runs: it arms
+    the deeper layers' one-shot mask rewrites (:class:`MaskRewrite`)."""
+
+    def __init__(self, record: HaltRecord, decoder_layers: list[nn.Module], first_halted: int):
+        super().__init__()
+        self.record, self.first_halted = record, first_halted
+        # Weak: the cache must not keep the model alive; copied as they are by deepcopy (weak references are atomic).
+        self.decoder_layers = [weakref.ref(layer) for layer in decoder_layers]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None):
+        # A later forward (the prefill and a cache being filled arm nothing) whose deeper layers need their masks.
+        if self.get_seq_length() > 0 and self.record.needs_mask(key_states.shape[-2]):
+            for layer_idx, decoder_layer in enumerate(self.decoder_layers, start=self.first_halted):
+                module = decoder_layer()
+                if module is not None:
+                    MaskRewrite(module, layer_idx, self.record)
+        return super().update(key_states, value_states, cache_kwargs)
+
+
+class MaskRewrite:
+    """A decoder layer's pre-hook for one forward on a halted cache: it replaces the layer's full-layout mask with
+    the compact one (``HaltRecord.later_mask``) and removes itself, whether or not the forward is on its cache (a
+    forward that failed before reaching it leaves it to the next forward through the layer)."""
+
+    def __init__(self, module: nn.Module, layer_idx: int, record: HaltRecord):
+        self.layer_idx, self.record = layer_idx, weakref.ref(record)
+        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        self.handle.remove()
+        record, mask = self.record(), kwargs.get("attention_mask")
+        if record is None or (mask is None and not record.has_filler):  # causal, no padding: no mask needed
             return None
-        cached = layer.get_seq_length()
-        if cached == 0:  # the halting prefill itself: the press gives this layer its compact inputs
+        cache = kwargs.get("past_key_values")
+        layer = None if cache is None or self.layer_idx >= len(cache.layers) else cache.layers[self.layer_idx]
+        if getattr(layer, "record", None) is not record:
             return None
         num_queries = (args[0] if args else kwargs["hidden_states"]).shape[-2]
-        kwargs["attention_mask"] = layer.record.later_mask(mask, num_queries, cached + num_queries)
+        kwargs["attention_mask"] = record.later_mask(mask, num_queries, layer.get_seq_length() + num_queries)
         return args, kwargs
-
-    return hook
 
 
 def check_cache(cache: object, first_halted_layer: int) -> None:
-    """Raise ``ValueError`` unless ``cache`` can hold a halted prefill (a plain, non-offloaded ``DynamicCache``)."""
+    """Raise ``ValueError`` unless ``cache`` can hold a halted prefill (a plain, non-offloaded ``DynamicCache``, whose
+    layers from the decision layer on are plain ``DynamicLayer``s)."""
     if not isinstance(cache, DynamicCache) or cache.offloading:
         raise ValueError(
             "DASH needs past_key_values to be a transformers DynamicCache without offloading, "
             f"got {type(cache).__name__}"
         )
-    for layer in cache.layers[first_halted_layer:]:
+    for layer in cache.layers[first_halted_layer - 1 :]:
         if type(layer) is not DynamicLayer:
             raise ValueError(
                 f"DASH cannot halt tokens in a cache layer of type {type(layer).__name__} (sliding-window or "
-                "quantized layers above the decision layer are not supported)"
+                "quantized layers from the decision layer on are not supported)"
             )
 
 
 def attach_halted_layers(cache: DynamicCache, decoder_layers: nn.ModuleList, record: HaltRecord, first: int) -> None:
-    """Make cache layers ``first..`` compact: they will store only the slots of ``record``."""
+    """Make cache layers ``first..`` compact: they will store only the slots of ``record``; cache layer ``first - 1``
+    (full, holding every position) becomes the :class:`ArmingLayer` that prepares the later forwards' masks."""
     while len(cache.layers) < len(decoder_layers):
         cache.layers.append(DynamicLayer())
+    arming, full = ArmingLayer(record, list(decoder_layers[first:]), first), cache.layers[first - 1]
+    if full.is_initialized:
+        arming.lazy_initialization(full.keys, full.values)
+        arming.keys, arming.values = full.keys, full.values
+    cache.layers[first - 1] = arming
     for layer_idx in range(first, len(decoder_layers)):
-        cache.layers[layer_idx] = HaltedLayer(record, decoder_layers[layer_idx], layer_idx, leader=layer_idx == first)
+        cache.layers[layer_idx] = HaltedLayer(record, layer_idx, leader=layer_idx == first)

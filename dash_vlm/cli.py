@@ -7,18 +7,110 @@ import dataclasses
 import json
 import logging
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import transformers
+from PIL import Image
 
 from dash_vlm.attention import ATTENTION_CHOICES
-from dash_vlm.bench import DEVICE_MAPS, PATHS
+from dash_vlm.bench import DEVICE_MAPS, PATHS, check_device
+from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
 
 ALIASES = {"compression_ratio": "--ratio"}  # the short forms of earlier releases
 SWEPT_DEFAULTS = {"compression_ratio": "0,0.5,0.667,0.8", "vision_compression_ratio": "0", "method": "dash"}
+DEVICE_MAP_NAMES = ("auto",)  # what --device takes besides cpu, cuda and cuda:N where it is a device map
+
+
+class OneSpelling(argparse.Action):
+    """Stores a flag's value; the flag under two spellings (``--ratio 0.5 --compression-ratio 0.6``) is a usage
+    error: which of the two values should win would be a guess."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        first = vars(namespace).setdefault("_spellings", {}).setdefault(self.dest, option_string)
+        if first != option_string:
+            parser.error(f"{first} and {option_string} are one flag ({self.dest}): give one of them")
+        setattr(namespace, self.dest, values)
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum`` (argparse turns anything else into a usage error naming
+    the flag)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return whole_number
+
+
+@contextmanager
+def usage_errors(parser: argparse.ArgumentParser, flag: str | None = None) -> Iterator[None]:
+    """Turn a ``ValueError`` of the checks inside into a usage error, its message after ``flag`` when given."""
+    try:
+        yield
+    except ValueError as error:
+        parser.error(f"{flag}: {error}" if flag else str(error))
+
+
+def writable_image_suffixes() -> set[str]:
+    """The file suffixes of the image formats PIL can write (".png", ".jpg", ...)."""
+    return {suffix for suffix, name in Image.registered_extensions().items() if name in Image.SAVE}
+
+
+def check_output(parser: argparse.ArgumentParser, flag: str, path: Path, suffixes: Collection[str] = ()) -> None:
+    """Usage error naming ``flag`` unless ``path`` can be written once the work is done: a file name, not a folder,
+    in a folder that exists, with one of ``suffixes`` (they name the file's format) when given."""
+    if path.is_dir():
+        parser.error(f"{flag} {path} is a folder; give a file name in it")
+    if not path.parent.is_dir():
+        parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
+    if suffixes and path.suffix.lower() not in suffixes:
+        parser.error(f"{flag} {path} needs the suffix of an image format PIL writes, such as .png or .jpg")
+
+
+def check_input_files(parser: argparse.ArgumentParser, flag: str, sources: list[str], allow_urls: bool) -> None:
+    """Usage error naming ``flag`` for a source that ``DashVLM.generate`` would refuse after the weights load: a
+    missing file, or a URL without ``--allow-urls``."""
+    for source in sources:
+        if source.startswith(("http://", "https://")):
+            if not allow_urls:
+                parser.error(f"{flag} {source} is a URL; add --allow-urls to fetch it")
+        elif not Path(source.removeprefix("file://")).expanduser().is_file():
+            parser.error(f"{flag} {source}: no such file")
+
+
+def check_device_flag(parser: argparse.ArgumentParser, device: str | None, maps: Collection[str]) -> None:
+    """Usage error unless ``--device`` is unset, cpu, cuda or cuda:N of a GPU torch sees, or one of ``maps``."""
+    if device is not None:
+        with usage_errors(parser):
+            check_device(device, "--device", maps)
+
+
+def check_model(parser: argparse.ArgumentParser, model: str | Path, dash: DeltaPress, video: bool = False) -> None:
+    """Usage error naming ``--model`` unless its config reads, the halting flags apply to it and, with ``video``, it
+    takes video; only the config is read, no weights."""
+    with usage_errors(parser, "--model"):
+        try:
+            config = transformers.AutoConfig.from_pretrained(model)
+        except OSError as error:
+            raise ValueError(f"cannot read the config of {model}: {str(error).splitlines()[0]}") from error
+        adapter = adapter_for(config)
+    with usage_errors(parser):
+        dash.check_model(config)
+    if video and not adapter.video:
+        parser.error(
+            f"--video needs a model that takes video ({', '.join(model_types_with('video'))}); "
+            f"--model {model} is {config.model_type!r}"
+        )
 
 
 def add_halting_arguments(parser: argparse.ArgumentParser, swept: Collection[str] = ()) -> None:
@@ -34,7 +126,9 @@ def add_halting_arguments(parser: argparse.ArgumentParser, swept: Collection[str
             help_text = f"comma-separated values of DeltaPress.{parameter.name}, each measured"
         else:
             help_text = f"DeltaPress.{parameter.name} (default {parameter.default!r})"
-        parser.add_argument(flag, *filter(None, [alias]), dest=parameter.name, default=None, help=help_text)
+        parser.add_argument(
+            flag, *filter(None, [alias]), dest=parameter.name, default=None, action=OneSpelling, help=help_text
+        )
 
 
 def halting_options(args: argparse.Namespace) -> dict[str, str]:
@@ -81,9 +175,9 @@ def save_halting_maps(result, path: Path) -> list[Path]:
     return paths
 
 
-def run_demo(dash: DeltaPress, halting_map: Path) -> None:
+def run_demo(dash: DeltaPress, halting_map: Path | None = None) -> None:
     """Ask the bundled dash-shapes Qwen2-VL checkpoint about the bundled scene, with and without DASH; write the
-    halting map of the first question."""
+    halting map of the first question to ``halting_map`` (default: a fresh private folder in the temporary folder)."""
     from dash_vlm.resources import bundled
     from dash_vlm.shapes.evaluate import model_folder
     from dash_vlm.vlm import DashVLM
@@ -106,6 +200,8 @@ def run_demo(dash: DeltaPress, halting_map: Path) -> None:
     for i, item in enumerate(demo["questions"]):
         print(f"{item['question']:<{width}}  {item['answer']:<7}" + "".join(f"{a[i]:<12}" for a in answers.values()))
     print("\n".join(["", "halting statistics of the first question:", STATS_HEADER, *rows]))
+    if halting_map is None:  # not a fixed name in the shared temporary folder: another user could plant a link there
+        halting_map = Path(tempfile.mkdtemp(prefix="dash-vlm-")) / "halting-map.png"
     print(
         f"\nhalting map of the first question (halted tokens shaded): {save_halting_maps(results[0], halting_map)[0]}"
     )
@@ -139,20 +235,29 @@ def run_generate(args: argparse.Namespace, dash: DeltaPress) -> None:
         print("halting map:", ", ".join(map(str, save_halting_maps(result, args.halting_map))))
 
 
-def run_diagnose(args: argparse.Namespace, dash: DeltaPress) -> None:
-    """Score against place, the flip test and halted shares per row band (``dash_vlm.diagnose``)."""
-    from dash_vlm import diagnose
-    from dash_vlm.vlm import DashVLM
-
-    samples = None
+def diagnose_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list, list[str], list | None]:
+    """The images, prompts and (``--dash-shapes``) samples that ``dash-vlm diagnose`` measures, read before the
+    model loads: a folder without images is a usage error."""
     if args.dash_shapes:
         from dash_vlm.shapes.data import split_samples
 
         samples = split_samples("test")[: args.limit]
-        images, prompts = [s.image for s in samples], [s.question for s in samples]
-    else:
+        return [s.image for s in samples], [s.question for s in samples], samples
+    from dash_vlm import diagnose
+
+    with usage_errors(parser, "--images"):
         images = diagnose.load_images(args.images, args.limit)
-        prompts = [args.prompt] * len(images)
+    return images, [args.prompt] * len(images), None
+
+
+def run_diagnose(
+    args: argparse.Namespace, dash: DeltaPress, images: list, prompts: list[str], samples: list | None
+) -> None:
+    """Score against place, the flip test and halted shares per row band (``dash_vlm.diagnose``) on the images and
+    prompts of :func:`diagnose_inputs`."""
+    from dash_vlm import diagnose
+    from dash_vlm.vlm import DashVLM
+
     vlm = DashVLM.from_pretrained(args.model, press=dash, device_map=args.device)
     document = diagnose.diagnose(vlm, images, prompts, args.batch_size, samples)
     args.output.write_text(json.dumps(document, indent=1))
@@ -170,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument(
         "--halting-map",
         type=Path,
-        default=Path(tempfile.gettempdir()) / "dash-vlm-halting-map.png",
-        help="where to write the halting map (default: the temporary folder)",
+        default=None,
+        help="where to write the halting map (default: a fresh private folder in the temporary folder)",
     )
 
     generate = commands.add_parser("generate", help="answer a prompt about images with a checkpoint under DASH")
@@ -180,8 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--video", default=None, help="a video file (Qwen2-VL family)")
     generate.add_argument("--prompt", required=True)
     add_halting_arguments(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--device", default=None, help="device or device map: cuda, cpu, auto (default: GPU if any)")
+    generate.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    generate.add_argument(
+        "--device", default=None, help="device or device map: cpu, cuda, cuda:N, auto (default: GPU if any)"
+    )
     generate.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     generate.add_argument("--attn", choices=ATTENTION_CHOICES, default=None)
     generate.add_argument("--allow-urls", action="store_true", help="fetch http(s) images")
@@ -198,9 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     diagnose.add_argument("--images", type=Path, default=None, help="a folder of images")
     diagnose.add_argument("--dash-shapes", action="store_true", help="the dash-shapes test split (shape masks known)")
     diagnose.add_argument("--prompt", default="Describe the image.", help="the prompt with each image (--images)")
-    diagnose.add_argument("--limit", type=int, default=None, help="the first N images only")
-    diagnose.add_argument("--batch-size", type=int, default=50)
-    diagnose.add_argument("--device", default=None, help="device or device map (default: GPU if any)")
+    diagnose.add_argument("--limit", type=at_least(1), default=None, help="the first N images only")
+    diagnose.add_argument("--batch-size", type=at_least(1), default=50)
+    diagnose.add_argument(
+        "--device", default=None, help="device or device map: cpu, cuda, cuda:N, auto (default: GPU if any)"
+    )
     add_halting_arguments(diagnose)
     diagnose.add_argument("--output", type=Path, required=True, help="results JSON")
     diagnose.add_argument("--plot", type=Path, default=None, help="score and halted share by row band (PNG)")
@@ -222,11 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_halting_arguments(bench, swept=SWEPT_DEFAULTS)
     bench.add_argument("--attn", choices=ATTENTION_CHOICES, default="sdpa")
-    bench.add_argument("--batch-size", type=int, default=1)
-    bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=10)
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench.add_argument("--batch-size", type=at_least(1), default=1)
+    bench.add_argument("--new-tokens", type=at_least(2), default=32)
+    bench.add_argument("--repeats", type=at_least(1), default=10)
+    bench.add_argument("--warmup", type=at_least(0), default=2)
+    bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     bench.add_argument(
         "--device-map", choices=[m for m in DEVICE_MAPS if m], help="auto: build on GPU 0, then split over every GPU"
     )
@@ -234,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         "--paths",
         default="eager",
         help=f"comma-separated decode paths, each measured: {', '.join(PATHS)} (HF generate; HF generate over its "
-        "static cache, vanilla only; DashVLM's CUDA-graph fast path)",
+        "static cache, vanilla only, so with eager or graphs; DashVLM's CUDA-graph fast path)",
     )
     bench.add_argument("--output", type=Path, required=True, help="results JSON")
     bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size, or video frames (PNG)")
@@ -254,27 +363,43 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "bench"
         else {}
     )
-    try:
+    with usage_errors(parser):
         dash = DeltaPress.from_options(**options)
         kinds = {parameter.name: type(parameter.default) for parameter in dataclasses.fields(DeltaPress)}
         sweeps = {name: [kinds[name](value) for value in values.split(",")] for name, values in swept.items()}
         video_frames = frame_counts(getattr(args, "video_frames", ""))
-    except ValueError as error:
-        parser.error(str(error))
+    # Every command-line mistake below is a usage error raised before any model loads.
     if args.command == "demo":
+        if args.halting_map is not None:
+            check_output(parser, "--halting-map", args.halting_map, writable_image_suffixes())
+        from dash_vlm.shapes.evaluate import model_folder
+
+        check_model(parser, model_folder("qwen2-vl"), dash)
         run_demo(dash, args.halting_map)
     elif args.command == "generate":
-        if args.halting_map is not None and not (args.image or args.video):
-            parser.error("--halting-map needs an image (--image) or a video (--video)")
+        if args.halting_map is not None:
+            if not (args.image or args.video):
+                parser.error("--halting-map needs an image (--image) or a video (--video)")
+            check_output(parser, "--halting-map", args.halting_map, writable_image_suffixes())
+        check_input_files(parser, "--image", args.image, args.allow_urls)
+        check_input_files(parser, "--video", [args.video] if args.video else [], args.allow_urls)
+        check_device_flag(parser, args.device, DEVICE_MAP_NAMES)
+        check_model(parser, args.model, dash, video=args.video is not None)
         run_generate(args, dash)
     elif args.command == "diagnose":
         if (args.images is None) == (not args.dash_shapes):
             parser.error("diagnose needs exactly one of --images FOLDER and --dash-shapes")
-        run_diagnose(args, dash)
+        check_output(parser, "--output", args.output)
+        if args.plot is not None:
+            check_output(parser, "--plot", args.plot)
+        check_device_flag(parser, args.device, DEVICE_MAP_NAMES)
+        check_model(parser, args.model, dash)
+        run_diagnose(args, dash, *diagnose_inputs(parser, args))
     elif args.command == "bench":
         from dash_vlm import bench
 
-        try:
+        check_device_flag(parser, args.device, ())
+        with usage_errors(parser):
             config = bench.BenchConfig(
                 preset=args.preset,
                 image_sizes=args.image_size,
@@ -292,8 +417,6 @@ def main(argv: list[str] | None = None) -> None:
                 video_frames=video_frames,
                 **({"device": args.device} if args.device else {}),
             )
-        except ValueError as error:
-            parser.error(str(error))
         bench.main(config, args.output, args.plot)
 
 

@@ -19,6 +19,7 @@ band per row).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from dash_vlm.halting import token_scores
 from dash_vlm.models import TokenGrid
 from dash_vlm.scorers import read_decision_layer
-from dash_vlm.vlm import DashVLM
+from dash_vlm.vlm import DashVLM, open_image
 
 ROW_BANDS = 8
 BLANK_COLOURS = {"white": (255, 255, 255), "grey": (128, 128, 128), "black": (0, 0, 0)}
@@ -180,11 +181,23 @@ def conversation(image: Image.Image, prompt: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
 
 
-def load_images(folder: Path, limit: int | None) -> list[Image.Image]:
+def _check_count(name: str, value: object) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def load_images(folder: Path, limit: int | None = None) -> list[Image.Image]:
+    """The image files of ``folder`` (by ``IMAGE_SUFFIXES``), the first ``limit`` of them by name, as the RGB pictures
+    a viewer shows: EXIF orientation applied and 16-bit pixels scaled, as ``DashVLM.generate`` opens them."""
+    if limit is not None:
+        _check_count("limit", limit)  # a slice would take a negative limit as "all but the last"
+    if not folder.is_dir():
+        raise ValueError(f"folder {str(folder)!r} does not exist or is not a folder")
     paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not paths:
-        raise ValueError(f"--images {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return [Image.open(path).convert("RGB") for path in paths]
+        raise ValueError(f"folder {str(folder)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return [open_image(path.read_bytes(), str(path)) for path in paths]
 
 
 def diagnose(
@@ -196,6 +209,11 @@ def diagnose(
 ) -> dict:
     """Every measurement of this module on ``images`` (one prompt each), blank images of the first image's size and,
     given the dash-shapes samples the images come from, the shares of shapes fully halted."""
+    _check_count("batch_size", batch_size)  # a batch size < 1 would measure nothing and report NaN
+    if not images or len(prompts) != len(images):
+        raise ValueError(
+            f"images must hold one image or more and prompts one per image, got {len(images)} and {len(prompts)}"
+        )
     size = images[0].size
     blanks = [Image.new("RGB", size, colour) for colour in BLANK_COLOURS.values()]
     press = vlm.press.halting_config()

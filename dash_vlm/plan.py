@@ -94,9 +94,10 @@ class HaltPlan:
             self.filler_last,
         )
 
-    def cache_record(self, flash: bool) -> HaltRecord:
-        """What a halted KV cache keeps of this plan, for the forwards that continue it."""
-        return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash)
+    def cache_record(self, flash: bool, padded: bool) -> HaltRecord:
+        """What a halted KV cache keeps of this plan, for the forwards that continue it (``padded``: whether the
+        prompt held padding)."""
+        return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash, padded)
 
 
 def plan_halting(

@@ -18,6 +18,7 @@ vision tower's passes halt patches too (``vision.py``, DESIGN.md section 6). The
 
 from __future__ import annotations
 
+import logging
 import numbers
 import time
 import weakref
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from kvpress import BasePress
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from dash_vlm.attention import FLASH_ATTENTION_4
 from dash_vlm.cache import attach_halted_layers, check_cache
@@ -48,6 +49,7 @@ from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.scorers import SCORERS, Reading, Scorer, read_decision_layer
 from dash_vlm.vision import VisionHalting, VisionPass, vision_counts
 
+logger = logging.getLogger(__name__)
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", FLASH_ATTENTION_4)
 _EXECUTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its executor, inside `with press(model)`
 
@@ -198,6 +200,38 @@ class DeltaPress(BasePress):
         ``with press(model)`` block applies, whatever is reassigned during the block."""
         return replace(self)
 
+    def check_model(self, model_config: PretrainedConfig) -> None:
+        """Raise ``ValueError`` naming the field when this press cannot apply to a model of ``model_config``: an
+        unsupported model type, a field the family cannot honour, or a decision layer (block) with no deeper one left to
+        skip. ``press(model)`` checks this; ``DashVLM`` does before any weights load."""
+        adapter, model_type = adapter_for(model_config), model_config.model_type
+        if self.scope == "vision" and not adapter.is_vision_language:
+            raise ValueError(f"scope='vision' needs a vision-language model; {model_type!r} is text-only")
+        if self.selection == "per_row" and not adapter.is_vision_language:
+            raise ValueError(
+                f"selection='per_row' needs a vision-language model (its rows are image token rows); "
+                f"{model_type!r} is text-only"
+            )
+        if self.vision_compression_ratio > 0 and not adapter.halts_in_vision_tower:
+            raise ValueError(
+                f"vision_compression_ratio > 0 needs a model whose vision tower can halt "
+                f"({', '.join(model_types_with('halts_in_vision_tower'))}); {model_type!r} has none"
+            )
+        layers = adapter.decoder_depth(model_config)
+        if self.compression_ratio > 0 and self.decision_layer(layers) >= layers - 1:
+            raise ValueError(
+                f"start_ratio={self.start_ratio} puts the decision layer at the last of {layers} decoder layers, so no "
+                f"token would skip anything; start_ratio must be below {(layers - 1) / layers:.4g} for this model"
+            )
+        if self.vision_compression_ratio > 0:
+            blocks = adapter.vision_depth(model_config)
+            if self.vision_scorer().layer(blocks) >= blocks - 1:
+                raise ValueError(
+                    f"vision_start_ratio={self.vision_start_ratio} puts the tower's decision block at the last of "
+                    f"{blocks} blocks, so no patch would skip anything; vision_start_ratio must be below "
+                    f"{(blocks - 1) / blocks:.4g} for this model"
+                )
+
     def scorer(self) -> Scorer:
         """The scorer of ``method``, built from the fields it names."""
         return SCORERS[self.method].from_press(self)
@@ -240,6 +274,26 @@ class DeltaPress(BasePress):
     def last_stats(self) -> list[PrefillStats]:
         """Statistics of the last prefill run under this press, one per sample (empty before any)."""
         return [] if self._last_prefill is None else self._last_prefill.stats()
+
+
+def as_protect_mask(protect: object) -> torch.Tensor | None:
+    """``press(model, protect=...)``: a ``[batch, tokens]`` bool tensor from anything that converts to one cleanly (a
+    tensor, a NumPy array, nested lists of bools); ``ValueError`` naming ``protect`` otherwise."""
+    if protect is None:
+        return None
+    try:
+        mask = torch.as_tensor(protect)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"protect must be a [batch, tokens] bool mask (a tensor, NumPy array or nested lists of bools), got "
+            f"{type(protect).__name__} ({error})"
+        ) from None
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise ValueError(
+            f"protect must be a [batch, tokens] bool mask (a tensor, NumPy array or nested lists of bools), got "
+            f"{type(protect).__name__} of {mask.dtype} and shape {tuple(mask.shape)}"
+        )
+    return mask
 
 
 def executor_of(model: PreTrainedModel) -> _Executor | None:
@@ -415,20 +469,11 @@ class _Executor:
         attention = adapter.decoder(model).config._attn_implementation  # the fast path runs its decoder on SDPA
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(f"DASH supports attn_implementation in {SUPPORTED_ATTENTION}, got {attention!r}")
+        self.config.check_model(model.config)
         scope = self.config.scope
         if scope == "auto":
             scope = "vision" if adapter.is_vision_language else "all"
-        if scope == "vision" and not adapter.is_vision_language:
-            raise ValueError(f"scope='vision' needs a vision-language model; {model.config.model_type!r} is text-only")
-        if protect is not None and (protect.dtype != torch.bool or protect.ndim != 2):
-            raise ValueError(
-                f"protect must be a [batch, tokens] bool tensor, got {protect.dtype} of shape {tuple(protect.shape)}"
-            )
-        if self.config.selection == "per_row" and not adapter.is_vision_language:
-            raise ValueError(
-                f"selection='per_row' needs a vision-language model (its rows are image token rows); "
-                f"{model.config.model_type!r} is text-only"
-            )
+        protect = as_protect_mask(protect)
         self.adapter, self.model_config = adapter, model.config
         self.vision_ids = tuple(adapter.vision_token_ids(model.config)) if scope == "vision" else None
         self.vision_token_ids = adapter.vision_token_ids(model.config)
@@ -442,11 +487,6 @@ class _Executor:
         self.prefill: _Prefill | None = None
         self.vision: VisionHalting | None = None
         if self.config.vision_compression_ratio > 0:
-            if not adapter.halts_in_vision_tower:
-                raise ValueError(
-                    f"vision_compression_ratio > 0 needs a model whose vision tower can halt "
-                    f"({', '.join(model_types_with('halts_in_vision_tower'))}); {model.config.model_type!r} has none"
-                )
             ratio, scorer = self.config.vision_compression_ratio, self.config.vision_scorer()
             self.vision = VisionHalting(model, adapter, ratio, scorer)
         prefill_module = adapter.prefill_module(model)
@@ -454,6 +494,8 @@ class _Executor:
             prefill_module.register_forward_pre_hook(self._on_prefill_start, with_kwargs=True),
             prefill_module.register_forward_hook(self._on_prefill_end, with_kwargs=True),
         ]
+        if prefill_module is not model:  # the module that takes ``labels`` wraps the prefill module
+            self.handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self.halting_handles: list = []
         self.model = weakref.ref(model)
         _EXECUTORS[model] = self
@@ -492,6 +534,14 @@ class _Executor:
         for handle in self.halting_handles:
             handle.remove()
         self.halting_handles = []
+
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None and self.config.compression_ratio > 0:
+            logger.warning(
+                "labels given under a halting press: the loss also covers the halted positions, whose logits come "
+                "from their decision-layer state (DESIGN.md section 1, rule 6); protect them (press(model, "
+                "protect=...)) to score them exactly"
+            )
 
     def _on_prefill_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.prefill = None
@@ -589,7 +639,8 @@ class _Executor:
             cache = kwargs.get("past_key_values")
             if cache is not None:
                 check_cache(cache, self.decision_layer + 1)
-                attach_halted_layers(cache, self.layers, plan.cache_record(self.flash), self.decision_layer + 1)
+                record = plan.cache_record(self.flash, padded=min(prefill.tokens) < hidden.shape[1])
+                attach_halted_layers(cache, self.layers, record, self.decision_layer + 1)
             args = (plan.gather(hidden), *args[1:])
         # Layers of different attention types (full and sliding window) get different masks: compact each mask once.
         compact = computed_once(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import io
 import logging
+import numbers
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from dash_vlm.models import (
     TokenGrid,
     adapter_for,
     chat_prompts,
+    check_max_frames,
     frame_indices,
     model_types_with,
 )
@@ -43,6 +47,9 @@ ImageInput = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
 SINGLE_IMAGES = (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)  # what one image may be
 VideoInput = str | Path | Sequence[Image.Image]
 VIDEO_FPS = 2.0  # frames sampled per second of a video file, the qwen-vl-utils default
+MIN_FILE_FRAMES = 2  # qwen-vl-utils reads no video file of fewer frames (one temporal patch); PyAV decodes those
+DOWNLOAD_LIMIT_BYTES = 256 * 2**20  # an image or video fetched from a URL (allow_urls=True) is at most this large ...
+DOWNLOAD_TIMEOUT_S = 60.0  # ... and arrives within this many seconds
 
 
 @dataclass
@@ -120,12 +127,9 @@ class DashVLM:
         allow_urls: bool = False,
         cuda_graphs: bool = False,
     ):
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        self.adapter = _vision_adapter(model.config)
-        _check_pixel_limits(self.adapter, model.config.model_type, min_pixels, max_pixels)
-        self.model, self.processor = model, processor
-        self.press = press if press is not None else DeltaPress()
+        press = press if press is not None else DeltaPress()
+        self.adapter = _check_settings(model.config, processor, press, min_pixels, max_pixels, allow_urls, cuda_graphs)
+        self.model, self.processor, self._press = model, processor, press
         self.min_pixels, self.max_pixels, self.allow_urls = min_pixels, max_pixels, allow_urls
         processor.tokenizer.padding_side = "left"
         self.fast = StaticDecoder(model) if cuda_graphs else None
@@ -162,6 +166,10 @@ class DashVLM:
         halting = DeltaPress.pop_parameters(model_kwargs)
         if press is not None and halting:
             raise ValueError(f"give either press or halting parameters, not both (got press and {sorted(halting)})")
+        for key in model_kwargs:  # a misspelt halting parameter would reach the model as an unknown argument
+            close = difflib.get_close_matches(key, DeltaPress.parameter_names(), n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"unknown argument {key!r}: did you mean the halting parameter {close[0]!r}?")
         press = press if press is not None else DeltaPress(**halting)
         loaded_as = load_implementation(attn_implementation)
         if str(name_or_path).startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
@@ -170,12 +178,13 @@ class DashVLM:
             key: model_kwargs[key] for key in ("trust_remote_code", "revision", "token") if key in model_kwargs
         }
         config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
-        adapter = _vision_adapter(config)
-        _check_pixel_limits(adapter, config.model_type, min_pixels, max_pixels)
+        _vision_adapter(config)
+        processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
+        _check_settings(config, processor, press, min_pixels, max_pixels, allow_urls, cuda_graphs)
         if device_map is None:
             device_map = "cuda" if torch.cuda.is_available() else "cpu"
         _check_device_map(device_map)
-        if cuda_graphs is True and not torch.cuda.is_available():
+        if cuda_graphs and not torch.cuda.is_available():
             raise ValueError("cuda_graphs=True needs a CUDA GPU; this machine has none")
         if loaded_as is not None:
             model_kwargs["attn_implementation"] = loaded_as
@@ -183,7 +192,6 @@ class DashVLM:
             name_or_path, dtype=dtype, device_map=device_map, **model_kwargs
         ).eval()
         use_attention(model, attn_implementation)
-        processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
         logger.info("loaded %s (%s) on %s", name_or_path, config.model_type, model.device)
         return cls(
             model,
@@ -194,6 +202,16 @@ class DashVLM:
             allow_urls=allow_urls,
             cuda_graphs=cuda_graphs,
         )
+
+    @property
+    def press(self) -> DeltaPress:
+        """The halting rule applied to every prefill; an assigned press is checked against the model at once."""
+        return self._press
+
+    @press.setter
+    def press(self, press: DeltaPress) -> None:
+        _check_press(press, self.model.config)
+        self._press = press
 
     def generate(
         self,
@@ -236,7 +254,7 @@ class DashVLM:
             raise ValueError(f"prompt must be a non-empty string or a non-empty list of them, got {prompt!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        frame_indices(1, max_frames)  # validates max_frames
+        check_max_frames(max_frames)
         if video is not None and not self.adapter.video:
             raise ValueError(
                 f"video is supported for model types {', '.join(model_types_with('video'))}, "
@@ -249,15 +267,16 @@ class DashVLM:
                 {
                     "role": "user",
                     "content": [
-                        *({"type": "image", "image": self._load_image(item)} for item in sample_images),
-                        *({"type": "video", "video": self._load_video(item, max_frames)} for item in sample_videos),
+                        *({"type": "image", "image": item} for item in sample_images),
+                        *({"type": "video", "video": item, "max_frames": max_frames} for item in sample_videos),
                         {"type": "text", "text": text},
                     ],
                 }
             ]
             for text, sample_images, sample_videos in zip(prompts, images, videos, strict=True)
         ]
-        results = self.generate_conversations(conversations, max_new_tokens=max_new_tokens, **generation_kwargs)
+        # Video files given here are decoded by PyAV (only the kept frames are ever held), not by qwen-vl-utils.
+        results = self._generate_chats(conversations, None, True, max_new_tokens, generation_kwargs)
         return results if batched else results[0]
 
     def generate_conversations(
@@ -268,24 +287,47 @@ class DashVLM:
         max_new_tokens: int = 128,
         **generation_kwargs,
     ) -> list[GenerationResult]:
-        """Generate for chat conversations whose images and video frames are loaded ``PIL`` images.
+        """Generate for chat conversations.
 
-        ``prompts`` replaces the chat template's rendering of each conversation (the lmms-eval models use it to
-        follow lmms-eval's own prompt format); the conversations then only supply the images.
+        An image entry's ``image`` is anything :meth:`generate` takes as one image; a video entry's ``video`` is a list
+        of frames or a file path (read by qwen-vl-utils, as lmms-eval's ``qwen2_vl`` reads it; ``max_frames`` in the
+        entry keeps that many evenly spaced frames). URLs are fetched only with ``allow_urls=True``. ``prompts``
+        replaces the chat template's rendering of each conversation (the lmms-eval models use it to follow lmms-eval's
+        own prompt format); the conversations then only supply the images.
         """
-        if not conversations:
-            raise ValueError("conversations must hold at least one conversation, got none")
-        if generation_kwargs.get("num_return_sequences", 1) != 1:
-            raise NotImplementedError("num_return_sequences must be 1: DashVLM returns one answer per prompt")
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError(
+                f"conversations must hold at least one conversation (a list of them), got {conversations!r:.80}"
+            )
         if prompts is not None and len(prompts) != len(conversations):
             raise ValueError(f"prompts must have one entry per conversation ({len(conversations)}), got {len(prompts)}")
+        return self._generate_chats(list(conversations), prompts, False, max_new_tokens, generation_kwargs)
+
+    def _generate_chats(
+        self,
+        conversations: list[list[dict]],
+        prompts: list[str] | None,
+        decode_video_files: bool,
+        max_new_tokens: int,
+        generation_kwargs: dict,
+    ) -> list[GenerationResult]:
+        """Everything is checked and every visual loaded before the model runs. A result keeps, for its halting map,
+        only what the user gave (paths, their own objects; a fetched URL's bytes), never decoded pixels."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        beams = self._check_generation(generation_kwargs)
+        loader = VisualLoader(self.allow_urls, decode_video_files)
+        resolved, kept = zip(*(loader.conversation(chat) for chat in conversations), strict=True)
+        if prompts is None:
+            self._check_user_text(resolved)
         inputs = self.adapter.processor_inputs(
-            self.processor, conversations, self.min_pixels, self.max_pixels, prompts=prompts
+            self.processor, list(resolved), self.min_pixels, self.max_pixels, prompts=prompts
         )
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        del resolved  # the decoded pixels die here: the processor's tensors are what the model needs
         with self._lock:
-            results = self._generate(inputs, max_new_tokens, generation_kwargs)
-        for result, conversation, prompt in zip(results, conversations, prompts or [None] * len(results), strict=True):
+            results = self._generate(inputs, beams, max_new_tokens, generation_kwargs)
+        for result, conversation, prompt in zip(results, kept, prompts or [None] * len(results), strict=True):
             # The grids are rebuilt from the prompt alone when asked for: nothing is kept from the batch or the model.
             result.grid_source = functools.partial(
                 _token_grids,
@@ -294,32 +336,68 @@ class DashVLM:
                 self.processor,
                 self.min_pixels,
                 self.max_pixels,
+                loader,
                 conversation,
                 prompt,
             )
         return results
 
-    def _generate(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
+    def _check_generation(self, generation_kwargs: dict) -> int:
+        """Refuse generation settings DashVLM cannot answer, given as keywords or in a ``generation_config``, before
+        any model work; return the number of beams (beam search prefills each prompt once per beam)."""
+        config = generation_kwargs.get("generation_config") or self.model.generation_config
+
+        def setting(name: str):
+            return generation_kwargs.get(name, getattr(config, name, None))
+
+        refused = {
+            name: setting(name)
+            for name, default in GENERATION_REFUSED.items()
+            if setting(name) is not None and (setting(name) != default or type(setting(name)) is not type(default))
+        }
+        if refused:
+            raise ValueError(
+                f"DashVLM returns one answer text per prompt; it does not take {refused} (apply DeltaPress to "
+                "model.generate directly for more)"
+            )
+        if self.fast is not None:
+            greedy = {"do_sample": False, "num_beams": 1}
+            unsupported = {name: setting(name) for name in greedy if setting(name) not in (None, greedy[name])}
+            unsupported |= {name: value for name, value in generation_kwargs.items() if name not in greedy}
+            if unsupported:
+                raise ValueError(f"cuda_graphs=True decodes greedily; it does not take {unsupported}")
+        return setting("num_beams") or 1
+
+    def _check_user_text(self, conversations: list[list[dict]]) -> None:
+        """A vision placeholder typed in a message would be taken for an image the prompt does not have."""
+        marks = self.processor.tokenizer.convert_ids_to_tokens(self.adapter.vision_token_ids(self.model.config))
+        for chat in conversations:
+            for text in _texts(chat):
+                typed = [mark for mark in marks if mark in text]
+                if typed:
+                    raise ValueError(
+                        f"the prompt text {text!r:.120} holds the vision placeholder {typed[0]!r}; placeholders come "
+                        "from the image and video arguments, not from typed text"
+                    )
+
+    def _generate(self, inputs, beams: int, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
         if self.fast is not None:
             return self._generate_fast(inputs, max_new_tokens, generation_kwargs)
-        return self._generate_eager(inputs, max_new_tokens, generation_kwargs)
+        return self._generate_eager(inputs, beams, max_new_tokens, generation_kwargs)
 
-    def _generate_eager(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
+    def _generate_eager(
+        self, inputs, beams: int, max_new_tokens: int, generation_kwargs: dict
+    ) -> list[GenerationResult]:
         generation_kwargs.setdefault("do_sample", False)
         first_token = FirstTokenTimer(self.model.device)
         generation_kwargs["stopping_criteria"] = [*generation_kwargs.get("stopping_criteria", []), first_token]
         with torch.inference_mode(), self.press(self.model):
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation_kwargs)
-        beams = generation_kwargs.get("num_beams") or self.model.generation_config.num_beams or 1
         stats = self.press.last_stats[::beams]  # beam search prefills each prompt once per beam, identically
         return self._results(output[:, inputs["input_ids"].shape[1] :], stats, first_token.timer.milliseconds())
 
     def _generate_fast(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
-        """Greedy generation on the fast path; only greedy settings are accepted."""
-        greedy = {"do_sample": False, "num_beams": 1}
-        unsupported = {key: value for key, value in generation_kwargs.items() if greedy.get(key, object()) != value}
-        if unsupported:
-            raise ValueError(f"cuda_graphs=True decodes greedily; it does not take {unsupported}")
+        """Greedy generation on the fast path (``_check_generation`` refused any other setting)."""
         output = self.fast.generate(dict(inputs), self.press, max_new_tokens)
         return self._results(output.tokens, self.press.last_stats, output.first_token.milliseconds())
 
@@ -337,7 +415,12 @@ class DashVLM:
     ) -> tuple[float, bool]:
         """Log-probability of ``continuation`` after the conversation's prompt, and whether greedy decoding would
         produce it. The continuation's tokens are protected from halting, so their logits are exact."""
-        prompt = prompt if prompt is not None else chat_prompts(self.processor, [conversation])[0]
+        if not isinstance(continuation, str) or not continuation:
+            raise ValueError(f"continuation must be a non-empty string, got {continuation!r}")
+        conversation, _ = VisualLoader(self.allow_urls, False).conversation(conversation)
+        if prompt is None:
+            self._check_user_text([conversation])
+            prompt = chat_prompts(self.processor, [conversation])[0]
         context = self.adapter.processor_inputs(
             self.processor, [conversation], self.min_pixels, self.max_pixels, [prompt]
         )
@@ -356,38 +439,168 @@ class DashVLM:
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
         return log_probs.sum().item(), bool((logits.argmax(-1) == targets).all())
 
-    def _load_image(self, image: ImageInput) -> Image.Image:
-        if isinstance(image, Image.Image):
-            return _rgb(image, "the PIL image")
-        if isinstance(image, (np.ndarray, torch.Tensor)):
-            return _array_image(image)
-        if isinstance(image, bytes):
-            return _open_image(image, f"<{len(image)} bytes>")
-        if isinstance(image, (str, Path)):
-            return _open_image(self._read_file("image", image), str(image))
+
+GENERATION_REFUSED = {  # generation settings whose results DashVLM's one text per prompt cannot carry, and the default
+    "num_return_sequences": 1,
+    "return_dict_in_generate": False,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+}
+
+
+@dataclass(frozen=True)
+class VisualLoader:
+    """Turns the images and videos of a conversation, as the user gave them, into what the processor takes. Every
+    visual passes here before it reaches the processor or qwen-vl-utils: URLs are fetched only with ``allow_urls``,
+    within ``DOWNLOAD_LIMIT_BYTES`` and ``DOWNLOAD_TIMEOUT_S``; a bad input is refused naming it.
+
+    Parameters
+    ----------
+    allow_urls : bool
+        Whether ``http(s)://`` sources may be fetched.
+    decode_video_files : bool
+        Decode video files with PyAV (``DashVLM.generate``: only the kept frames are ever held); otherwise a file is
+        checked here and read by qwen-vl-utils at 2 frames a second, as lmms-eval's ``qwen2_vl`` reads it (a file of
+        fewer than ``MIN_FILE_FRAMES`` frames, which qwen-vl-utils cannot read, is decoded by PyAV).
+    """
+
+    allow_urls: bool
+    decode_video_files: bool
+
+    def conversation(self, chat: list[dict]) -> tuple[list[dict], list[dict]]:
+        """The conversation with its visuals loaded, and the one to keep for a halting map: the visuals as given,
+        except a URL's fetched bytes in place of the URL (a map never fetches again)."""
+        if not isinstance(chat, (list, tuple)) or not all(isinstance(m, dict) and "content" in m for m in chat):
+            raise ValueError(
+                f"a conversation must be a list of messages, dicts with 'role' and 'content', got {chat!r:.200}"
+            )
+        loaded, kept = [], []
+        for message in chat:
+            if isinstance(message["content"], str):
+                loaded.append(message)
+                kept.append(message)
+                continue
+            items = [self._item(item) for item in message["content"]]
+            loaded.append({**message, "content": [item for item, _ in items]})
+            kept.append({**message, "content": [item for _, item in items]})
+        return loaded, kept
+
+    def _item(self, item: dict) -> tuple[dict, dict]:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image":
+            image, source = self.image(item.get("image"))
+            return {**item, "image": image}, {**item, "image": source}
+        if kind == "video":
+            if "max_frames" in item:
+                check_max_frames(item["max_frames"])
+            video, source = self.video(item.get("video"), item.get("max_frames", DEFAULT_MAX_FRAMES))
+            return {**item, "video": video}, {**item, "video": source}
+        if kind == "text" and isinstance(item.get("text"), str):
+            return item, item
+        raise ValueError(f"a message's content items must be image, video or text entries, got {item!r:.200}")
+
+    def image(self, source: ImageInput) -> tuple[Image.Image, ImageInput]:
+        """One image as an RGB picture, and what to keep of it."""
+        if isinstance(source, Image.Image):
+            return _rgb(source, "the PIL image"), source
+        if isinstance(source, (np.ndarray, torch.Tensor)):
+            return _array_image(source), source
+        if isinstance(source, bytes):
+            return open_image(source, f"<{len(source)} bytes>"), source
+        if isinstance(source, (str, Path)):
+            data, kept = self._read("image", source)
+            return open_image(data, str(source)), kept
         raise TypeError(
-            f"image must be a path, URL, bytes, PIL image, numpy array or torch tensor, got {type(image).__name__}"
+            f"image must be a path, URL, bytes, PIL image, numpy array or torch tensor, got {type(source).__name__}"
         )
 
-    def _load_video(self, video: VideoInput, max_frames: int) -> list[Image.Image]:
-        if isinstance(video, (str, Path)):
-            return _decode_video(self._read_file("video", video), str(video), max_frames)
-        return [self._load_image(video[index]) for index in frame_indices(len(video), max_frames)]
+    def video(self, source: VideoInput | bytes, max_frames: int) -> tuple[list[Image.Image] | str, object]:
+        """One video as its kept frames (or, for qwen-vl-utils, a checked file path), and what to keep of it."""
+        if isinstance(source, bytes):
+            return decode_video(io.BytesIO(source), f"<{len(source)} bytes>", max_frames), source
+        if isinstance(source, (str, Path)):
+            if _is_url(str(source)):
+                data, kept = self._read("video", source)
+                return decode_video(io.BytesIO(data), str(source), max_frames), kept
+            path = _local_file("video", source)
+            if self.decode_video_files or count_frames(path) < MIN_FILE_FRAMES:
+                return decode_video(str(path), str(source), max_frames), source
+            return str(path), source
+        if isinstance(source, (list, tuple)):
+            if not source:
+                raise ValueError("video is an empty list of frames; give at least one frame")
+            frames = [self.image(source[index])[0] for index in frame_indices(len(source), max_frames)]
+            if len({frame.size for frame in frames}) > 1:
+                raise ValueError(
+                    f"video frames must all have one size, got {sorted({frame.size for frame in frames})} (width, "
+                    "height)"
+                )
+            return frames, source
+        raise TypeError(f"video must be a file path, URL, bytes or a list of frames, got {type(source).__name__}")
 
-    def _read_file(self, parameter: str, source: str | Path) -> bytes:
-        text = str(source)
-        if text.startswith(("http://", "https://")):
+    def _read(self, parameter: str, source: str | Path) -> tuple[bytes, bytes | str | Path]:
+        """A file's or URL's bytes, and what to keep: the path, or the fetched bytes of a URL."""
+        if _is_url(str(source)):
             if not self.allow_urls:
-                raise ValueError(f"{parameter} {text!r} is a URL; pass allow_urls=True to fetch it")
-            import requests
+                raise ValueError(f"{parameter} {str(source)!r} is a URL; pass allow_urls=True to fetch it")
+            data = fetch(str(source), parameter)
+            return data, data
+        return _local_file(parameter, source).read_bytes(), source
 
-            response = requests.get(text, timeout=60)
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def _local_file(parameter: str, source: str | Path) -> Path:
+    path = Path(str(source).removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{parameter} file not found: {path}")
+    return path
+
+
+def fetch(url: str, parameter: str) -> bytes:
+    """The bytes at ``url``, at most ``DOWNLOAD_LIMIT_BYTES`` of them within ``DOWNLOAD_TIMEOUT_S`` seconds in all;
+    ``ValueError`` naming ``parameter`` and the URL otherwise."""
+    import requests
+
+    deadline = time.monotonic() + DOWNLOAD_TIMEOUT_S
+    data = bytearray()
+    try:
+        with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
             response.raise_for_status()
-            return response.content
-        path = Path(text.removeprefix("file://")).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{parameter} file not found: {path}")
-        return path.read_bytes()
+            declared = int(response.headers.get("Content-Length") or 0)
+            for chunk in response.iter_content(chunk_size=2**16) if declared <= DOWNLOAD_LIMIT_BYTES else ():
+                data += chunk
+                if len(data) > DOWNLOAD_LIMIT_BYTES:
+                    break
+                if time.monotonic() > deadline:
+                    raise ValueError(
+                        f"{parameter} {url!r} did not arrive within {DOWNLOAD_TIMEOUT_S:g} s (DOWNLOAD_TIMEOUT_S)"
+                    )
+    except requests.RequestException as error:
+        raise ValueError(f"{parameter} {url!r} could not be fetched: {error}") from error
+    if declared > DOWNLOAD_LIMIT_BYTES or len(data) > DOWNLOAD_LIMIT_BYTES:
+        raise ValueError(
+            f"{parameter} {url!r} is larger than {DOWNLOAD_LIMIT_BYTES} bytes, the download limit "
+            "(dash_vlm.vlm.DOWNLOAD_LIMIT_BYTES)"
+        )
+    return bytes(data)
+
+
+def _texts(chat: list[dict]) -> list[str]:
+    """The text of every message of a conversation."""
+    return [
+        text
+        for message in chat
+        for text in (
+            [message["content"]]
+            if isinstance(message["content"], str)
+            else [item["text"] for item in message["content"] if item.get("type") == "text"]
+        )
+    ]
 
 
 def _token_grids(
@@ -396,32 +609,38 @@ def _token_grids(
     processor: ProcessorMixin,
     min_pixels: int | None,
     max_pixels: int | None,
+    loader: VisualLoader,
     conversation: list[dict],
     prompt: str | None,
 ) -> list[TokenGrid]:
-    """The token grids of one conversation's images, from its model inputs made alone (so unpadded)."""
-    inputs = adapter.processor_inputs(
-        processor, [conversation], min_pixels, max_pixels, None if prompt is None else [prompt]
-    )
+    """The token grids of one conversation's images, from its model inputs made alone (so unpadded), its visuals
+    loaded again from what the result kept."""
+    loaded, _ = loader.conversation(conversation)
+    inputs = adapter.processor_inputs(processor, [loaded], min_pixels, max_pixels, None if prompt is None else [prompt])
     return adapter.token_grids(config, processor, dict(inputs))[0]
 
 
 def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool = False) -> list[list]:
-    """The images (or videos) of each prompt as a list of lists."""
+    """The images (or videos) of each prompt as a list of lists; several are given as a list or tuple."""
 
     def as_list(entry) -> list:
         if entry is None:
             return []
-        is_single = isinstance(entry, SINGLE_IMAGES)
-        if frames and not is_single and all(isinstance(frame, Image.Image) for frame in entry):
+        if isinstance(entry, SINGLE_IMAGES):
+            return [entry]
+        if not isinstance(entry, (list, tuple)):
+            raise TypeError(
+                f"{parameter} must be one {parameter}, or a list or tuple of them, got {type(entry).__name__}"
+            )
+        if frames and entry and all(isinstance(frame, Image.Image) for frame in entry):
             return [entry]  # one video given as its frames
-        return [entry] if is_single else list(entry)
+        return list(entry)
 
     if not batched:
         return [as_list(value)]
     if value is None:
         return [[] for _ in range(prompts)]
-    if isinstance(value, SINGLE_IMAGES) or len(value) != prompts:
+    if not isinstance(value, (list, tuple)) or len(value) != prompts:
         raise ValueError(
             f"{parameter} must be a list with one entry per prompt ({prompts} prompts) when prompt is a list, "
             f"got {value!r:.200}"
@@ -429,7 +648,8 @@ def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool
     return [as_list(entry) for entry in value]
 
 
-def _open_image(data: bytes, name: str) -> Image.Image:
+def open_image(data: bytes, name: str) -> Image.Image:
+    """An image file's bytes as the RGB picture a viewer shows; ``ValueError`` naming ``name`` if PIL cannot read it."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -472,13 +692,13 @@ def _array_image(array: np.ndarray | torch.Tensor) -> Image.Image:
     return _rgb(Image.fromarray(pixels), f"array of shape {tuple(array.shape)}")
 
 
-def _decode_video(data: bytes, name: str, max_frames: int) -> list[Image.Image]:
+def decode_video(file: str | io.BytesIO, name: str, max_frames: int) -> list[Image.Image]:
     """The frames of a video file at ``VIDEO_FPS``, at most ``max_frames`` of them evenly spaced: the packets are
     counted first, so that only the kept frames are ever converted and held."""
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(file) as container:
             stream = container.streams.video[0]
             step = max(1, round(float(stream.average_rate or VIDEO_FPS) / VIDEO_FPS))
             sampled = range(0, sum(1 for packet in container.demux(stream) if packet.size), step)
@@ -489,6 +709,21 @@ def _decode_video(data: bytes, name: str, max_frames: int) -> list[Image.Image]:
         raise ValueError(f"video {name!r} is not a video file PyAV can decode ({error})") from error
     if not frames:
         raise ValueError(f"video {name!r} has no frames")
+    return frames
+
+
+def count_frames(path: Path) -> int:
+    """The frames of a video file (its packets with data, no frame decoded); ``ValueError`` naming a file PyAV cannot
+    read, or one without frames."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frames = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+    except (av.error.FFmpegError, IndexError) as error:
+        raise ValueError(f"video {str(path)!r} is not a video file PyAV can decode ({error})") from error
+    if not frames:
+        raise ValueError(f"video {str(path)!r} has no frames")
     return frames
 
 
@@ -510,14 +745,47 @@ def _check_device_map(device_map: str | dict) -> None:
         raise ValueError(f"device_map={device_map!r} asks for a GPU, but torch sees none; use device_map='cpu'")
 
 
-def _check_pixel_limits(adapter: ModelAdapter, model_type: str, min_pixels: int | None, max_pixels: int | None):
+def _check_press(press: object, config: PretrainedConfig) -> None:
+    if not isinstance(press, DeltaPress):
+        raise ValueError(
+            f"press must be a DeltaPress, got {type(press).__name__} {press!r:.80} (other kvpress presses apply to "
+            "model.generate directly)"
+        )
+    press.halting_config().check_model(config)
+
+
+def _check_settings(
+    config: PretrainedConfig,
+    processor: ProcessorMixin,
+    press: object,
+    min_pixels: object,
+    max_pixels: object,
+    allow_urls: object,
+    cuda_graphs: object,
+) -> ModelAdapter:
+    """Every ``DashVLM`` setting checked against the model's config and processor, before any weights load; the
+    family's adapter."""
+    adapter = _vision_adapter(config)
+    _check_press(press, config)
+    for name, value in (("allow_urls", allow_urls), ("cuda_graphs", cuda_graphs)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     if (min_pixels is not None or max_pixels is not None) and not adapter.pixel_limits:
         raise ValueError(
             f"min_pixels / max_pixels apply to model types {', '.join(model_types_with('pixel_limits'))}, "
-            f"not {model_type!r}"
+            f"not {config.model_type!r}"
         )
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
-        raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+    if adapter.pixel_limits:
+        default_min, default_max = adapter.default_pixel_limits(processor)
+        low = default_min if min_pixels is None else min_pixels
+        high = default_max if max_pixels is None else max_pixels
+        if low > high:
+            default = " (the processor's default)"
+            raise ValueError(
+                f"min_pixels {low}{default * (min_pixels is None)} exceeds max_pixels {high}"
+                f"{default * (max_pixels is None)}: no image size fits; give min_pixels <= max_pixels"
+            )
+    return adapter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import weakref
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from dash_vlm import DashVLM, DeltaPress
 from dash_vlm.shapes.evaluate import model_folder
+from dash_vlm.vlm import VisualLoader, decode_video
 
 QWEN = model_folder("qwen2-vl")
 
@@ -102,7 +104,7 @@ def test_sixteen_bit_images_are_answered_as_their_content(vlm, scene, tmp_path):
     path = tmp_path / "scene16.png"
     sixteen.save(path)
     assert Image.open(path).mode.startswith("I")
-    loaded = vlm._load_image(path)
+    loaded = VisualLoader(allow_urls=False, decode_video_files=True).image(path)[0]
     assert np.array_equal(np.asarray(loaded), np.asarray(gray.convert("RGB")))  # not clipped to white
     assert answer(vlm, path, question) == answer(vlm, gray.convert("RGB"), question)
 
@@ -115,7 +117,7 @@ def test_exif_orientation_is_applied(vlm, scene, tmp_path):
     exif[0x0112] = 6  # ... with this tag: "rotate 90 degrees clockwise to view"
     path = tmp_path / "rotated.jpg"
     stored.save(path, exif=exif, quality=95)
-    loaded = vlm._load_image(path)
+    loaded = VisualLoader(allow_urls=False, decode_video_files=True).image(path)[0]
     assert loaded.size == upright.size
     difference = np.abs(np.asarray(loaded, dtype=float) - np.asarray(upright, dtype=float)).mean()
     assert difference < 8  # JPEG noise only; sideways it differs by far more
@@ -260,3 +262,296 @@ def test_repeated_calls_leave_no_hooks_and_no_halted_caches():
 
     result = leak_check(["--calls", "5"])
     assert result["hooks_left"] == 0 and result["halted_layers_alive"] == 0
+
+
+# Issue 30: consent, downloads, unbounded inputs, late failures (each case: a clear error before model work, or the
+# legitimate request done right).
+
+
+def image_chat(image, text: str = "what colour") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture
+def no_model_work(vlm, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(vlm.model, "generate", refuse)
+    monkeypatch.setattr(vlm.model, "forward", refuse)
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def server(scene, tmp_path_factory):
+    """A local HTTP server: /scene.png (the scene), /big.png (the scene's file and 4 kB more), /slow.png (the scene's
+    file, dripped)."""
+    import http.server
+    import threading
+    import time
+
+    image, _ = scene
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = png + b"\0" * (4096 if self.path == "/big.png" else 0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path == "/slow.png":  # 16 pieces 0.1 s apart: 1.6 s in all, never 0.3 s of silence
+                piece = -(-len(body) // 16)
+                for start in range(0, len(body), piece):
+                    self.wfile.write(body[start : start + piece])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            else:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", len(png)
+    httpd.shutdown()
+
+
+def test_urls_need_consent_wherever_a_visual_enters(vlm, no_model_work, server):
+    base, _ = server
+    url = f"{base}/scene.png"
+    with pytest.raises(ValueError, match="is a URL; pass allow_urls=True"):
+        vlm.generate(image=url, prompt="what colour")
+    with pytest.raises(ValueError, match="is a URL; pass allow_urls=True"):
+        vlm.generate_conversations([image_chat(url)])
+    with pytest.raises(ValueError, match="is a URL; pass allow_urls=True"):
+        vlm.score_continuation(image_chat(url), "red")
+    video = [
+        {"role": "user", "content": [{"type": "video", "video": f"{base}/clip.mp4"}, {"type": "text", "text": "hi"}]}
+    ]
+    with pytest.raises(ValueError, match="video .* is a URL; pass allow_urls=True"):
+        vlm.generate_conversations([video])
+
+
+def test_lmms_eval_model_asks_for_consent_too(server):
+    from lmms_eval.api.instance import Instance
+
+    from dash_vlm.lmms.models import DashQwen2VL
+
+    base, _ = server
+    lmm = DashQwen2VL(pretrained=str(QWEN), device_map="cpu")
+    lmm.task_dict = {"task": {"test": [{}]}}
+    request = Instance(
+        request_type="generate_until",
+        arguments=("describe", {"max_new_tokens": 2}, lambda doc: [f"{base}/clip.mp4"], 0, "task", "test"),
+        idx=0,
+        metadata={"task": "task", "doc_id": 0, "repeats": 1},
+    )
+    with pytest.raises(ValueError, match="video .* is a URL; pass allow_urls=True"):
+        lmm.generate_until([request])
+
+
+def test_downloads_are_bounded_in_size_and_time(scene, server, monkeypatch):
+    import dash_vlm.vlm as vlm_module
+
+    base, size = server
+    image, question = scene
+    vlm = DashVLM.from_pretrained(QWEN, device_map="cpu", allow_urls=True)
+    assert answer(vlm, f"{base}/scene.png", question) == answer(vlm, image, question)
+    monkeypatch.setattr(vlm_module, "DOWNLOAD_LIMIT_BYTES", size + 100)
+    with pytest.raises(ValueError, match=f"big.png' is larger than {size + 100} bytes, the download limit"):
+        vlm.generate(image=f"{base}/big.png", prompt=question)
+    monkeypatch.setattr(vlm_module, "DOWNLOAD_TIMEOUT_S", 0.3)
+    with pytest.raises(ValueError, match="slow.png' did not arrive within 0.3 s"):
+        vlm.generate(image=f"{base}/slow.png", prompt=question)
+    with pytest.raises(ValueError, match="missing.png' could not be fetched"):
+        vlm.generate(image="http://127.0.0.1:9/missing.png", prompt=question)
+
+
+def test_results_keep_no_decoded_pixels_and_still_draw_their_maps(scene, tmp_path, monkeypatch):
+    """A result keeps the path it was given, not the decoded image; its halting map reads the file again."""
+    import dash_vlm.vlm as vlm_module
+
+    image, question = scene
+    path = tmp_path / "scene.png"
+    image.resize((300, 300)).save(path)
+    decoded = []
+    real_open = vlm_module.open_image
+
+    def tracked(data, name):
+        picture = real_open(data, name)
+        decoded.append(weakref.ref(picture))
+        return picture
+
+    monkeypatch.setattr(vlm_module, "open_image", tracked)
+    vlm = DashVLM.from_pretrained(QWEN, device_map="cpu", compression_ratio=0.667)
+    results = vlm.generate(image=[path, path], prompt=[question, question], max_new_tokens=2)
+    gc.collect()
+    assert decoded and all(ref() is None for ref in decoded)  # nothing the results hold keeps a decoded image
+    maps = results[0].halting_map()
+    in_memory = vlm.generate(image=Image.open(path).convert("RGB"), prompt=question, max_new_tokens=2)
+    assert [np.asarray(m).tolist() for m in maps] == [np.asarray(m).tolist() for m in in_memory.halting_map()]
+    assert results[0].stats.halted_positions == in_memory.stats.halted_positions
+
+
+def test_max_frames_is_bounded_by_the_clip_and_absurd_values_are_refused(vlm, no_model_work, scene):
+    from dash_vlm.models import MAX_FRAMES_LIMIT, frame_indices
+
+    assert frame_indices(8, MAX_FRAMES_LIMIT).tolist() == list(range(8))  # work bounded by the clip
+    with pytest.raises(ValueError, match=f"max_frames must be at most {MAX_FRAMES_LIMIT}"):
+        vlm.generate(video=[scene[0]] * 8, prompt="what", max_frames=10**9)
+    with pytest.raises(ValueError, match="max_frames must be at most"):
+        vlm.generate_conversations(
+            [[{"role": "user", "content": [{"type": "video", "video": [scene[0]] * 2, "max_frames": 10**9}]}]]
+        )
+
+
+def test_generation_settings_in_a_generation_config_are_honoured_or_refused_up_front(vlm, scene, monkeypatch):
+    from transformers import GenerationConfig
+
+    image, question = scene
+    vlm.press = DeltaPress(compression_ratio=0.667)
+    by_keyword = vlm.generate(image=[image, image], prompt=[question, "how many shapes"], max_new_tokens=3, num_beams=2)
+    by_config = vlm.generate(
+        image=[image, image], prompt=[question, "how many shapes"], generation_config=GenerationConfig(num_beams=2)
+    )
+    assert [r.text for r in by_config] == [r.text for r in by_keyword] and len(by_config) == 2
+    vlm.press = DeltaPress()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(vlm.model, "generate", refuse)
+    beams = GenerationConfig(num_beams=2, num_return_sequences=2)
+    with pytest.raises(ValueError, match="does not take \\{'num_return_sequences': 2\\}"):
+        vlm.generate(image=image, prompt=question, generation_config=beams)
+    with pytest.raises(ValueError, match="does not take \\{'num_return_sequences': 2\\}"):
+        vlm.generate(image=image, prompt=question, num_beams=2, num_return_sequences=2)
+    with pytest.raises(ValueError, match="does not take \\{'return_dict_in_generate': True\\}"):
+        vlm.generate(image=image, prompt=question, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="does not take \\{'output_scores': True\\}"):
+        vlm.generate(image=image, prompt=question, generation_config=GenerationConfig(output_scores=True))
+
+
+def test_settings_are_checked_when_the_vlm_is_made(vlm, monkeypatch):
+    from kvpress import KnormPress
+    from transformers import AutoModelForImageTextToText
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", no_weights)
+    cases = [
+        (dict(max_pixels=10), "min_pixels 256 \\(the processor's default\\) exceeds max_pixels 10"),
+        (dict(min_pixels=10**9), "min_pixels 1000000000 exceeds max_pixels 16384 \\(the processor's default\\)"),
+        (dict(min_pixels=True), "min_pixels must be a positive int, got True"),
+        (dict(cuda_graphs="True"), "cuda_graphs must be True or False, got 'True'"),
+        (dict(allow_urls="no"), "allow_urls must be True or False, got 'no'"),
+        (dict(press=KnormPress()), "press must be a DeltaPress, got KnormPress"),
+        (dict(press="0.5"), "press must be a DeltaPress, got str"),
+        (dict(compresion_ratio=0.5), "unknown argument 'compresion_ratio': did you mean .*'compression_ratio'"),
+        (dict(start_ratio=0.95), "start_ratio=0.95 .* last of 8 decoder layers.* below 0.875"),
+        (dict(vision_compression_ratio=0.5, vision_start_ratio=0.9), "vision_start_ratio=0.9 .* below 0.75"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            DashVLM.from_pretrained(QWEN, device_map="cpu", **kwargs)
+    with pytest.raises(ValueError, match="vision_compression_ratio > 0 needs a model whose vision tower can halt"):
+        DashVLM.from_pretrained(model_folder("llava"), device_map="cpu", vision_compression_ratio=0.5)
+    with pytest.raises(ValueError, match="press must be a DeltaPress, got str"):
+        DashVLM(vlm.model, vlm.processor, press="0.5")
+    with pytest.raises(ValueError, match="min_pixels .* exceeds max_pixels"):
+        DashVLM(vlm.model, vlm.processor, max_pixels=100)
+    with pytest.raises(ValueError, match="press must be a DeltaPress, got KnormPress"):
+        vlm.press = KnormPress()
+    assert isinstance(vlm.press, DeltaPress)
+
+
+def test_bad_video_frames_and_typed_placeholders_are_named(vlm, no_model_work, scene):
+    image, _ = scene
+    with pytest.raises(ValueError, match="video is an empty list of frames"):
+        vlm.generate(video=[[]], prompt="what")
+    with pytest.raises(ValueError, match="video frames must all have one size, got \\[\\(32, 64\\), \\(64, 64\\)\\]"):
+        vlm.generate(video=[image.resize((64, 64)), image.resize((32, 64))], prompt="what")
+    with pytest.raises(ValueError, match="video frames of 1600x16 px are too thin for qwen-vl-utils"):
+        vlm.generate(video=[Image.new("RGB", (1600, 16))] * 4, prompt="what")
+    with pytest.raises(ValueError, match="holds the vision placeholder '<\\|image_pad\\|>'"):
+        vlm.generate(video=[image] * 4, prompt="what <|image_pad|> is it")
+    with pytest.raises(ValueError, match="holds the vision placeholder"):
+        vlm.score_continuation(image_chat(image, "is it <|video_pad|>"), "red")
+    with pytest.raises(TypeError, match="image must be one image, or a list or tuple of them, got dict"):
+        vlm.generate(image={"a": image}, prompt="what")
+    with pytest.raises(TypeError, match="image must be one image, or a list or tuple of them, got set"):
+        vlm.generate(image={"scene.png"}, prompt="what")
+
+
+def write_clip(path, frames: int, side: int = 32) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=2)
+        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
+        for index in range(frames):
+            pixels = np.full((side, side, 3), 40 * index, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_short_and_corrupt_clips_given_as_files(vlm, tmp_path):
+    """A one-frame clip (qwen-vl-utils reads none under two frames) is decoded by PyAV and answered as its frame;
+    a corrupt file is named before any model work."""
+    one = tmp_path / "one.mp4"
+    write_clip(one, 1)
+    chat = [{"role": "user", "content": [{"type": "video", "video": str(one)}, {"type": "text", "text": "what"}]}]
+    from_file = vlm.generate_conversations([chat], max_new_tokens=3)[0]
+    frame = decode_video(str(one), "one", 32)
+    assert len(frame) == 1
+    assert from_file.text == vlm.generate(video=[frame], prompt="what", max_new_tokens=3).text
+    assert from_file.stats.vision_patches > 0
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\0\0\0 ftypisom" + b"garbage" * 100)
+    chat[0]["content"][0]["video"] = str(broken)
+    with pytest.raises(ValueError, match="broken.mp4' is not a video file PyAV can decode"):
+        vlm.generate_conversations([chat])
+
+
+def test_protect_converts_cleanly_or_is_refused_by_name():
+    from dash_vlm.models import adapter_for
+
+    adapter = adapter_for("qwen2_vl")
+    model, inputs = adapter.tiny_model("qwen2_vl"), adapter.tiny_inputs("qwen2_vl")["image"]
+    length = inputs["input_ids"].shape[1]
+    mask = torch.zeros(1, length, dtype=torch.bool)
+    mask[0, 10:30] = True
+    halted = []
+    for protect in (mask, mask.numpy(), mask.tolist()):
+        press = DeltaPress(compression_ratio=0.8)
+        with torch.no_grad(), press(model, protect=protect):
+            model(**inputs)
+        halted.append(press.last_stats[0].halted_positions)
+    assert halted[0] == halted[1] == halted[2] and not set(halted[0]) & set(range(10, 30))
+    for bad, described in ((mask.long().tolist(), "list of torch.int64"), (np.ones(3, bool), "ndarray of torch.bool")):
+        with pytest.raises(ValueError, match=f"protect must be a \\[batch, tokens\\] bool mask .* got {described}"):
+            with DeltaPress()(model, protect=bad):
+                pass
+    with pytest.raises(ValueError, match="protect must be .* got object"):
+        with DeltaPress()(model, protect=object()):
+            pass
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def test_labels_under_a_halting_press_are_warned_about(caplog):
+    from dash_vlm.models import adapter_for
+
+    adapter = adapter_for("qwen2_vl")
+    model, inputs = adapter.tiny_model("qwen2_vl"), adapter.tiny_inputs("qwen2_vl")["image"]
+    with torch.no_grad(), DeltaPress(compression_ratio=0.0)(model):
+        model(**inputs, labels=inputs["input_ids"])
+    assert "labels given under a halting press" not in caplog.text
+    with torch.no_grad(), DeltaPress(compression_ratio=0.5)(model):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+    assert "labels given under a halting press: the loss also covers the halted positions" in caplog.text
+    assert torch.isfinite(loss)

@@ -189,23 +189,36 @@ def hook_count(model):
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.8])
-def test_per_layer_hooks_run_only_in_a_halting_prefill(ratio):
-    """Decode steps, and a prefill at ratio 0, run the layers with no press hook; the halted cache keeps one mask
-    pre-hook per deeper layer."""
-    model, inputs = model_for("qwen2_vl"), samples("qwen2_vl")["image"]
+@pytest.mark.parametrize("padded", [False, True])
+def test_per_layer_hooks_run_only_in_a_halting_prefill(ratio, padded):
+    """Decode steps, and a prefill at ratio 0, run the layers with no press hook. In a decode step on a halted cache
+    of a padded batch each deeper layer carries the cache's one-shot mask rewrite, only from the decision layer's
+    cache update until it runs; one new token over an unpadded prompt needs none. Between forwards, and after the
+    block while the cache lives, the model carries no hook at all."""
+    model = model_for("qwen2_vl")
+    inputs = batch_and_singles("qwen2_vl")[0] if padded else samples("qwen2_vl")["image"]
     layers = model.model.language_model.layers
     decision = DeltaPress(compression_ratio=ratio).halting_config().decision_layer(len(layers))
-    hooks_per_step = []
-    recorder = model.model.language_model.norm.register_forward_pre_hook(
-        lambda module, args: hooks_per_step.append([len(layer._forward_pre_hooks) for layer in layers])
-    )
+    mid_forward, at_norm = [], []
+    recorders = [
+        layers[decision].mlp.register_forward_pre_hook(
+            lambda module, args: mid_forward.append([len(layer._forward_pre_hooks) for layer in layers])
+        ),
+        model.model.language_model.norm.register_forward_pre_hook(
+            lambda module, args: at_norm.append([len(layer._forward_pre_hooks) for layer in layers])
+        ),
+    ]
     try:
-        generate(model, inputs, DeltaPress(compression_ratio=ratio), max_new_tokens=4)
+        with torch.no_grad(), DeltaPress(compression_ratio=ratio)(model):
+            output = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     finally:
-        recorder.remove()
-    cache_hooks = [int(ratio > 0 and i > decision) for i in range(len(layers))]
-    assert hooks_per_step[1:] == [cache_hooks] * 3  # decode steps: the cache's hooks only
-    assert hooks_per_step[0] == [2 * hooks for hooks in cache_hooks]  # prefill: the press's and the cache's
+        for recorder in recorders:
+            recorder.remove()
+    deeper = [int(ratio > 0 and i > decision) for i in range(len(layers))]
+    none = [0] * len(layers)
+    assert mid_forward == [deeper] + [deeper if padded else none] * 3  # prefill: the press's hooks; then the rewrites
+    assert at_norm == [deeper] + [none] * 3  # the rewrites removed themselves as they ran
+    assert hook_count(model) == 0 and output.past_key_values.get_seq_length() > 0  # no hook while the cache lives
 
 
 @pytest.mark.parametrize("family", FAMILIES)

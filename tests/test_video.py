@@ -19,6 +19,7 @@ from dash_vlm import DashVLM
 from dash_vlm.lmms.models import DashLlava, DashQwen2VL
 from dash_vlm.models import frame_indices
 from dash_vlm.shapes.evaluate import model_folder
+from dash_vlm.vlm import decode_video
 
 QWEN, LLAVA = model_folder("qwen2-vl"), model_folder("llava")
 FRAMES, RATE, STEP = 60, 10, 5  # a 6-second clip at 10 frames a second, read at 2 a second: every 5th frame
@@ -58,9 +59,9 @@ def test_frame_indices_are_evenly_spaced_and_unique():
 def test_generate_keeps_at_most_max_frames(clip):
     vlm = DashVLM.from_pretrained(QWEN, device_map="cpu", compression_ratio=0.5)
     sampled = list(range(0, FRAMES, STEP))  # 12 frames at 2 a second
-    frames = vlm._load_video(str(clip), 4)
+    frames = decode_video(str(clip), "clip", 4)
     assert [frame_number(frame) for frame in frames] == [sampled[i] for i in (0, 3, 7, 11)]
-    assert [frame_number(frame) for frame in vlm._load_video(str(clip), 32)] == sampled
+    assert [frame_number(frame) for frame in decode_video(str(clip), "clip", 32)] == sampled
     seen, handle = model_inputs(vlm.model)
     try:
         result = vlm.generate(video=str(clip), prompt="how many circles are there ?", max_frames=4, max_new_tokens=2)

@@ -19,10 +19,12 @@ import datetime
 import gc
 import json
 import logging
+import numbers
 import platform
+import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -100,6 +102,27 @@ def dispatch_over_gpus(model: nn.Module) -> dict[str, int]:
     return device_map
 
 
+def check_device(device: str, name: str = "device", maps: Collection[str] = ()) -> None:
+    """``ValueError`` naming ``name`` unless ``device`` is "cpu", "cuda" or "cuda:N" of a GPU torch sees, or one of
+    ``maps`` (device maps such as "auto"): torch's own errors for other names ("meta") or a missing GPU come late and
+    name neither the argument nor what it accepts."""
+    if device in ("cpu", *maps):
+        return
+    gpu = re.fullmatch(r"cuda(?::(\d+))?", str(device))
+    if gpu is None:
+        raise ValueError(f"{name} must be one of {', '.join(('cpu', 'cuda', 'cuda:N', *maps))}; got {device!r}")
+    index, count = int(gpu[1] or 0), torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise ValueError(f"{name} {device!r} asks for GPU {index}, but torch sees {count} GPU(s); use cpu")
+
+
+def decoder_depth(preset: Preset) -> int:
+    """The number of decoder layers of ``preset``'s model, built on the meta device (no weights allocated)."""
+    with torch.random.fork_rng(devices=[]):  # the tiny preset seeds torch when it builds
+        model = preset.build("meta", torch.float32)
+    return len(adapter_for(model).decoder_layers(model))
+
+
 @dataclass
 class BenchConfig:
     """What ``dash-vlm bench`` measures; validated with ``ValueError``."""
@@ -122,8 +145,19 @@ class BenchConfig:
     video_frames: list[int] = field(default_factory=list)  # a video of each frame count instead of an image
 
     def __post_init__(self) -> None:
+        check_device(self.device)
+        # new_tokens >= 2: a decode step to measure; a negative warmup would cut the counted rounds short
+        for name, minimum in (("batch_size", 1), ("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if not self.paths or any(path not in PATHS for path in self.paths) or len(set(self.paths)) < len(self.paths):
             raise ValueError(f"paths must be distinct entries of {PATHS}, got {self.paths}")
+        if "static" in self.paths and not {"eager", "graphs"} & set(self.paths):
+            # the static path runs vanilla only (the press needs a dynamic cache): alone, no DASH variant would run
+            raise ValueError(
+                f"paths {self.paths}: 'static' measures vanilla only; add 'eager' or 'graphs', which measure DASH"
+            )
         if "graphs" in self.paths and self.device_map is not None:
             raise ValueError("paths 'graphs' needs the model on one GPU; it cannot run with device_map")
         if "graphs" in self.paths and self.device.startswith("cuda") and self.warmup < 1:
@@ -162,6 +196,8 @@ class BenchConfig:
                 raise ValueError(f"halting must not hold {name}: {sweep} sweeps it")
             if not getattr(self, sweep):
                 raise ValueError(f"{sweep} must hold at least one value")
+        for method in self.methods:  # also a method that no variant measures
+            self.press((0.0, 0.0, method))
         for variant in self.variants():
             self.press(variant)  # validates every field
         if any(self.vision_ratios) and not adapter_for(model_type).halts_in_vision_tower:
@@ -169,11 +205,28 @@ class BenchConfig:
                 f"vision_ratios > 0 need a model whose vision tower can halt "
                 f"({', '.join(model_types_with('halts_in_vision_tower'))}); preset {self.preset!r} is {model_type!r}"
             )
-        for name in ("batch_size", "new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.new_tokens < 2:
-            raise ValueError("new_tokens must be >= 2 to measure decoding")
+        self._check_every_method_measured()
+        if "fastv" in self.methods:  # only FastV's layer can fall outside the decoder: a start ratio < 1 always fits
+            depth = decoder_depth(PRESETS[self.preset])
+            for variant in self.variants():
+                self.press(variant).decision_layer(depth)
+
+    def _check_every_method_measured(self) -> None:
+        """``ValueError`` naming a method of ``methods`` that no variant measures: the sweep would report vanilla
+        alone for it and look like a result."""
+        measured = {method for _, _, method in self.variants()}
+        for method in self.methods:
+            if method in measured:
+                continue
+            if not SCORERS[method].vision_tower:
+                raise ValueError(
+                    f"methods: {method!r} cannot halt in the vision tower, so it runs only at vision ratio 0 with a "
+                    f"decoder ratio above 0, which vision_ratios {self.vision_ratios} and ratios {self.ratios} lack"
+                )
+            raise ValueError(
+                f"methods: {method!r} has nothing to measure: ratios {self.ratios} and vision_ratios "
+                f"{self.vision_ratios} hold only 0, which halts nothing and is measured once, with the first method"
+            )
 
     def variants(self) -> list[tuple[float, float, str]]:
         """Every (decoder ratio, vision ratio, method) measured against vanilla; ratios (0, 0), which halt nothing

@@ -9,7 +9,10 @@ settings. Images are passed as they are (no JPEG re-encoding); video files (Qwen
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import inspect
+import numbers
 import time
 
 from accelerate import Accelerator
@@ -19,9 +22,10 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.utils import Collator
 from PIL import Image
 from tqdm import tqdm
+from transformers import AutoConfig
 
-from dash_vlm.lmms import figures
-from dash_vlm.models import DEFAULT_MAX_FRAMES, model_types_with
+from dash_vlm.lmms import MODELS, figures
+from dash_vlm.models import DEFAULT_MAX_FRAMES, adapter_for, check_max_frames, model_types_with
 from dash_vlm.press import DeltaPress
 from dash_vlm.vlm import DashVLM
 
@@ -31,22 +35,31 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 class DashLMM(lmms):
     """The shared lmms-eval model: ``generate_until`` (batched) and ``loglikelihood`` under DASH.
 
+    Model args come as lmms-eval hands them over: Python values, or text from ``--model_args`` (which its parser may
+    have turned into a bool, an int or a float). Every one is converted and checked here, before any weights load; a
+    bad one raises ``ValueError`` naming it, its value and what it accepts.
+
     Parameters
     ----------
     pretrained : str
-        Hub id or local folder of the checkpoint.
+        Hub id or local folder of the checkpoint. A family subclass reads its config first and refuses a model type
+        outside its family (``family``), naming the dash model that serves it.
     attn_implementation, dtype, device_map :
         As in ``DashVLM.from_pretrained``; with several processes each loads on its own device.
     max_new_tokens : int
-        Default generation length when the task sets none.
+        Default generation length when the task sets none; at least 1.
     batch_size : int
-        Requests per batch (lmms-eval's ``--batch_size``).
+        Requests per batch (lmms-eval's ``--batch_size``); at least 1. ``auto`` (and ``auto:N``) is refused: these
+        models do not search for the largest batch that fits, and the batch size changes the timings they report.
     cuda_graphs : bool
         The fast path (``DashVLM``'s ``cuda_graphs``); tasks must decode greedily.
     **model_args
         The halting parameters, any field of ``DeltaPress`` by name (``compression_ratio``, ``method``, ...), and the
         family's own settings (``family_model_args``).
     """
+
+    family: str | None = None
+    """A model type of the family; the checkpoint's must be one that its adapter serves (``None``: any)."""
 
     def __init__(
         self,
@@ -60,27 +73,75 @@ class DashLMM(lmms):
         **model_args,
     ) -> None:
         super().__init__()
+        if str(batch_size).strip().lower().startswith("auto"):
+            raise ValueError(
+                f"batch_size must be an int >= 1, got {batch_size!r}: {type(self).__name__} does not search for the "
+                "largest batch that fits (lmms-eval's --batch_size auto); give --batch_size N"
+            )
+        self.batch_size_per_gpu = _model_arg("batch_size", batch_size, int, minimum=1)
+        self.max_new_tokens = _model_arg("max_new_tokens", max_new_tokens, int, minimum=1)
+        cuda_graphs = _model_arg("cuda_graphs", cuda_graphs, bool)
+        press = DeltaPress.from_options(**DeltaPress.pop_parameters(model_args))
+        family_args = self.family_model_args(**model_args)
+        self.check_family(pretrained)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         if device_map is None and self._world_size > 1:
             device_map = str(self.accelerator.device)
         self.vlm = DashVLM.from_pretrained(
             pretrained,
-            press=DeltaPress.from_options(**DeltaPress.pop_parameters(model_args)),
+            press=press,
             dtype=dtype,
             device_map=device_map,
             attn_implementation=attn_implementation,
-            cuda_graphs=_flag("cuda_graphs", cuda_graphs),
-            **self.family_model_args(**model_args),
+            cuda_graphs=cuda_graphs,
+            **family_args,
         )
-        self.max_new_tokens = int(max_new_tokens)
-        self.batch_size_per_gpu = int(batch_size)
 
     def family_model_args(self, **model_args) -> dict:
         """Extra model args a family accepts (``min_pixels`` / ``max_pixels`` for Qwen); none by default."""
         if model_args:
-            raise ValueError(f"{type(self).__name__} got unknown model args {sorted(model_args)}")
+            raise ValueError(
+                f"{type(self).__name__} got unknown model args {sorted(model_args)}; it takes "
+                f"{', '.join(self.model_arg_names())}"
+            )
         return {}
+
+    @classmethod
+    def model_arg_names(cls) -> list[str]:
+        """Every model arg the class takes by name: its constructors', its family's and the halting parameters."""
+        methods = [klass.__init__ for klass in cls.__mro__ if issubclass(klass, DashLMM)] + [cls.family_model_args]
+        return sorted(
+            {
+                parameter.name
+                for method in methods
+                for parameter in list(inspect.signature(method).parameters.values())[1:]
+                if parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+            }
+            | set(DeltaPress.parameter_names())
+        )
+
+    def check_family(self, pretrained: str) -> None:
+        """``ValueError`` naming ``pretrained`` when the checkpoint's model type (read from its config alone, before
+        any weights load) is not one of the family's, with the dash model that serves it."""
+        if self.family is None:
+            return
+        try:
+            model_type = AutoConfig.from_pretrained(pretrained).model_type
+        except OSError:
+            return  # a checkpoint that cannot be read: DashVLM.from_pretrained says why, before any weights load
+        served = adapter_for(self.family).model_types
+        if model_type in served:
+            return
+        models = _lmms_models()
+        serving = [name for name, model in models.items() if model.family == model_type] or [
+            name for name, model in models.items() if model_type in adapter_for(model.family).model_types
+        ]
+        own = next((name for name, model in models.items() if model is type(self)), type(self).__name__)
+        raise ValueError(
+            f"{own} serves model types {', '.join(served)}; the checkpoint pretrained={pretrained!r} is "
+            f"{model_type!r}; " + (f"use {' or '.join(serving)}" if serving else "no dash lmms-eval model serves it")
+        )
 
     def prompt_options(self) -> dict:
         """Settings of the family's prompt rule (``ModelAdapter.lmms_conversation``); none by default."""
@@ -221,8 +282,10 @@ class DashLMM(lmms):
 
 
 class DashQwen2VL(DashLMM):
-    """Prompts as lmms-eval's ``qwen2_vl``, whose pixel budget and video frame cap (``max_num_frames``) are the
-    defaults here."""
+    """Prompts as lmms-eval's ``qwen2_vl``, whose pixel budget (``min_pixels`` / ``max_pixels``) and video frame cap
+    (``max_num_frames``, at most ``MAX_FRAMES_LIMIT``) are the defaults here. Serves Qwen2-VL and Qwen2.5-VL."""
+
+    family = "qwen2_vl"
 
     def __init__(
         self,
@@ -231,37 +294,71 @@ class DashQwen2VL(DashLMM):
         max_num_frames: int | str = DEFAULT_MAX_FRAMES,
         **kwargs,
     ):
-        self.system_prompt, self.max_num_frames = system_prompt, int(max_num_frames)
-        if self.max_num_frames < 1:
-            raise ValueError(f"max_num_frames must be a positive int, got {max_num_frames!r}")
+        self.system_prompt = system_prompt
+        self.max_num_frames = check_max_frames(_model_arg("max_num_frames", max_num_frames, int), "max_num_frames")
         super().__init__(pretrained, **kwargs)
 
     def family_model_args(self, min_pixels: int = 3136, max_pixels: int = 602112, **model_args) -> dict:
         super().family_model_args(**model_args)
-        return {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
+        return {
+            name: _model_arg(name, value, int)
+            for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+        }
 
     def prompt_options(self) -> dict:
         return {"system_prompt": self.system_prompt, "max_num_frames": self.max_num_frames}
 
 
 class DashQwen2_5_VL(DashQwen2VL):  # noqa: N801 - named like lmms-eval's Qwen2_5_VL
+    family = "qwen2_5_vl"
+
     def __init__(self, pretrained: str = "Qwen/Qwen2.5-VL-7B-Instruct", **kwargs):
         super().__init__(pretrained, **kwargs)
 
 
 class DashLlava(DashLMM):
-    """Prompts as lmms-eval's ``llava_hf``."""
+    """Prompts as lmms-eval's ``llava_hf``. Serves LLaVA-1.5 and LLaVA-NeXT."""
+
+    family = "llava"
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", **kwargs):
         super().__init__(pretrained, **kwargs)
 
 
-def _flag(name: str, value: bool | str) -> bool:
-    """A boolean model arg, as lmms-eval hands it over (a bool, or text from ``--model_args``)."""
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _model_arg(name: str, value: object, kind: type[int] | type[bool], minimum: int | None = None) -> int | bool:
+    """A model arg as ``kind`` (``int`` at least ``minimum``, or ``bool``), from the Python value or the text that
+    lmms-eval hands over (its parser makes "-1" the float -1.0, so an integral float counts as an int).
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, the value and what is accepted.
+    """
+    if kind is bool:
+        flag = value if isinstance(value, bool) else FLAGS.get(str(value).strip().lower())
+        if flag is None:
+            raise ValueError(f"{name} must be true or false, got {value!r} (accepted: {', '.join(FLAGS)})")
+        return flag
+    number = None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = int(value)
+    if number is None or (minimum is not None and number < minimum):
+        raise ValueError(f"{name} must be an int{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
+    return number
+
+
+def _lmms_models() -> dict[str, type[DashLMM]]:
+    """The registered lmms-eval models (``dash_vlm.lmms.MODELS``) by name."""
+    classes = {}
+    for name, path in MODELS.items():
+        module, _, attribute = path.rpartition(".")
+        classes[name] = getattr(importlib.import_module(module), attribute)
+    return classes

@@ -11,6 +11,7 @@ tiny test models and inputs, its real-shape speed presets, and its lmms-eval pro
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +147,14 @@ class ModelAdapter:
         """The norm after the last decoder layer, where the halted tokens' states rejoin the kept ones."""
         return self.decoder(model).norm
 
+    def decoder_depth(self, config: PretrainedConfig) -> int:
+        """The number of decoder layers of a model of ``config``."""
+        return config.get_text_config().num_hidden_layers
+
+    def vision_depth(self, config: PretrainedConfig) -> int:
+        """The number of blocks of the vision tower of a model of ``config`` (a family whose tower halts)."""
+        raise NotImplementedError(f"{self.model_types} does not halt in its vision tower")
+
     def vision_tower(self, model: nn.Module) -> nn.Module | None:
         """The vision tower (whose output the decoder reads), or ``None`` for a text-only model."""
         if self.vision_tower_attribute is None:
@@ -203,6 +212,11 @@ class ModelAdapter:
         prompts = chat_prompts(processor, conversations) if prompts is None else prompts
         vision = self.vision_inputs(processor, vision_items(conversations), min_pixels, max_pixels)
         return processor(text=prompts, padding=True, return_tensors="pt", **vision)
+
+    def default_pixel_limits(self, processor: ProcessorMixin) -> tuple[int, int] | None:
+        """The pixel budget (``min_pixels``, ``max_pixels``) the processor applies when none is given, for a family
+        whose processor resizes to one (``pixel_limits``)."""
+        return None
 
     def vision_inputs(
         self, processor: ProcessorMixin, items: list[dict], min_pixels: int | None, max_pixels: int | None
@@ -265,14 +279,26 @@ class ModelAdapter:
 
 
 DEFAULT_MAX_FRAMES = 32  # lmms-eval's qwen2_vl default
+# No video of more frames fits one GPU (5,120 frames of 448 px filled an H200, BENCHMARKS.md "Video"): a larger cap
+# is a mistake, refused rather than honoured.
+MAX_FRAMES_LIMIT = 65536
+
+
+def check_max_frames(max_frames: object, name: str = "max_frames") -> int:
+    """``max_frames`` as an int in ``1..MAX_FRAMES_LIMIT``; ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral) or max_frames < 1:
+        raise ValueError(f"{name} must be a positive int, got {max_frames!r}")
+    if max_frames > MAX_FRAMES_LIMIT:
+        raise ValueError(f"{name} must be at most {MAX_FRAMES_LIMIT} (more frames than fit a GPU), got {max_frames}")
+    return int(max_frames)
 
 
 def frame_indices(frames: int, max_frames: int) -> np.ndarray:
     """Which of ``frames`` sampled frames a video keeps under a cap of ``max_frames``, as lmms-eval's ``qwen2_vl``
-    picks them: evenly spaced, first and last included, no index twice."""
-    if not isinstance(max_frames, int) or max_frames < 1:
-        raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
-    return np.unique(np.linspace(0, frames - 1, max_frames, dtype=int))
+    picks them: evenly spaced, first and last included, no index twice. The work is bounded by the clip: a cap above
+    ``frames`` keeps every frame."""
+    max_frames = check_max_frames(max_frames)
+    return np.unique(np.linspace(0, frames - 1, min(max_frames, max(frames, 1)), dtype=int))
 
 
 def vision_items(conversations: list[list[dict]]) -> list[dict]:

@@ -77,12 +77,15 @@ class LlavaAdapter(ModelAdapter):
                 )
                 canvas = torch.arange(rows * side * columns * side).view(1, rows * side, columns * side)
                 cells = unpad_image(canvas, image_size)[0]  # the canvas cells the model keeps, as it cuts them
-                tiled.append((rows, columns, divmod(int(cells[0, 0]), columns * side), cells.shape))
-                counts[len(tiled) - 1] += cells.shape[0] * (cells.shape[1] + 1)
+                counts[len(tiled)] += cells.shape[0] * (cells.shape[1] + 1)  # each row ends in a newline token
+                # An image so thin that unpadding keeps no cell has no tiled view (a tall one keeps its newlines).
+                tiled.append(
+                    (rows, columns, divmod(int(cells[0, 0]), columns * side), cells.shape) if cells.numel() else None
+                )
         owners = item_positions(inputs["input_ids"] == config.image_token_id, counts)
         for image, (sample, positions) in enumerate(owners):
             views = [(positions[: side * side].view(side, side), None)]
-            if tiled:
+            if tiled and tiled[image] is not None:
                 rows, columns, corner, (height, width) = tiled[image]
                 grid = positions[side * side :].view(height, width + 1)[:, :-1]  # without the row-end newlines
                 views.append((grid, (rows, columns, corner)))

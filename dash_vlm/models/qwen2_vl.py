@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from qwen_vl_utils import process_vision_info
+from qwen_vl_utils import vision_process as qwen_vision
 from torch import nn
 from transformers import (
     PreTrainedModel,
@@ -56,6 +57,21 @@ def _grid_thw(tower_args: tuple, tower_kwargs: dict) -> torch.Tensor:
     return tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
 
 
+def _check_frame_size(size: tuple[int, int], patch_size: int, limits: dict) -> None:
+    """qwen-vl-utils resizes each frame of a frame-list video on a grid twice the merged patch (``fetch_video`` hands
+    ``fetch_image`` its factor, which doubles it again), so a frame far thinner than wide can round a side to 0
+    pixels, which PIL refuses deep inside; refuse it here, naming the size."""
+    width, height = size
+    factor = 2 * patch_size * qwen_vision.SPATIAL_MERGE_SIZE
+    resized = qwen_vision.smart_resize(height, width, factor=factor, **limits)
+    if min(resized) == 0:
+        raise ValueError(
+            f"video frames of {width}x{height} px are too thin for qwen-vl-utils, which would resize them to "
+            f"{resized[1]}x{resized[0]} px; give frames at least {factor} px on each side after scaling to max_pixels "
+            f"({limits['max_pixels']}), or the frames as images"
+        )
+
+
 MODEL_CLASSES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
@@ -71,13 +87,16 @@ class QwenVLAdapter(ModelAdapter):
         """Images and videos through qwen-vl-utils under the pixel budget. A video is a frame list or a file path (read
         by qwen-vl-utils at 2 frames a second); ``max_frames`` in its entry keeps that many evenly spaced frames of
         what was read, as lmms-eval's ``qwen2_vl`` does (``models.frame_indices``)."""
-        size = processor.image_processor.size
+        default_min, default_max = self.default_pixel_limits(processor)
         limits = {
-            "min_pixels": size["shortest_edge"] if min_pixels is None else min_pixels,
-            "max_pixels": size["longest_edge"] if max_pixels is None else max_pixels,
+            "min_pixels": default_min if min_pixels is None else min_pixels,
+            "max_pixels": default_max if max_pixels is None else max_pixels,
         }
         caps = [item.get("max_frames") for item in items if item["type"] == "video"]
         content = [{key: value for key, value in item.items() if key != "max_frames"} | limits for item in items]
+        for item in content:
+            if item["type"] == "video" and not isinstance(item["video"], str):
+                _check_frame_size(item["video"][0].size, processor.image_processor.patch_size, limits)
         images, videos, video_kwargs = process_vision_info(
             [[{"role": "user", "content": content}]],
             return_video_kwargs=True,
@@ -93,6 +112,13 @@ class QwenVLAdapter(ModelAdapter):
         # temporal positions read it; a batch mixing videos of different lengths under a cap is off there).
         fps = video_kwargs["fps"][0] * len(videos[0]) / first_frames
         return {"images": images, "videos": videos, **limits, "do_sample_frames": False, "fps": fps}
+
+    def vision_depth(self, config) -> int:
+        return config.vision_config.depth
+
+    def default_pixel_limits(self, processor: ProcessorMixin) -> tuple[int, int]:
+        size = processor.image_processor.size
+        return size["shortest_edge"], size["longest_edge"]
 
     def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
         """One segment per temporal patch of each image or video: the full-attention segments of the tower."""

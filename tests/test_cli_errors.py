@@ -1,0 +1,339 @@
+"""Command-line mistakes end in a usage error before any model loads (issue 30, items 2 and 12-14): exit status 2, one
+line on stderr naming the flag, no traceback; the library entry points behind them raise ``ValueError`` naming the
+argument; and what the commands accept, they do right (the demo's private halting map, diagnose's images)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dash_vlm import diagnose
+from dash_vlm.bench import BenchConfig
+from dash_vlm.cli import main as cli_main
+from dash_vlm.shapes.evaluate import model_folder
+from dash_vlm.vlm import DashVLM
+
+QWEN, LLAVA = str(model_folder("qwen2-vl")), str(model_folder("llava"))
+
+
+class Reached(Exception):
+    """Raised by a stub where the command would start its work: every check before it passed."""
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a checkpoint or building the bench's model fails the test: a usage error must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(DashVLM, "from_pretrained", refuse)
+    monkeypatch.setattr("dash_vlm.bench.run_bench", refuse)
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """The error line of a command that must end in a usage error (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: ")
+    line = err.strip().splitlines()[-1]
+    assert re.match(r"dash-vlm( \w+)?: error: ", line)
+    return line
+
+
+@pytest.fixture
+def image_file(tmp_path) -> Path:
+    path = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# Item 2: the demo's halting map.
+
+
+def test_demo_writes_its_map_in_a_fresh_private_folder_and_follows_no_planted_link(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the shared temporary folder, for this test
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    planted = tmp_path / "dash-vlm-halting-map.png"  # the fixed name of earlier releases
+    planted.symlink_to(victim)
+    cli_main(["demo", "--ratio", "0.5"])
+    written = Path(
+        capsys.readouterr().out.split("halting map of the first question (halted tokens shaded): ")[1].strip()
+    )
+    assert victim.read_text() == "keep me" and planted.is_symlink() and planted.resolve() == victim
+    folder = written.parent
+    assert folder.parent == tmp_path and folder.name.startswith("dash-vlm-") and folder.stat().st_mode & 0o777 == 0o700
+    with Image.open(written) as picture:
+        assert picture.size == (256, 256)
+
+
+def test_demo_checks_a_given_halting_map_before_loading(tmp_path, no_model, capsys):
+    assert "--halting-map" in usage_error(["demo", "--halting-map", str(tmp_path / "missing" / "map.png")], capsys)
+    assert "--halting-map" in usage_error(["demo", "--halting-map", str(tmp_path / "map")], capsys)
+
+
+# Item 12: dash-vlm diagnose.
+
+
+def diagnose_argv(tmp_path: Path, *flags: str) -> list[str]:
+    return ["diagnose", "--model", QWEN, *flags, "--output", str(tmp_path / "out.json")]
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    return images
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--limit", "-1"], "--limit"),
+        (["--limit", "0"], "--limit"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--device", "meta"], "--device"),
+    ],
+)
+def test_diagnose_numbers_and_device_are_usage_errors(tmp_path, folder, no_model, capsys, flags, flag):
+    line = usage_error(diagnose_argv(tmp_path, "--images", str(folder), *flags), capsys)
+    assert flag in line and ("whole number >= 1" in line or "cpu, cuda, cuda:N, auto" in line)
+
+
+def test_diagnose_paths_are_checked_before_loading(tmp_path, folder, no_model, capsys):
+    argv = ["diagnose", "--model", QWEN, "--images", str(folder), "--output"]
+    assert "--output" in usage_error([*argv, str(tmp_path / "missing" / "out.json")], capsys)
+    assert "--output" in usage_error([*argv, str(tmp_path)], capsys)  # a folder
+    plot = ["--plot", str(tmp_path / "missing" / "plot.png")]
+    assert "--plot" in usage_error([*argv, str(tmp_path / "out.json"), *plot], capsys)
+    assert "--images" in usage_error(diagnose_argv(tmp_path, "--images", str(tmp_path / "missing")), capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no image files" in usage_error(diagnose_argv(tmp_path, "--images", str(empty)), capsys)
+
+
+def test_diagnose_reads_images_as_generate_does(tmp_path):
+    """16-bit pixels are scaled (not clipped to white) and EXIF orientation is applied."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((4, 6), 32768, dtype=np.uint16)).save(images / "a-grey16.png")
+    pixels = np.zeros((4, 8, 3), dtype=np.uint8)
+    pixels[:, :4], pixels[:, 4:] = (255, 0, 0), (0, 0, 255)  # red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown turned 90 degrees clockwise
+    Image.fromarray(pixels).save(images / "b-turned.png", exif=exif)
+    grey, turned = diagnose.load_images(images)
+    assert grey.mode == "RGB" and grey.getpixel((0, 0)) == (127, 127, 127)  # 32768 / 257
+    assert turned.size == (4, 8)  # width 4, height 8: turned
+    assert turned.getpixel((0, 0)) == (255, 0, 0) and turned.getpixel((0, 7)) == (0, 0, 255)  # red on top
+
+
+def test_diagnose_limit_takes_the_first_images(tmp_path, folder, monkeypatch):
+    assert [image.getpixel((0, 0))[0] for image in diagnose.load_images(folder, 2)] == [0, 40]
+    assert len(diagnose.load_images(folder, 10)) == 3
+    seen = {}
+
+    def measure(vlm, images, prompts, batch_size, samples):
+        seen.update(images=images, prompts=prompts, batch_size=batch_size)
+        raise Reached
+
+    monkeypatch.setattr(DashVLM, "from_pretrained", lambda *args, **kwargs: None)
+    monkeypatch.setattr(diagnose, "diagnose", measure)
+    with pytest.raises(Reached):
+        cli_main(diagnose_argv(tmp_path, "--images", str(folder), "--limit", "2", "--batch-size", "1"))
+    assert [image.getpixel((0, 0))[0] for image in seen["images"]] == [0, 40]
+    assert seen["prompts"] == [diagnose.DEFAULT_PROMPT] * 2 and seen["batch_size"] == 1
+
+
+def test_diagnose_library_names_bad_arguments(folder):
+    for limit in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="limit must be an int >= 1"):
+            diagnose.load_images(folder, limit)
+    with pytest.raises(ValueError, match="folder .* does not exist or is not a folder"):
+        diagnose.load_images(folder / "missing")
+    image = Image.new("RGB", (16, 16))
+    for batch_size in (0, -1):  # before the model is touched: no model is given
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            diagnose.diagnose(None, [image], ["what"], batch_size)
+    with pytest.raises(ValueError, match="images must hold one image or more"):
+        diagnose.diagnose(None, [], [], 1)
+
+
+# Item 13: dash-vlm generate.
+
+
+def generate_argv(*flags: str, model: str = QWEN) -> list[str]:
+    return ["generate", "--model", model, "--prompt", "what colour", *flags]
+
+
+def test_generate_halting_map_is_checked_before_loading(tmp_path, image_file, no_model, capsys):
+    image = ["--image", str(image_file)]
+    for target, message in (
+        (tmp_path / "missing" / "map.png", "does not exist"),
+        (tmp_path / "map", "needs the suffix of an image format"),
+        (tmp_path, "is a folder"),
+    ):
+        line = usage_error(generate_argv(*image, "--halting-map", str(target)), capsys)
+        assert "--halting-map" in line and message in line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image", "missing.png"], "--image missing.png: no such file"),
+        (["--image", "https://example.com/cat.png"], "add --allow-urls"),
+        (["--video", "missing.mp4"], "--video missing.mp4: no such file"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a whole number >= 1"),
+        (["--ratio", "0.5", "--compression-ratio", "0.6"], "--ratio and --compression-ratio are one flag"),
+        (["--compression-ratio", "0.6", "--ratio", "0.5"], "--compression-ratio and --ratio are one flag"),
+        (["--device", "meta"], "--device must be one of cpu, cuda, cuda:N, auto; got 'meta'"),
+        (["--device", "gpu"], "--device must be one of"),
+    ],
+)
+def test_generate_flags_are_checked_before_loading(no_model, capsys, flags, message):
+    assert message in usage_error(generate_argv(*flags), capsys)
+
+
+def test_generate_video_needs_a_video_model_before_loading(tmp_path, monkeypatch, no_model, capsys):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"only its existence is checked before loading")
+    line = usage_error(generate_argv("--video", str(clip), model=LLAVA), capsys)
+    assert "--video needs a model that takes video (qwen2_5_vl, qwen2_vl)" in line and "'llava'" in line
+
+    def loaded(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(DashVLM, "from_pretrained", loaded)
+    with pytest.raises(Reached):  # a Qwen2-VL checkpoint takes it
+        cli_main(generate_argv("--video", str(clip)))
+
+
+def test_halting_flags_that_cannot_apply_to_the_model_are_usage_errors(tmp_path, image_file, no_model, capsys):
+    image = ["--image", str(image_file)]
+    line = usage_error(generate_argv(*image, "--vision-compression-ratio", "0.5", model=LLAVA), capsys)
+    assert "vision_compression_ratio > 0 needs a model whose vision tower can halt" in line and "'llava'" in line
+    line = usage_error(generate_argv(*image, "--start-ratio", "0.95"), capsys)
+    assert "start_ratio=0.95 puts the decision layer at the last of 8 decoder layers" in line
+    assert "below 0.875" in usage_error(["demo", "--start-ratio", "0.95"], capsys)
+    line = usage_error(diagnose_argv(tmp_path, "--images", str(tmp_path), "--start-ratio", "0.9"), capsys)
+    assert "start_ratio=0.9 puts the decision layer" in line
+    line = usage_error(generate_argv(*image, model=str(tmp_path / "nothing")), capsys)
+    assert "--model: cannot read the config of" in line
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_a_gpu_device_without_a_gpu_is_a_usage_error(no_model, no_gpu, capsys, device):
+    line = usage_error(generate_argv("--device", device), capsys)
+    assert f"--device {device!r} asks for GPU" in line and "torch sees 0 GPU(s); use cpu" in line
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda", "cuda:0"])
+def test_accepted_devices_reach_the_loader(monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = {}
+
+    def loaded(*args, **kwargs):
+        seen.update(kwargs)
+        raise Reached
+
+    monkeypatch.setattr(DashVLM, "from_pretrained", loaded)
+    with pytest.raises(Reached):
+        cli_main(generate_argv("--device", device))
+    assert seen["device_map"] == device
+
+
+def test_a_missing_gpu_index_is_a_usage_error(monkeypatch, no_model, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "--device 'cuda:1' asks for GPU 1, but torch sees 1 GPU(s)" in usage_error(
+        generate_argv("--device", "cuda:1"), capsys
+    )
+
+
+# Item 14: dash-vlm bench.
+
+
+def bench_argv(*flags: str) -> list[str]:
+    return ["bench", "--preset", "tiny", "--image-size", "32", *flags, "--output", "unused.json"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--paths", "static"], "'static' measures vanilla only; add 'eager' or 'graphs'"),
+        (["--warmup", "-3"], "argument --warmup: must be a whole number >= 0, got '-3'"),
+        (["--repeats", "0"], "argument --repeats: must be a whole number >= 1"),
+        (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
+        (["--new-tokens", "1"], "argument --new-tokens: must be a whole number >= 2"),
+        (["--methods", "fastv", "--vision-compression-ratios", "0.5"], "methods: 'fastv' cannot halt in the vision"),
+        (["--methods", "fastv", "--fastv-layer", "50"], "fastv_layer must be in 1..4 for a 5-layer decoder, got 50"),
+        (["--ratios", "0.5", "--compression-ratios", "0.6"], "--ratios and --compression-ratios are one flag"),
+        (["--device", "meta"], "--device must be one of cpu, cuda, cuda:N; got 'meta'"),
+        (["--device", "auto"], "--device must be one of cpu, cuda, cuda:N; got 'auto'"),  # --device-map auto splits
+    ],
+)
+def test_bench_flags_are_checked_before_the_model_is_built(no_model, capsys, flags, message):
+    assert message in usage_error(bench_argv(*flags), capsys)
+
+
+def test_bench_cuda_without_a_gpu_is_a_usage_error(no_model, no_gpu, capsys):
+    assert "--device 'cuda' asks for GPU 0, but torch sees 0 GPU(s)" in usage_error(
+        bench_argv("--device", "cuda"), capsys
+    )
+
+
+def test_bench_accepts_what_it_can_measure(monkeypatch):
+    seen = []
+    monkeypatch.setattr("dash_vlm.bench.main", lambda config, output, plot: seen.append(config))
+    cli_main(bench_argv("--paths", "eager,static", "--ratios", "0.5", "--warmup", "0"))
+    cli_main(bench_argv("--methods", "fastv", "--fastv-layer", "4", "--ratios", "0.5"))
+    cli_main(bench_argv("--methods", "dash,fastv", "--ratios", "0.5", "--vision-compression-ratios", "0,0.5"))
+    assert seen[0].runs() == [("eager", None), ("eager", (0.5, 0.0, "dash")), ("static", None)]
+    assert seen[1].variants() == [(0.5, 0.0, "fastv")]
+    assert seen[2].variants() == [(0.5, 0.0, "dash"), (0.5, 0.5, "dash"), (0.5, 0.0, "fastv")]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(paths=["static"]), "'static' measures vanilla only"),
+        (dict(warmup=-3), "warmup must be an int >= 0, got -3"),
+        (dict(repeats=0), "repeats must be an int >= 1"),
+        (dict(batch_size=0), "batch_size must be an int >= 1"),
+        (dict(new_tokens=1), "new_tokens must be an int >= 2"),
+        (dict(methods=["fastv"], vision_ratios=[0.5]), "methods: 'fastv' cannot halt in the vision tower"),
+        (dict(methods=["dash", "fastv"], vision_ratios=[0.3, 0.5]), "methods: 'fastv' cannot halt"),
+        (dict(methods=["dash", "random"], ratios=[0.0]), "methods: 'random' has nothing to measure"),
+        (dict(methods=["dash", "norm"], ratios=[0.0]), "method must be one of"),
+        (dict(methods=["fastv"], halting={"fastv_layer": 5}), "fastv_layer must be in 1..4 for a 5-layer decoder"),
+        (dict(preset="qwen2-vl-7b", methods=["fastv"], halting={"fastv_layer": 28}), "1..27 for a 28-layer"),
+        (dict(device="meta"), "device must be one of cpu, cuda, cuda:N; got 'meta'"),
+        (dict(device="cuda:x"), "device must be one of"),
+    ],
+)
+def test_bad_bench_config_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=re.escape(match) if "(" in match else match):
+        BenchConfig(**(dict(preset="tiny", image_sizes=[32], ratios=[0.5]) | kwargs))
+
+
+def test_bench_config_refuses_a_gpu_that_is_not_there(no_gpu):
+    with pytest.raises(ValueError, match=re.escape("device 'cuda' asks for GPU 0, but torch sees 0 GPU(s)")):
+        BenchConfig(preset="tiny", image_sizes=[32], ratios=[0.5], device="cuda")
