@@ -36,22 +36,30 @@ class HaltRecord:
         Whether any sample keeps fewer tokens than there are slots.
     flash : bool
         Whether the model runs FlashAttention (2-D masks).
-    padded : bool
-        Whether the prompt held padding.
+    one_token_masks : bool
+        Whether a forward of one new token needs its mask rewritten even without filler: the prompt held padding, or
+        the attention does not cut the model's mask to the key length (all but SDPA).
     """
 
     def __init__(
-        self, index: torch.Tensor, valid: torch.Tensor, prompt_length: int, has_filler: bool, flash: bool, padded: bool
+        self,
+        index: torch.Tensor,
+        valid: torch.Tensor,
+        prompt_length: int,
+        has_filler: bool,
+        flash: bool,
+        one_token_masks: bool,
     ):
         self.index, self.valid = index, valid
-        self.prompt_length, self.has_filler, self.flash, self.padded = prompt_length, has_filler, flash, padded
+        self.prompt_length, self.has_filler, self.flash = prompt_length, has_filler, flash
+        self.one_token_masks = one_token_masks
         self._memo: tuple | None = None
 
     def needs_mask(self, num_queries: int) -> bool:
-        """Whether a forward of ``num_queries`` new tokens needs its mask rewritten above the decision layer. One new
-        token over a layout without filler or padding needs none: every compact key is visible to it, and the model's
-        mask, if it builds one (eager), allows every key (SDPA and eager cut it to the key length)."""
-        return num_queries > 1 or self.has_filler or self.padded or self.flash
+        """Whether a forward of ``num_queries`` new tokens needs its mask rewritten above the decision layer. Under
+        SDPA, one new token after an unpadded prompt without filler needs none: every compact key is visible to it,
+        and a mask the model builds allows every key and is cut to the key length."""
+        return num_queries > 1 or self.has_filler or self.one_token_masks
 
     @property
     def slots(self) -> int:

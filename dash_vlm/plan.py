@@ -94,10 +94,10 @@ class HaltPlan:
             self.filler_last,
         )
 
-    def cache_record(self, flash: bool, padded: bool) -> HaltRecord:
-        """What a halted KV cache keeps of this plan, for the forwards that continue it (``padded``: whether the
-        prompt held padding)."""
-        return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash, padded)
+    def cache_record(self, flash: bool, one_token_masks: bool) -> HaltRecord:
+        """What a halted KV cache keeps of this plan, for the forwards that continue it (``HaltRecord`` documents
+        ``one_token_masks``)."""
+        return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash, one_token_masks)
 
 
 def plan_halting(

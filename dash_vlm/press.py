@@ -478,7 +478,7 @@ class _Executor:
         self.vision_ids = tuple(adapter.vision_token_ids(model.config)) if scope == "vision" else None
         self.vision_token_ids = adapter.vision_token_ids(model.config)
         self.patches_per_token = adapter.vision_patches_per_token(model.config)
-        self.protect, self.flash = protect, attention.startswith("flash")
+        self.protect, self.attention, self.flash = protect, attention, attention.startswith("flash")
         self.scorer = self.config.scorer()
         self.layers: nn.ModuleList = adapter.decoder_layers(model)
         self.final_norm = adapter.final_norm(model)
@@ -639,7 +639,8 @@ class _Executor:
             cache = kwargs.get("past_key_values")
             if cache is not None:
                 check_cache(cache, self.decision_layer + 1)
-                record = plan.cache_record(self.flash, padded=min(prefill.tokens) < hidden.shape[1])
+                padded = min(prefill.tokens) < hidden.shape[1]
+                record = plan.cache_record(self.flash, one_token_masks=padded or self.attention != "sdpa")
                 attach_halted_layers(cache, self.layers, record, self.decision_layer + 1)
             args = (plan.gather(hidden), *args[1:])
         # Layers of different attention types (full and sliding window) get different masks: compact each mask once.
