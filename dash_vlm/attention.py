@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from dash_vlm.models import adapter_for
 
@@ -246,6 +247,12 @@ def load_implementation(attn_implementation: str | dict | None) -> str | dict | 
     if attn_implementation == FLASH_ATTENTION_4:
         flash_attention_4_kernels()  # fail before loading anything
         return "sdpa"
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if attn_implementation in available and not available[attn_implementation]():
+        raise ImportError(
+            f"attn_implementation={attn_implementation!r} needs the flash-attn package for it, which is not "
+            "installed here (pip install 'dash-vlm[flash]'); 'sdpa' runs PyTorch's own flash kernel"
+        )
     return attn_implementation
 
 

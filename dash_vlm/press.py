@@ -459,6 +459,8 @@ class _Executor:
     model at the adapter's insertion points; ``remove`` restores the model exactly."""
 
     def __init__(self, press: DeltaPress, model: PreTrainedModel, protect: torch.Tensor | None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"press(model) takes a model (a torch module), got {type(model).__name__}")
         if model in _EXECUTORS:  # a second press would re-plan the first one's compact layers and caches
             raise NotImplementedError(
                 "DASH presses do not nest: this model is already inside a `with press(model)` block (in this thread "
@@ -564,8 +566,12 @@ class _Executor:
         batch, length = reference.shape[:2]
         if self.vision_ids is not None and input_ids is None:
             raise ValueError("scope='vision' needs input_ids to find the vision tokens; got only inputs_embeds")
-        if self.protect is not None and tuple(self.protect.shape) != (batch, length):
-            raise ValueError(f"protect has shape {tuple(self.protect.shape)}, the prompt is {(batch, length)}")
+        protect = self.protect
+        if protect is not None and protect.shape[0] and protect.shape[1] == length and batch % protect.shape[0] == 0:
+            # generate expands each prompt in place for beam search or several sequences (repeat_interleave)
+            protect = protect.repeat_interleave(batch // protect.shape[0], dim=0)
+        if protect is not None and tuple(protect.shape) != (batch, length):
+            raise ValueError(f"protect has shape {tuple(protect.shape)}, the prompt is {(batch, length)}")
         attention_mask = kwargs.get("attention_mask")
         groups = None
         if self.config.selection == "per_row" and self.config.compression_ratio > 0:  # read on the host, up front
@@ -578,7 +584,7 @@ class _Executor:
             groups = row_groups(rows, placeholders(input_ids, self.vision_token_ids))
         # The statistics read these masks after the block: the closure holds what it needs, never the executor and
         # with it the model.
-        vision_ids, protect, config = self.vision_ids, self.protect, self.config
+        vision_ids, config = self.vision_ids, self.config
 
         def token_masks() -> tuple[torch.Tensor, torch.Tensor]:
             real = torch.ones(batch, length, dtype=torch.bool, device=reference.device)

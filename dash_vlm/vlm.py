@@ -48,6 +48,7 @@ SINGLE_IMAGES = (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)  # wha
 VideoInput = str | Path | Sequence[Image.Image]
 VIDEO_FPS = 2.0  # frames sampled per second of a video file, the qwen-vl-utils default
 MIN_FILE_FRAMES = 2  # qwen-vl-utils reads no video file of fewer frames (one temporal patch); PyAV decodes those
+DEFAULT_MAX_NEW_TOKENS = 128
 DOWNLOAD_LIMIT_BYTES = 256 * 2**20  # an image or video fetched from a URL (allow_urls=True) is at most this large ...
 DOWNLOAD_TIMEOUT_S = 60.0  # ... and arrives within this many seconds
 
@@ -74,6 +75,8 @@ class GenerationResult:
         """One picture per image or video frame group of the prompt: the image as the model saw it, the cells of the
         tokens that halted in the decoder shaded dark and the patches that halted in the vision tower blue (LLaVA-NeXT:
         the base view and the tiled view side by side); scaled up by whole pixels to at least ``min_height`` rows."""
+        if isinstance(min_height, bool) or not isinstance(min_height, numbers.Real) or not 0 <= min_height <= 8192:
+            raise ValueError(f"min_height must be a number of pixel rows in [0, 8192], got {min_height!r}")
         patches = self.stats.vision_halted_patches or ()
         return halting_maps(self.grids, self.stats.halted_positions, patches, min_height)
 
@@ -127,6 +130,11 @@ class DashVLM:
         allow_urls: bool = False,
         cuda_graphs: bool = False,
     ):
+        if not isinstance(model, PreTrainedModel) or not isinstance(processor, ProcessorMixin):
+            raise TypeError(
+                f"DashVLM takes a transformers model and its processor, got {type(model).__name__} and "
+                f"{type(processor).__name__}"
+            )
         press = press if press is not None else DeltaPress()
         self.adapter = _check_settings(model.config, processor, press, min_pixels, max_pixels, allow_urls, cuda_graphs)
         self.model, self.processor, self._press = model, processor, press
@@ -172,8 +180,12 @@ class DashVLM:
                 raise ValueError(f"unknown argument {key!r}: did you mean the halting parameter {close[0]!r}?")
         press = press if press is not None else DeltaPress(**halting)
         loaded_as = load_implementation(attn_implementation)
+        if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+            raise TypeError(f"name_or_path must be a hub id or a folder (str or Path), got {name_or_path!r}")
         if str(name_or_path).startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
             raise FileNotFoundError(f"name_or_path {str(name_or_path)!r} is a local path that does not exist")
+        if Path(name_or_path).expanduser().is_file():
+            raise ValueError(f"name_or_path {str(name_or_path)!r} is a file; give the checkpoint's folder")
         hub_kwargs = {
             key: model_kwargs[key] for key in ("trust_remote_code", "revision", "token") if key in model_kwargs
         }
@@ -211,7 +223,8 @@ class DashVLM:
     @press.setter
     def press(self, press: DeltaPress) -> None:
         _check_press(press, self.model.config)
-        self._press = press
+        with self._lock:  # not in the middle of another thread's call
+            self._press = press
 
     def generate(
         self,
@@ -220,7 +233,7 @@ class DashVLM:
         *,
         video: VideoInput | Sequence | None = None,
         max_frames: int = DEFAULT_MAX_FRAMES,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         **generation_kwargs,
     ) -> GenerationResult | list[GenerationResult]:
         """Answer a prompt about images (or a video), or a batch of prompts.
@@ -237,8 +250,8 @@ class DashVLM:
         max_frames : int
             At most this many frames of each video, evenly spaced (as lmms-eval's ``qwen2_vl`` keeps them); a file's
             other frames are never held in memory.
-        max_new_tokens : int
-            Generation length limit.
+        max_new_tokens : int, optional
+            Generation length limit; by default a ``generation_config``'s own, else ``DEFAULT_MAX_NEW_TOKENS``.
         **generation_kwargs
             Passed to ``model.generate``; decoding is greedy unless ``do_sample=True`` is given.
 
@@ -246,14 +259,14 @@ class DashVLM:
         -------
         GenerationResult, or a list of them for a batch.
         """
-        if not isinstance(prompt, (str, Sequence)):
+        if not isinstance(prompt, (str, list, tuple)):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         batched = not isinstance(prompt, str)
         prompts = list(prompt) if batched else [prompt]
-        if not prompts or not all(isinstance(text, str) and text.strip() for text in prompts):
+        if not all(isinstance(text, str) for text in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r:.120}")
+        if not prompts or not all(text.strip() for text in prompts):
             raise ValueError(f"prompt must be a non-empty string or a non-empty list of them, got {prompt!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         check_max_frames(max_frames)
         if video is not None and not self.adapter.video:
             raise ValueError(
@@ -284,7 +297,7 @@ class DashVLM:
         conversations: list[list[dict]],
         prompts: list[str] | None = None,
         *,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         **generation_kwargs,
     ) -> list[GenerationResult]:
         """Generate for chat conversations.
@@ -308,25 +321,27 @@ class DashVLM:
         conversations: list[list[dict]],
         prompts: list[str] | None,
         decode_video_files: bool,
-        max_new_tokens: int,
+        max_new_tokens: int | None,
         generation_kwargs: dict,
     ) -> list[GenerationResult]:
         """Everything is checked and every visual loaded before the model runs. A result keeps, for its halting map,
         only what the user gave (paths, their own objects; a fetched URL's bytes), never decoded pixels."""
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        max_new_tokens = self._max_new_tokens(max_new_tokens, generation_kwargs.get("generation_config"))
         beams = self._check_generation(generation_kwargs)
         loader = VisualLoader(self.allow_urls, decode_video_files)
         resolved, kept = zip(*(loader.conversation(chat) for chat in conversations), strict=True)
         if prompts is None:
             self._check_user_text(resolved)
+        else:
+            for number, (prompt, chat) in enumerate(zip(prompts, resolved, strict=True)):
+                self._check_prompt(f"prompts[{number}]", prompt, chat)
         inputs = self.adapter.processor_inputs(
             self.processor, list(resolved), self.min_pixels, self.max_pixels, prompts=prompts
         )
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)
         del resolved  # the decoded pixels die here: the processor's tensors are what the model needs
-        with self._lock:
-            results = self._generate(inputs, beams, max_new_tokens, generation_kwargs)
+        with self._lock:  # the press is read once: another thread may assign vlm.press only between calls
+            results = self._generate(self._press, inputs, beams, max_new_tokens, generation_kwargs)
         for result, conversation, prompt in zip(results, kept, prompts or [None] * len(results), strict=True):
             # The grids are rebuilt from the prompt alone when asked for: nothing is kept from the batch or the model.
             result.grid_source = functools.partial(
@@ -369,37 +384,59 @@ class DashVLM:
         return setting("num_beams") or 1
 
     def _check_user_text(self, conversations: list[list[dict]]) -> None:
-        """A vision placeholder typed in a message would be taken for an image the prompt does not have."""
+        self.check_text([text for chat in conversations for text in _texts(chat)])
+
+    def _check_prompt(self, name: str, prompt: object, chat: list[dict]) -> None:
+        """A prompt given in place of the chat template's: a non-empty string with one placeholder per image and per
+        video of its conversation (the processor expands each), so that no placeholder stands for nothing."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {prompt!r:.80}")
+        ids = self.adapter.vision_token_ids(self.model.config)
+        marks = self.processor.tokenizer.convert_ids_to_tokens(ids)
+        content = [message["content"] for message in chat if isinstance(message["content"], list)]
+        items = [item["type"] for items in content for item in items]
+        for mark, kind in zip(marks, ("image", "video"), strict=False):
+            if prompt.count(mark) != items.count(kind):
+                raise ValueError(
+                    f"{name} holds {prompt.count(mark)} {mark!r} placeholders for {items.count(kind)} {kind}s of its "
+                    "conversation; give one per image and per video"
+                )
+
+    def check_text(self, texts: list[str]) -> None:
+        """``ValueError`` for a text typed by the user that holds a vision placeholder (``<|image_pad|>``,
+        ``<image>``): the model would take it for an image the prompt does not have."""
         marks = self.processor.tokenizer.convert_ids_to_tokens(self.adapter.vision_token_ids(self.model.config))
-        for chat in conversations:
-            for text in _texts(chat):
-                typed = [mark for mark in marks if mark in text]
-                if typed:
-                    raise ValueError(
-                        f"the prompt text {text!r:.120} holds the vision placeholder {typed[0]!r}; placeholders come "
-                        "from the image and video arguments, not from typed text"
-                    )
+        for text in texts:
+            typed = [mark for mark in marks if mark in text]
+            if typed:
+                raise ValueError(
+                    f"the prompt text {text!r:.120} holds the vision placeholder {typed[0]!r}; placeholders come "
+                    "from the image and video arguments, not from typed text"
+                )
 
-    def _generate(self, inputs, beams: int, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
-        if self.fast is not None:
-            return self._generate_fast(inputs, max_new_tokens, generation_kwargs)
-        return self._generate_eager(inputs, beams, max_new_tokens, generation_kwargs)
-
-    def _generate_eager(
-        self, inputs, beams: int, max_new_tokens: int, generation_kwargs: dict
+    def _generate(
+        self, press: DeltaPress, inputs, beams: int, max_new_tokens: int, generation_kwargs: dict
     ) -> list[GenerationResult]:
-        generation_kwargs.setdefault("do_sample", False)
+        if self.fast is not None:
+            output = self.fast.generate(dict(inputs), press, max_new_tokens)  # greedy: _check_generation saw to it
+            return self._results(output.tokens, press.last_stats, output.first_token.milliseconds())
+        if "generation_config" not in generation_kwargs:  # a generation_config given decides for itself
+            generation_kwargs.setdefault("do_sample", False)
         first_token = FirstTokenTimer(self.model.device)
         generation_kwargs["stopping_criteria"] = [*generation_kwargs.get("stopping_criteria", []), first_token]
-        with torch.inference_mode(), self.press(self.model):
+        with torch.inference_mode(), press(self.model):
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation_kwargs)
-        stats = self.press.last_stats[::beams]  # beam search prefills each prompt once per beam, identically
+        stats = press.last_stats[::beams]  # beam search prefills each prompt once per beam, identically
         return self._results(output[:, inputs["input_ids"].shape[1] :], stats, first_token.timer.milliseconds())
 
-    def _generate_fast(self, inputs, max_new_tokens: int, generation_kwargs: dict) -> list[GenerationResult]:
-        """Greedy generation on the fast path (``_check_generation`` refused any other setting)."""
-        output = self.fast.generate(dict(inputs), self.press, max_new_tokens)
-        return self._results(output.tokens, self.press.last_stats, output.first_token.milliseconds())
+    @staticmethod
+    def _max_new_tokens(max_new_tokens: object, generation_config: object) -> int:
+        """The generation length: given, or the ``generation_config``'s own, or ``DEFAULT_MAX_NEW_TOKENS``."""
+        if max_new_tokens is None:
+            max_new_tokens = getattr(generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        return int(max_new_tokens)
 
     def _results(self, new_tokens: torch.Tensor, stats: list[PrefillStats], ttft_ms: float) -> list[GenerationResult]:
         """One result per prompt: its answer text, statistics, the batch's time to first token and its token count."""
@@ -418,9 +455,12 @@ class DashVLM:
         if not isinstance(continuation, str) or not continuation:
             raise ValueError(f"continuation must be a non-empty string, got {continuation!r}")
         conversation, _ = VisualLoader(self.allow_urls, False).conversation(conversation)
+        self.check_text([continuation])
         if prompt is None:
             self._check_user_text([conversation])
             prompt = chat_prompts(self.processor, [conversation])[0]
+        else:
+            self._check_prompt("prompt", prompt, conversation)
         context = self.adapter.processor_inputs(
             self.processor, [conversation], self.min_pixels, self.max_pixels, [prompt]
         )
@@ -472,12 +512,17 @@ class VisualLoader:
     def conversation(self, chat: list[dict]) -> tuple[list[dict], list[dict]]:
         """The conversation with its visuals loaded, and the one to keep for a halting map: the visuals as given,
         except a URL's fetched bytes in place of the URL (a map never fetches again)."""
-        if not isinstance(chat, (list, tuple)) or not all(isinstance(m, dict) and "content" in m for m in chat):
+        if not isinstance(chat, (list, tuple)) or not chat or not all(map(_is_message, chat)):
             raise ValueError(
-                f"a conversation must be a list of messages, dicts with 'role' and 'content', got {chat!r:.200}"
+                "a conversation must be a non-empty list of messages, dicts with a 'role' string and a 'content' "
+                f"string or list, got {chat!r:.200}"
             )
         loaded, kept = [], []
         for message in chat:
+            content = message["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not any(map(_has_content, items)):
+                raise ValueError(f"a message has no text and no image or video: {message!r:.200}")
             if isinstance(message["content"], str):
                 loaded.append(message)
                 kept.append(message)
@@ -501,7 +546,7 @@ class VisualLoader:
             return item, item
         raise ValueError(f"a message's content items must be image, video or text entries, got {item!r:.200}")
 
-    def image(self, source: ImageInput) -> tuple[Image.Image, ImageInput]:
+    def image(self, source: ImageInput | FileSnapshot) -> tuple[Image.Image, object]:
         """One image as an RGB picture, and what to keep of it."""
         if isinstance(source, Image.Image):
             return _rgb(source, "the PIL image"), source
@@ -509,25 +554,33 @@ class VisualLoader:
             return _array_image(source), source
         if isinstance(source, bytes):
             return open_image(source, f"<{len(source)} bytes>"), source
+        if isinstance(source, FileSnapshot):
+            return open_image(source.unchanged("image"), str(source.path)), source
         if isinstance(source, (str, Path)):
-            data, kept = self._read("image", source)
-            return open_image(data, str(source)), kept
+            if _is_url(str(source)):
+                data = self._fetch("image", str(source))
+                return open_image(data, str(source)), data
+            snapshot = FileSnapshot.of(_local_file("image", source))
+            return open_image(snapshot.path, str(source)), snapshot
         raise TypeError(
             f"image must be a path, URL, bytes, PIL image, numpy array or torch tensor, got {type(source).__name__}"
         )
 
-    def video(self, source: VideoInput | bytes, max_frames: int) -> tuple[list[Image.Image] | str, object]:
+    def video(
+        self, source: VideoInput | bytes | FileSnapshot, max_frames: int
+    ) -> tuple[list[Image.Image] | str, object]:
         """One video as its kept frames (or, for qwen-vl-utils, a checked file path), and what to keep of it."""
         if isinstance(source, bytes):
             return decode_video(io.BytesIO(source), f"<{len(source)} bytes>", max_frames), source
-        if isinstance(source, (str, Path)):
-            if _is_url(str(source)):
-                data, kept = self._read("video", source)
-                return decode_video(io.BytesIO(data), str(source), max_frames), kept
-            path = _local_file("video", source)
+        if isinstance(source, (str, Path)) and _is_url(str(source)):
+            data = self._fetch("video", str(source))
+            return decode_video(io.BytesIO(data), str(source), max_frames), data
+        if isinstance(source, (str, Path, FileSnapshot)):
+            snapshot = source if isinstance(source, FileSnapshot) else FileSnapshot.of(_local_file("video", source))
+            path = snapshot.unchanged("video")
             if self.decode_video_files or count_frames(path) < MIN_FILE_FRAMES:
-                return decode_video(str(path), str(source), max_frames), source
-            return str(path), source
+                return decode_video(str(path), str(path), max_frames), snapshot
+            return str(path), snapshot
         if isinstance(source, (list, tuple)):
             if not source:
                 raise ValueError("video is an empty list of frames; give at least one frame")
@@ -540,14 +593,58 @@ class VisualLoader:
             return frames, source
         raise TypeError(f"video must be a file path, URL, bytes or a list of frames, got {type(source).__name__}")
 
-    def _read(self, parameter: str, source: str | Path) -> tuple[bytes, bytes | str | Path]:
-        """A file's or URL's bytes, and what to keep: the path, or the fetched bytes of a URL."""
-        if _is_url(str(source)):
-            if not self.allow_urls:
-                raise ValueError(f"{parameter} {str(source)!r} is a URL; pass allow_urls=True to fetch it")
-            data = fetch(str(source), parameter)
-            return data, data
-        return _local_file(parameter, source).read_bytes(), source
+    def _fetch(self, parameter: str, url: str) -> bytes:
+        if not self.allow_urls:
+            raise ValueError(f"{parameter} {url!r} is a URL; pass allow_urls=True to fetch it")
+        return fetch(url, parameter)
+
+
+@dataclass(frozen=True)
+class FileSnapshot:
+    """A local file as a result keeps it for its halting map: its path, and its size and modification time when the
+    model read it, so that a map is never drawn over a file that changed since."""
+
+    path: Path
+    size: int
+    modified_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileSnapshot:
+        stat = path.stat()
+        return cls(path, stat.st_size, stat.st_mtime_ns)
+
+    def unchanged(self, parameter: str) -> Path:
+        """The path, after checking that the file is still the one that was read; ``ValueError`` otherwise."""
+        try:
+            now = FileSnapshot.of(self.path)
+        except OSError as error:
+            raise ValueError(f"{parameter} file {str(self.path)!r} is gone since it was read ({error})") from error
+        if now != self:
+            raise ValueError(
+                f"{parameter} file {str(self.path)!r} changed since the model read it; its halting map would not show "
+                "what the model saw"
+            )
+        return self.path
+
+
+def _is_frame(frame: object) -> bool:
+    """A video frame: a PIL image, or an array of one image (2 or 3 dimensions)."""
+    return isinstance(frame, Image.Image) or isinstance(frame, (np.ndarray, torch.Tensor)) and frame.ndim in (2, 3)
+
+
+def _is_message(message: object) -> bool:
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), (str, list))
+    )
+
+
+def _has_content(item: object) -> bool:
+    """Whether a message's content item is an image, a video or a non-blank text."""
+    if not isinstance(item, dict):
+        return False
+    return item.get("type") in ("image", "video") or isinstance(item.get("text"), str) and bool(item["text"].strip())
 
 
 def _is_url(text: str) -> bool:
@@ -562,25 +659,34 @@ def _local_file(parameter: str, source: str | Path) -> Path:
 
 
 def fetch(url: str, parameter: str) -> bytes:
-    """The bytes at ``url``, at most ``DOWNLOAD_LIMIT_BYTES`` of them within ``DOWNLOAD_TIMEOUT_S`` seconds in all;
-    ``ValueError`` naming ``parameter`` and the URL otherwise."""
+    """The bytes at ``url``: at most ``DOWNLOAD_LIMIT_BYTES``, arriving within ``DOWNLOAD_TIMEOUT_S`` seconds in all
+    (read piece by piece as it comes, so a slow sender is cut off; a silent one after ``DOWNLOAD_TIMEOUT_S`` without
+    data), without following redirects (consent was given for this URL, not wherever it points); ``ValueError``
+    naming ``parameter`` and the URL otherwise."""
     import requests
+    import urllib3
 
     deadline = time.monotonic() + DOWNLOAD_TIMEOUT_S
     data = bytearray()
     try:
-        with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S, allow_redirects=False) as response:
+            if response.is_redirect:
+                raise ValueError(
+                    f"{parameter} {url!r} redirects to {response.headers.get('Location')!r}; redirects are not "
+                    "followed: give the URL it points to, if you mean it"
+                )
             response.raise_for_status()
             declared = int(response.headers.get("Content-Length") or 0)
-            for chunk in response.iter_content(chunk_size=2**16) if declared <= DOWNLOAD_LIMIT_BYTES else ():
-                data += chunk
-                if len(data) > DOWNLOAD_LIMIT_BYTES:
+            while declared <= DOWNLOAD_LIMIT_BYTES and len(data) <= DOWNLOAD_LIMIT_BYTES:
+                piece = response.raw.read1(2**16, decode_content=True)
+                if not piece:
                     break
+                data += piece
                 if time.monotonic() > deadline:
                     raise ValueError(
                         f"{parameter} {url!r} did not arrive within {DOWNLOAD_TIMEOUT_S:g} s (DOWNLOAD_TIMEOUT_S)"
                     )
-    except requests.RequestException as error:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
         raise ValueError(f"{parameter} {url!r} could not be fetched: {error}") from error
     if declared > DOWNLOAD_LIMIT_BYTES or len(data) > DOWNLOAD_LIMIT_BYTES:
         raise ValueError(
@@ -632,7 +738,7 @@ def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool
             raise TypeError(
                 f"{parameter} must be one {parameter}, or a list or tuple of them, got {type(entry).__name__}"
             )
-        if frames and entry and all(isinstance(frame, Image.Image) for frame in entry):
+        if frames and entry and all(map(_is_frame, entry)):
             return [entry]  # one video given as its frames
         return list(entry)
 
@@ -648,14 +754,17 @@ def _per_prompt(parameter: str, value, prompts: int, batched: bool, frames: bool
     return [as_list(entry) for entry in value]
 
 
-def open_image(data: bytes, name: str) -> Image.Image:
-    """An image file's bytes as the RGB picture a viewer shows; ``ValueError`` naming ``name`` if PIL cannot read it."""
+def open_image(data: bytes | Path, name: str) -> Image.Image:
+    """An image file (its bytes, or its path: then only what PIL needs is read) as the RGB picture a viewer shows;
+    ``ValueError`` naming ``name`` if PIL cannot read it or it exceeds PIL's decompression-bomb limit."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             image.load()
             return _rgb(image, name)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"image {name!r} is not an image file PIL can read ({error})") from error
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image {name!r} is larger than PIL allows (Image.MAX_IMAGE_PIXELS): {error}") from error
 
 
 def _rgb(image: Image.Image, name: str) -> Image.Image:
@@ -663,11 +772,11 @@ def _rgb(image: Image.Image, name: str) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image {name} is empty ({image.width}x{image.height} pixels)")
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG and TIFF: convert("RGB") would clip to white
-        pixels = np.asarray(image, dtype=np.float64) / 257
-        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
+    # 16-bit PNG and TIFF: convert("RGB") would clip to white. Integer arithmetic: no float copy of a large image.
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image) // 257).clip(0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image)
         image = Image.fromarray((pixels * 255 if pixels.max() <= 1 else pixels).clip(0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
@@ -675,7 +784,11 @@ def _rgb(image: Image.Image, name: str) -> Image.Image:
 def _array_image(array: np.ndarray | torch.Tensor) -> Image.Image:
     """An image from an array: ``[height, width]``, ``[height, width, channels]`` or ``[channels, height, width]``
     with 1, 3 or 4 channels; uint8 values, or floats in [0, 1]."""
-    pixels = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach().cpu()
+        pixels = (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).numpy()
+    else:
+        pixels = np.asarray(array)
     if pixels.ndim == 3 and pixels.shape[-1] not in (1, 3, 4) and pixels.shape[0] in (1, 3, 4):
         pixels = pixels.transpose(1, 2, 0)  # channels first
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (1, 3, 4)):
@@ -684,6 +797,8 @@ def _array_image(array: np.ndarray | torch.Tensor) -> Image.Image:
             f"3 or 4 channels, got shape {tuple(pixels.shape)}"
         )
     if pixels.dtype != np.uint8:
+        if np.issubdtype(pixels.dtype, np.floating) and np.isnan(pixels).any():
+            raise ValueError("image array holds NaN values; give uint8 values or floats in [0, 1]")
         if not np.issubdtype(pixels.dtype, np.floating) or pixels.size and not 0 <= pixels.min() <= pixels.max() <= 1:
             raise ValueError(f"image array must hold uint8 values or floats in [0, 1], got {pixels.dtype}")
         pixels = (pixels * 255).round().astype(np.uint8)
@@ -737,12 +852,30 @@ def _vision_adapter(config: PretrainedConfig) -> ModelAdapter:
     return adapter
 
 
-def _check_device_map(device_map: str | dict) -> None:
-    """``ValueError`` naming ``device_map`` when it asks for a GPU that torch cannot see, before any weights load."""
-    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
-    wants_gpu = any(str(target).startswith("cuda") or isinstance(target, int) for target in targets)
-    if wants_gpu and not torch.cuda.is_available():
-        raise ValueError(f"device_map={device_map!r} asks for a GPU, but torch sees none; use device_map='cpu'")
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for from_pretrained
+
+
+def _check_device_map(device_map: object) -> None:
+    """``ValueError`` naming ``device_map`` unless it is a device (cpu, cuda, cuda:N, a GPU index, a torch.device),
+    one of accelerate's map names, or a dict of module names to devices (or "disk"), and unless the GPUs it asks for
+    are there; before any weights load."""
+    if isinstance(device_map, dict):
+        targets = list(device_map.values())
+    elif isinstance(device_map, str) and device_map in DEVICE_MAP_NAMES:
+        return
+    else:
+        targets = [device_map]
+    for target in targets:
+        text = str(target)
+        is_gpu = text == "cuda" or text.startswith("cuda:") and text[5:].isdigit()
+        is_index = isinstance(target, int) and not isinstance(target, bool) and target >= 0
+        if not (is_gpu or is_index or text == "cpu" or (text == "disk" and isinstance(device_map, dict))):
+            raise ValueError(
+                f"device_map must be cpu, cuda, cuda:N, a GPU index, one of {DEVICE_MAP_NAMES} or a dict of module "
+                f"names to those (or 'disk'), got {device_map!r}"
+            )
+        if (is_gpu or is_index) and not torch.cuda.is_available():
+            raise ValueError(f"device_map={device_map!r} asks for a GPU, but torch sees none; use device_map='cpu'")
 
 
 def _check_press(press: object, config: PretrainedConfig) -> None:

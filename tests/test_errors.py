@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import time
 import weakref
 
 import numpy as np
@@ -285,7 +286,7 @@ def no_model_work(vlm, monkeypatch):
 @pytest.fixture(scope="module")
 def server(scene, tmp_path_factory):
     """A local HTTP server: /scene.png (the scene), /big.png (the scene's file and 4 kB more), /slow.png (the scene's
-    file, dripped)."""
+    file in pieces), /drip.png (a byte at a time), /redirect.png (to /scene.png)."""
     import http.server
     import threading
     import time
@@ -297,6 +298,24 @@ def server(scene, tmp_path_factory):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/redirect.png":
+                self.send_response(302)
+                self.send_header("Location", "/scene.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path == "/drip.png":  # one byte every 0.05 s for 10 s: never silent, but far too slow
+                self.send_response(200)
+                self.send_header("Content-Length", "200")
+                self.end_headers()
+                for _ in range(200):
+                    try:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(0.05)
+                return
             body = png + b"\0" * (4096 if self.path == "/big.png" else 0)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -369,6 +388,13 @@ def test_downloads_are_bounded_in_size_and_time(scene, server, monkeypatch):
         vlm.generate(image=f"{base}/slow.png", prompt=question)
     with pytest.raises(ValueError, match="missing.png' could not be fetched"):
         vlm.generate(image="http://127.0.0.1:9/missing.png", prompt=question)
+    monkeypatch.setattr(vlm_module, "DOWNLOAD_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="drip.png' did not arrive within 0.5 s"):
+        vlm.generate(image=f"{base}/drip.png", prompt=question)
+    assert time.monotonic() - started < 3  # the sender never falls silent, and is cut off all the same
+    with pytest.raises(ValueError, match="redirect.png' redirects to '/scene.png'; redirects are not followed"):
+        vlm.generate(image=f"{base}/redirect.png", prompt=question)
 
 
 def test_results_keep_no_decoded_pixels_and_still_draw_their_maps(scene, tmp_path, monkeypatch):
@@ -495,7 +521,7 @@ def write_clip(path, frames: int, side: int = 32) -> None:
         stream = container.add_stream("mpeg4", rate=2)
         stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
         for index in range(frames):
-            pixels = np.full((side, side, 3), 40 * index, np.uint8)
+            pixels = np.full((side, side, 3), 30 * index % 256, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         container.mux(stream.encode())
 
@@ -555,3 +581,176 @@ def test_labels_under_a_halting_press_are_warned_about(caplog):
         loss = model(**inputs, labels=inputs["input_ids"]).loss
     assert "labels given under a halting press: the loss also covers the halted positions" in caplog.text
     assert torch.isfinite(loss)
+
+
+# The first-hour probe's library findings.
+
+
+def test_a_generation_config_decides_what_it_sets(vlm, scene):
+    from transformers import GenerationConfig
+
+    image, question = scene
+    vlm.press = DeltaPress(compression_ratio=0.5)
+    capped = vlm.generate(image=image, prompt=question, generation_config=GenerationConfig(max_new_tokens=2))
+    assert capped.generated_tokens <= 2  # not the default 128
+    sampling = dict(do_sample=True, top_k=0, temperature=5.0, max_new_tokens=3)
+    answers = []
+    for given in (dict(generation_config=GenerationConfig(**sampling)), sampling):
+        torch.manual_seed(0)
+        answers.append([vlm.generate(image=image, prompt=question, **given).text for _ in range(4)])
+    assert answers[0] == answers[1]  # sampled as asked, not made greedy
+    vlm.press = DeltaPress()
+
+
+def test_assigning_the_press_from_another_thread_waits_for_the_call(scene):
+    import threading
+
+    image, question = scene
+    vlm = DashVLM.from_pretrained(QWEN, device_map="cpu")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            vlm.press = DeltaPress(compression_ratio=0.5)
+            vlm.press = DeltaPress(compression_ratio=0.0)
+
+    thread = threading.Thread(target=swap)
+    thread.start()
+    try:
+        results = [vlm.generate(image=[image, image], prompt=[question] * 2, max_new_tokens=1) for _ in range(6)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(len(pair) == 2 and pair[0].stats.kept == pair[1].stats.kept for pair in results)
+
+
+def test_a_large_file_that_is_no_image_is_refused_without_reading_it(tmp_path):
+    import tracemalloc
+
+    sparse = tmp_path / "huge.png"
+    with open(sparse, "wb") as file:
+        file.truncate(2**29)  # 512 MiB of zeros, no disk used
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="huge.png' is not an image file PIL can read"):
+            VisualLoader(allow_urls=False, decode_video_files=True).image(sparse)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**24
+
+
+def test_a_halting_map_is_never_drawn_over_a_file_that_changed(vlm, scene, tmp_path):
+    image, question = scene
+    path = tmp_path / "scene.png"
+    image.save(path)
+    result = vlm.generate(image=path, prompt=question, max_new_tokens=1)
+    assert result.halting_map()
+    image.resize((200, 48)).save(path)
+    result.__dict__.pop("grids", None)  # drawn again from the file
+    with pytest.raises(ValueError, match="scene.png' changed since the model read it"):
+        result.halting_map()
+    path.unlink()
+    with pytest.raises(ValueError, match="scene.png' is gone since it was read"):
+        result.halting_map()
+    with pytest.raises(ValueError, match="min_height must be a number of pixel rows in \\[0, 8192\\]"):
+        result.halting_map(min_height=10**6)
+    with pytest.raises(ValueError, match="min_height must be"):
+        result.halting_map(min_height="256")
+
+
+def test_malformed_conversations_and_prompts_are_named_before_model_work(vlm, no_model_work, scene):
+    image, _ = scene
+    chat = image_chat(image, "what colour")
+    cases = [
+        ([[]], None, "a conversation must be a non-empty list of messages"),
+        ([[{"role": "user", "content": None}]], None, "a conversation must be a non-empty list"),
+        ([[{"content": "hi"}]], None, "a conversation must be a non-empty list"),
+        ([[{"role": "user", "content": []}]], None, "a message has no text and no image or video"),
+        ([[{"role": "user", "content": [{"type": "text", "text": "  "}]}]], None, "a message has no text"),
+        ([chat], [None], "prompts\\[0\\] must be a non-empty string"),
+        ([chat], [""], "prompts\\[0\\] must be a non-empty string"),
+        ([chat], ["<|im_start|>user hi<|im_end|>"], "prompts\\[0\\] holds 0 '<\\|image_pad\\|>' placeholders for 1"),
+        (
+            [[{"role": "user", "content": [{"type": "text", "text": "q"}]}]],
+            ["<|vision_start|><|image_pad|><|vision_end|>hi"],
+            "prompts\\[0\\] holds 1 '<\\|image_pad\\|>' placeholders for 0 images",
+        ),
+    ]
+    for conversations, prompts, message in cases:
+        with pytest.raises(ValueError, match=message):
+            vlm.generate_conversations(conversations, prompts)
+    with pytest.raises(ValueError, match="holds the vision placeholder '<\\|image_pad\\|>'"):
+        vlm.score_continuation(chat, "<|image_pad|>")
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        vlm.score_continuation(chat, "red", prompt="")
+    with pytest.raises(TypeError, match="prompt must be a string or a list of strings"):
+        vlm.generate(image=image, prompt=b"what")
+    with pytest.raises(TypeError, match="prompt must be a string or a list of strings"):
+        vlm.generate(image=[image, image], prompt=["what", None])
+
+
+def test_loading_arguments_are_checked_before_any_file_is_read(vlm, monkeypatch, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", no_weights)
+    for device_map in ("meta", "mps", ["cpu"], {"": "meta"}):
+        with pytest.raises(ValueError, match="device_map must be cpu, cuda, cuda:N"):
+            DashVLM.from_pretrained(QWEN, device_map=device_map)
+    for name in (None, 123, ""):
+        with pytest.raises(TypeError, match="name_or_path must be a hub id or a folder"):
+            DashVLM.from_pretrained(name)
+    with pytest.raises(ValueError, match="config.json' is a file; give the checkpoint's folder"):
+        DashVLM.from_pretrained(QWEN / "config.json")
+    with pytest.raises(ImportError, match="attn_implementation='flash_attention_2' needs the flash-attn package"):
+        DashVLM.from_pretrained(QWEN, device_map="cpu", attn_implementation="flash_attention_2")
+    with pytest.raises(TypeError, match="DashVLM takes a transformers model and its processor, got .* NoneType"):
+        DashVLM(vlm.model, None)
+    with pytest.raises(TypeError, match="press\\(model\\) takes a model"):
+        with DeltaPress()(vlm.model.config):
+            pass
+
+
+def test_odd_but_legitimate_inputs(vlm, scene, monkeypatch):
+    image, question = scene
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+    assert answer(vlm, pixels.bfloat16(), question) == answer(vlm, pixels.bfloat16().float(), question)
+    frames = [np.asarray(image)] * 4  # a video as a list of array frames
+    assert (
+        vlm.generate(video=frames, prompt=question, max_new_tokens=2).text
+        == vlm.generate(video=[image] * 4, prompt=question, max_new_tokens=2).text
+    )
+    with pytest.raises(ValueError, match="image array holds NaN values"):
+        vlm.generate(image=np.full((8, 8, 3), np.nan, np.float32), prompt=question)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with pytest.raises(ValueError, match="is larger than PIL allows"):
+        vlm.generate(image=buffer.getvalue(), prompt=question)
+
+
+def test_protect_follows_beam_search_expansion():
+    from dash_vlm.models import adapter_for
+
+    adapter = adapter_for("qwen2_vl")
+    model, inputs = adapter.tiny_model("qwen2_vl"), adapter.tiny_inputs("qwen2_vl")["image"]
+    protect = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    protect[0, 10:30] = True
+    press = DeltaPress(compression_ratio=0.8)
+    with torch.no_grad(), press(model, protect=protect):
+        model.generate(**inputs, num_beams=2, max_new_tokens=2, do_sample=False)
+    assert len(press.last_stats) == 2  # one per beam, each prompt protected alike
+    assert all(
+        stats.kept < stats.tokens and not set(stats.halted_positions) & set(range(10, 30)) for stats in press.last_stats
+    )
+
+
+def test_a_video_file_qwen_vl_utils_cannot_read_is_named(vlm, no_model_work, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, 8)
+    entry = {"type": "video", "video": str(clip), "nframes": 1000}  # more frames than the file has
+    with pytest.raises(ValueError, match="qwen-vl-utils could not read the video file"):
+        vlm.generate_conversations([[{"role": "user", "content": [entry, {"type": "text", "text": "what"}]}]])

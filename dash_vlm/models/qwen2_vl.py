@@ -97,11 +97,20 @@ class QwenVLAdapter(ModelAdapter):
         for item in content:
             if item["type"] == "video" and not isinstance(item["video"], str):
                 _check_frame_size(item["video"][0].size, processor.image_processor.patch_size, limits)
-        images, videos, video_kwargs = process_vision_info(
-            [[{"role": "user", "content": content}]],
-            return_video_kwargs=True,
-            image_patch_size=processor.image_processor.patch_size,
-        )
+        try:
+            images, videos, video_kwargs = process_vision_info(
+                [[{"role": "user", "content": content}]],
+                return_video_kwargs=True,
+                image_patch_size=processor.image_processor.patch_size,
+            )
+        except AttributeError as error:  # decord failed, and its torchvision fallback is gone from torchvision
+            if "read_video" not in str(error):
+                raise
+            files = [item["video"] for item in content if item["type"] == "video" and isinstance(item["video"], str)]
+            raise ValueError(
+                f"qwen-vl-utils could not read the video file(s) {files} with decord (its log says why: e.g. more "
+                "frames asked for than the file has), and has no other reader with this torchvision"
+            ) from error
         if not videos:
             return {"images": images, "videos": None, **limits}
         first_frames = len(videos[0])
