@@ -6,23 +6,32 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import transformers
 from PIL import Image
 
-from dash_vlm.attention import ATTENTION_CHOICES
-from dash_vlm.bench import DEVICE_MAPS, PATHS, check_device
-from dash_vlm.models import adapter_for, model_types_with
+from dash_vlm.attention import ATTENTION_CHOICES, load_implementation
+from dash_vlm.bench import DEVICE_MAPS, MAX_IMAGE_SIDE, PATHS, check_device
+from dash_vlm.models import MAX_FRAMES_LIMIT, adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
 
 ALIASES = {"compression_ratio": "--ratio"}  # the short forms of earlier releases
 SWEPT_DEFAULTS = {"compression_ratio": "0,0.5,0.667,0.8", "vision_compression_ratio": "0", "method": "dash"}
 DEVICE_MAP_NAMES = ("auto",)  # what --device takes besides cpu, cuda and cuda:N where it is a device map
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line: a message of several lines is joined."""
+
+    def error(self, message: str):
+        super().error(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
 
 
 class OneSpelling(argparse.Action):
@@ -36,29 +45,51 @@ class OneSpelling(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number >= ``minimum`` (argparse turns anything else into a usage error naming
-    the flag)."""
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum`` (and <= ``maximum`` when given; argparse turns anything
+    else into a usage error naming the flag)."""
 
     def whole_number(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bounds}, got {text!r}")
         return value
 
     return whole_number
 
 
 @contextmanager
-def usage_errors(parser: argparse.ArgumentParser, flag: str | None = None) -> Iterator[None]:
-    """Turn a ``ValueError`` of the checks inside into a usage error, its message after ``flag`` when given."""
+def usage_errors(
+    parser: argparse.ArgumentParser,
+    flag: str | None = None,
+    errors: tuple[type[Exception], ...] = (ValueError,),
+    outputs: dict[str, Path | None] | None = None,
+) -> Iterator[None]:
+    """Turn an exception of ``errors`` (``ValueError``: the checks inside refused the user's input) into a usage
+    error, its message after ``flag`` when given; and an ``OSError`` writing one of ``outputs`` (the files the user
+    named, by flag) into a usage error naming that flag. Any other error stays as it is: a bug shows its traceback."""
     try:
         yield
-    except ValueError as error:
+    except errors as error:
         parser.error(f"{flag}: {error}" if flag else str(error))
+    except OSError as error:
+        named = [
+            name for name, path in (outputs or {}).items() if path is not None and _same_file(error.filename, path)
+        ]
+        if not named:
+            raise
+        parser.error(f"{named[0]} {error.filename}: cannot write it: {error.strerror or error}")
+
+
+def _same_file(filename: object, path: Path) -> bool:
+    """Whether an ``OSError``'s ``filename`` is ``path``."""
+    if filename is None:
+        return False
+    return os.path.abspath(os.fsdecode(filename)) == os.path.abspath(path)
 
 
 def writable_image_suffixes() -> set[str]:
@@ -66,15 +97,44 @@ def writable_image_suffixes() -> set[str]:
     return {suffix for suffix, name in Image.registered_extensions().items() if name in Image.SAVE}
 
 
+def plot_suffixes(parser: argparse.ArgumentParser) -> set[str]:
+    """The suffixes a ``--plot`` may have: image formats that both PIL and matplotlib write; usage error when
+    matplotlib, which draws the plots, is not installed."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        parser.error("--plot needs matplotlib: pip install 'dash-vlm[plot]'")
+    return {f".{suffix}" for suffix in FigureCanvasBase.get_supported_filetypes()} & writable_image_suffixes()
+
+
 def check_output(parser: argparse.ArgumentParser, flag: str, path: Path, suffixes: Collection[str] = ()) -> None:
     """Usage error naming ``flag`` unless ``path`` can be written once the work is done: a file name, not a folder,
-    in a folder that exists, with one of ``suffixes`` (they name the file's format) when given."""
+    in a folder that exists and can be written, with one of ``suffixes`` (they name the file's format) when given."""
     if path.is_dir():
         parser.error(f"{flag} {path} is a folder; give a file name in it")
     if not path.parent.is_dir():
         parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        parser.error(
+            f"{flag} {path}: {'the file' if path.exists() else 'the folder ' + str(path.parent)} cannot be written"
+        )
     if suffixes and path.suffix.lower() not in suffixes:
-        parser.error(f"{flag} {path} needs the suffix of an image format PIL writes, such as .png or .jpg")
+        examples = [suffix for suffix in (".png", ".jpg", ".pdf") if suffix in suffixes]
+        parser.error(
+            f"{flag} {path} needs the suffix of an image format it can write, such as {' or '.join(examples[:2])}"
+        )
+
+
+def check_prompt(parser: argparse.ArgumentParser, prompt: str) -> None:
+    """Usage error for an empty or blank ``--prompt``."""
+    if not prompt.strip():
+        parser.error(f"--prompt is empty ({prompt!r}); give the text to ask about the image")
+
+
+def check_attention(parser: argparse.ArgumentParser, attn: str | None) -> None:
+    """Usage error naming ``--attn`` when its kernels are not installed here (``load_implementation`` says which)."""
+    with usage_errors(parser, "--attn", errors=(ValueError, ImportError)):
+        load_implementation(attn)
 
 
 def check_input_files(parser: argparse.ArgumentParser, flag: str, sources: list[str], allow_urls: bool) -> None:
@@ -96,14 +156,22 @@ def check_device_flag(parser: argparse.ArgumentParser, device: str | None, maps:
 
 
 def check_model(parser: argparse.ArgumentParser, model: str | Path, dash: DeltaPress, video: bool = False) -> None:
-    """Usage error naming ``--model`` unless its config reads, the halting flags apply to it and, with ``video``, it
-    takes video; only the config is read, no weights."""
+    """Usage error naming ``--model`` unless it is a checkpoint folder (or hub id) whose config reads, of a
+    vision-language model, the halting flags apply to it and, with ``video``, it takes video; only the config is read,
+    no weights."""
+    if Path(model).expanduser().is_file():
+        parser.error(f"--model {model} is a file; give the checkpoint folder")
     with usage_errors(parser, "--model"):
         try:
             config = transformers.AutoConfig.from_pretrained(model)
         except OSError as error:
             raise ValueError(f"cannot read the config of {model}: {str(error).splitlines()[0]}") from error
         adapter = adapter_for(config)
+    if not adapter.is_vision_language:
+        parser.error(
+            f"--model {model} is {config.model_type!r}, a text-only model; this command needs a vision-language model "
+            f"({', '.join(model_types_with('is_vision_language'))})"
+        )
     with usage_errors(parser):
         dash.check_model(config)
     if video and not adapter.video:
@@ -171,7 +239,10 @@ def save_halting_maps(result, path: Path) -> list[Path]:
         else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, 1 + len(pictures))]
     )
     for picture, target in zip(pictures, paths, strict=True):
-        picture.save(target)
+        try:
+            picture.save(target)
+        except OSError as error:  # the user named the file: a usage error, not a bug
+            raise ValueError(f"halting map {target}: cannot write it: {error.strerror or error}") from error
     return paths
 
 
@@ -268,7 +339,7 @@ def run_diagnose(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dash-vlm", description=__doc__)
+    parser = Parser(prog="dash-vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the bundled dash-shapes checkpoint answers with and without DASH")
     add_halting_arguments(demo)
@@ -318,10 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
     bench.add_argument(
         "--image-size",
-        type=int,
+        type=at_least(28, MAX_IMAGE_SIDE),
         action="append",
         required=True,
-        help="image side in px (repeatable); with --video-frames, the one frame side",
+        help=f"image side in px, 28 to {MAX_IMAGE_SIDE} (repeatable); with --video-frames, the one frame side",
     )
     bench.add_argument(
         "--video-frames",
@@ -365,18 +436,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     with usage_errors(parser):
         dash = DeltaPress.from_options(**options)
-        kinds = {parameter.name: type(parameter.default) for parameter in dataclasses.fields(DeltaPress)}
-        sweeps = {name: [kinds[name](value) for value in values.split(",")] for name, values in swept.items()}
+        sweeps = {name: swept_values(args, name, values) for name, values in swept.items()}
         video_frames = frame_counts(getattr(args, "video_frames", ""))
-    # Every command-line mistake below is a usage error raised before any model loads.
+    # Every command-line mistake below is a usage error raised before any model loads; what can only show while the
+    # command runs (an unreadable image, a placeholder typed in the prompt, an output that cannot be written) ends as
+    # a usage error too, without a traceback.
     if args.command == "demo":
         if args.halting_map is not None:
             check_output(parser, "--halting-map", args.halting_map, writable_image_suffixes())
         from dash_vlm.shapes.evaluate import model_folder
 
         check_model(parser, model_folder("qwen2-vl"), dash)
-        run_demo(dash, args.halting_map)
+        with usage_errors(parser, outputs={"--halting-map": args.halting_map}):
+            run_demo(dash, args.halting_map)
     elif args.command == "generate":
+        check_prompt(parser, args.prompt)
         if args.halting_map is not None:
             if not (args.image or args.video):
                 parser.error("--halting-map needs an image (--image) or a video (--video)")
@@ -384,21 +458,35 @@ def main(argv: list[str] | None = None) -> None:
         check_input_files(parser, "--image", args.image, args.allow_urls)
         check_input_files(parser, "--video", [args.video] if args.video else [], args.allow_urls)
         check_device_flag(parser, args.device, DEVICE_MAP_NAMES)
+        if args.cuda_graphs:
+            if not torch.cuda.is_available():
+                parser.error("--cuda-graphs: cuda_graphs=True needs a CUDA GPU; this machine has none")
+            if args.device == "cpu":
+                parser.error("--cuda-graphs needs the model on one GPU (--device cuda or cuda:N); got --device cpu")
+        check_attention(parser, args.attn)
         check_model(parser, args.model, dash, video=args.video is not None)
-        run_generate(args, dash)
+        with usage_errors(parser, outputs={"--halting-map": args.halting_map}):
+            run_generate(args, dash)
     elif args.command == "diagnose":
         if (args.images is None) == (not args.dash_shapes):
             parser.error("diagnose needs exactly one of --images FOLDER and --dash-shapes")
+        check_prompt(parser, args.prompt)
         check_output(parser, "--output", args.output)
         if args.plot is not None:
-            check_output(parser, "--plot", args.plot)
+            check_output(parser, "--plot", args.plot, plot_suffixes(parser))
         check_device_flag(parser, args.device, DEVICE_MAP_NAMES)
         check_model(parser, args.model, dash)
-        run_diagnose(args, dash, *diagnose_inputs(parser, args))
+        inputs = diagnose_inputs(parser, args)
+        with usage_errors(parser, outputs={"--output": args.output, "--plot": args.plot}):
+            run_diagnose(args, dash, *inputs)
     elif args.command == "bench":
         from dash_vlm import bench
 
+        check_output(parser, "--output", args.output)
+        if args.plot is not None:
+            check_output(parser, "--plot", args.plot, plot_suffixes(parser))
         check_device_flag(parser, args.device, ())
+        check_attention(parser, args.attn)
         with usage_errors(parser):
             config = bench.BenchConfig(
                 preset=args.preset,
@@ -417,15 +505,35 @@ def main(argv: list[str] | None = None) -> None:
                 video_frames=video_frames,
                 **({"device": args.device} if args.device else {}),
             )
-        bench.main(config, args.output, args.plot)
+        if "graphs" in config.paths and not config.device.startswith("cuda"):
+            logging.getLogger(__name__).warning(
+                "--paths graphs on %s: its decode steps run uncaptured, so the graphs rows measure no CUDA graph",
+                config.device,
+            )
+        with usage_errors(parser, outputs={"--output": args.output, "--plot": args.plot}):
+            bench.main(config, args.output, args.plot)
+
+
+def swept_values(args: argparse.Namespace, name: str, text: str) -> list:
+    """A swept flag's comma-separated values (``--compression-ratios 0,0.5``) as the type of the ``DeltaPress`` field;
+    ``ValueError`` naming the flag as it was spelled."""
+    kind = type(next(parameter.default for parameter in dataclasses.fields(DeltaPress) if parameter.name == name))
+    flag = vars(args).get("_spellings", {}).get(name, "--" + name.replace("_", "-") + "s")
+    try:
+        return [kind(value) for value in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated {kind.__name__} values, got {text!r}") from None
 
 
 def frame_counts(text: str) -> list[int]:
-    """``--video-frames``: comma-separated whole numbers."""
+    """``--video-frames``: comma-separated whole numbers, each at most ``MAX_FRAMES_LIMIT``."""
     try:
-        return [int(frames) for frames in text.split(",") if frames]
+        counts = [int(frames) for frames in text.split(",") if frames]
     except ValueError:
         raise ValueError(f"--video-frames must be comma-separated whole numbers, got {text!r}") from None
+    if any(frames > MAX_FRAMES_LIMIT for frames in counts):
+        raise ValueError(f"--video-frames must be counts of at most {MAX_FRAMES_LIMIT} frames, got {text!r}")
+    return counts
 
 
 if __name__ == "__main__":

@@ -214,6 +214,10 @@ def diagnose(
         raise ValueError(
             f"images must hold one image or more and prompts one per image, got {len(images)} and {len(prompts)}"
         )
+    if not all(isinstance(prompt, str) and prompt.strip() for prompt in prompts):
+        raise ValueError(f"prompts must be non-empty strings, got {prompts!r:.200}")
+    # decision_scores builds the processor inputs itself: a placeholder typed in a prompt would meet no image there
+    vlm.check_text(prompts)
     size = images[0].size
     blanks = [Image.new("RGB", size, colour) for colour in BLANK_COLOURS.values()]
     press = vlm.press.halting_config()

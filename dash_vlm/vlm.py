@@ -179,6 +179,9 @@ class DashVLM:
             if close:
                 raise ValueError(f"unknown argument {key!r}: did you mean the halting parameter {close[0]!r}?")
         press = press if press is not None else DeltaPress(**halting)
+        named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if dtype != "auto" and not (isinstance(named, torch.dtype) and named.is_floating_point):
+            raise ValueError(f"dtype must be 'auto', a floating torch dtype or its name ('bfloat16'), got {dtype!r}")
         loaded_as = load_implementation(attn_implementation)
         if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
             raise TypeError(f"name_or_path must be a hub id or a folder (str or Path), got {name_or_path!r}")

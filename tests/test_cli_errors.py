@@ -4,6 +4,7 @@ argument; and what the commands accept, they do right (the demo's private haltin
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 from dash_vlm import diagnose
 from dash_vlm.bench import BenchConfig
 from dash_vlm.cli import main as cli_main
+from dash_vlm.models import MAX_FRAMES_LIMIT
 from dash_vlm.shapes.evaluate import model_folder
 from dash_vlm.vlm import DashVLM
 
@@ -271,8 +273,8 @@ def test_a_missing_gpu_index_is_a_usage_error(monkeypatch, no_model, capsys):
 # Item 14: dash-vlm bench.
 
 
-def bench_argv(*flags: str) -> list[str]:
-    return ["bench", "--preset", "tiny", "--image-size", "32", *flags, "--output", "unused.json"]
+def bench_argv(*flags: str, output: str = "unused.json") -> list[str]:
+    return ["bench", "--preset", "tiny", "--image-size", "32", *flags, "--output", output]
 
 
 @pytest.mark.parametrize(
@@ -337,3 +339,231 @@ def test_bad_bench_config_names_the_argument(kwargs, match):
 def test_bench_config_refuses_a_gpu_that_is_not_there(no_gpu):
     with pytest.raises(ValueError, match=re.escape("device 'cuda' asks for GPU 0, but torch sees 0 GPU(s)")):
         BenchConfig(preset="tiny", image_sizes=[32], ratios=[0.5], device="cuda")
+
+
+# Every command-line mistake is a usage error: the checks before loading.
+
+
+@pytest.fixture
+def text_only(tmp_path) -> str:
+    """A checkpoint folder of a supported text-only model (only its config: what the checks read)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=4).save_pretrained(tmp_path / "llama")
+    return str(tmp_path / "llama")
+
+
+def missing_kernels(attn: str) -> None:
+    """Skip the test where the kernels of ``attn`` are installed: the check has nothing to refuse."""
+    from dash_vlm.attention import load_implementation
+
+    try:
+        load_implementation(attn)
+    except ImportError:
+        return
+    pytest.skip(f"{attn} kernels are installed here")
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n"])
+def test_an_empty_prompt_is_a_usage_error(tmp_path, folder, no_model, capsys, prompt):
+    assert "--prompt is empty" in usage_error(["generate", "--model", QWEN, "--prompt", prompt], capsys)
+    assert "--prompt is empty" in usage_error(
+        diagnose_argv(tmp_path, "--images", str(folder), "--prompt", prompt), capsys
+    )
+
+
+def test_a_text_only_model_or_a_file_is_refused_before_loading(tmp_path, folder, text_only, no_model, capsys):
+    diagnose_text_only = ["diagnose", "--model", text_only, "--images", str(folder), "--output", str(tmp_path / "o")]
+    for argv in (generate_argv(model=text_only), diagnose_text_only):
+        line = usage_error(argv, capsys)
+        assert f"--model {text_only} is 'llama', a text-only model" in line and "qwen2_vl" in line
+    config = str(Path(QWEN) / "config.json")
+    assert f"--model {config} is a file; give the checkpoint folder" in usage_error(generate_argv(model=config), capsys)
+    argv = ["diagnose", "--model", config, "--images", str(folder), "--output", str(tmp_path / "out.json")]
+    line = usage_error(argv, capsys)
+    assert "is a file; give the checkpoint folder" in line
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_4"])
+def test_attention_kernels_that_are_not_installed_are_usage_errors(no_model, capsys, attn):
+    missing_kernels(attn)
+    line = usage_error(generate_argv("--attn", attn), capsys)
+    assert line.split(": error: ")[1].startswith(f"--attn: attn_implementation={attn!r} needs")
+    assert f"--attn: attn_implementation={attn!r} needs" in usage_error(bench_argv("--attn", attn), capsys)
+
+
+def test_cuda_graphs_without_a_gpu_is_a_usage_error(no_model, no_gpu, capsys):
+    line = usage_error(generate_argv("--cuda-graphs"), capsys)
+    assert "--cuda-graphs: cuda_graphs=True needs a CUDA GPU; this machine has none" in line
+
+
+def test_cuda_graphs_on_the_cpu_is_a_usage_error(monkeypatch, no_model, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "--cuda-graphs needs the model on one GPU" in usage_error(
+        generate_argv("--cuda-graphs", "--device", "cpu"), capsys
+    )
+
+
+# Every command-line mistake is a usage error: what shows only while the command runs.
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, image_file, monkeypatch) -> dict[str, list[str]]:
+    """The flags of inputs that only the model's processing can refuse, by what is wrong with them."""
+    unreadable = tmp_path / "unreadable.png"
+    unreadable.write_bytes(b"not an image")
+    clip = tmp_path / "corrupt.mp4"
+    clip.write_bytes(b"not a video" * 100)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (500, 2)).save(wide)
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 1500
+    )  # 64 x 64: more than twice the limit, a bomb; 32 x 32 within it
+    return {
+        "is not an image file PIL can read": ["--image", str(unreadable)],
+        "holds the vision placeholder '<|image_pad|>'": ["--image", str(image_file), "--prompt", "<|image_pad|> what"],
+        "is not a video file PyAV can decode": ["--video", str(clip)],
+        "aspect ratio must be smaller than 200": ["--image", str(wide)],
+        "is larger than PIL allows": ["--image", str(bomb)],
+    }
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "is not an image file PIL can read",
+        "holds the vision placeholder '<|image_pad|>'",
+        "is not a video file PyAV can decode",
+        "aspect ratio must be smaller than 200",
+        "is larger than PIL allows",
+    ],
+)
+def test_bad_inputs_found_while_generating_are_usage_errors(bad_inputs, capsys, problem):
+    argv = ["generate", "--model", QWEN, "--prompt", "what", "--device", "cpu", "--max-new-tokens", "1"]
+    assert problem in usage_error([*argv, *bad_inputs[problem]], capsys)
+
+
+def test_an_output_that_cannot_be_written_is_a_usage_error(image_file, capsys):
+    """/proc takes no new files; as root, ``os.access`` does not see it, so the write itself fails."""
+    argv = generate_argv("--image", str(image_file), "--device", "cpu", "--max-new-tokens", "1")
+    line = usage_error([*argv, "--halting-map", "/proc/dash-vlm-map.png"], capsys)
+    assert "/proc/dash-vlm-map.png" in line and ("cannot write it" in line or "cannot be written" in line)
+    run = ["--ratios", "0.5", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--output", "/proc/x.json"]
+    with pytest.raises(SystemExit) as exit_info:  # the bench's progress bar comes first on stderr
+        cli_main(["bench", "--preset", "tiny", "--image-size", "32", *run])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and line.startswith("dash-vlm: error: ")
+    assert "--output /proc/x.json" in line
+
+
+def test_diagnose_refuses_a_typed_placeholder(tmp_path, folder, monkeypatch, capsys):
+    """``diagnose.decision_scores`` builds the processor inputs itself: the placeholder is refused before it."""
+
+    def measure(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(diagnose, "decision_scores", measure)
+    line = usage_error(diagnose_argv(tmp_path, "--images", str(folder), "--prompt", "<|image_pad|>"), capsys)
+    assert "holds the vision placeholder '<|image_pad|>'" in line
+    vlm = DashVLM.from_pretrained(QWEN, device_map="cpu")
+    with pytest.raises(ValueError, match="holds the vision placeholder"):
+        diagnose.diagnose(vlm, [Image.new("RGB", (16, 16))], ["what is <|image_pad|>"], 1)
+
+
+def test_genuine_errors_keep_their_traceback(image_file, monkeypatch):
+    """Only the user's input becomes a usage error: another error, or an OSError of a file the user did not name as
+    an output, stays as it is."""
+    argv = generate_argv("--image", str(image_file), "--halting-map", str(image_file.with_name("map.png")))
+    for error in (RuntimeError("a bug"), FileNotFoundError(2, "No such file or directory", "/elsewhere/model.bin")):
+
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr("dash_vlm.cli.run_generate", fail)
+        with pytest.raises(type(error)):
+            cli_main(argv)
+
+
+# Outputs: checked before the work, the same rule for every subcommand.
+
+
+@pytest.mark.parametrize("plot", ["plot.txt", "plot"])
+def test_plots_need_an_image_suffix(tmp_path, folder, no_model, capsys, plot):
+    target = str(tmp_path / plot)
+    line = usage_error(diagnose_argv(tmp_path, "--images", str(folder), "--plot", target), capsys)
+    assert f"--plot {target} needs the suffix of an image format" in line
+    line = usage_error(bench_argv("--plot", target, output=str(tmp_path / "out.json")), capsys)
+    assert f"--plot {target} needs the suffix of an image format" in line
+
+
+def test_bench_outputs_are_checked_before_the_run(tmp_path, no_model, capsys):
+    missing = tmp_path / "missing" / "out.json"
+    assert f"the folder {missing.parent} does not exist" in usage_error(bench_argv(output=str(missing)), capsys)
+    assert not missing.parent.exists()  # not created
+    assert f"--output {tmp_path} is a folder" in usage_error(bench_argv(output=str(tmp_path)), capsys)
+    plot = tmp_path / "missing" / "plot.png"
+    line = usage_error(bench_argv("--plot", str(plot), output=str(tmp_path / "out.json")), capsys)
+    assert f"--plot {plot}: the folder {plot.parent} does not exist" in line
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(
+    tmp_path, folder, image_file, no_model, monkeypatch, capsys
+):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    message = f"the folder {locked} cannot be written"
+    assert message in usage_error(bench_argv(output=str(locked / "out.json")), capsys)
+    argv = ["diagnose", "--model", QWEN, "--images", str(folder), "--output", str(locked / "out.json")]
+    assert message in usage_error(argv, capsys)
+    assert message in usage_error(
+        generate_argv("--image", str(image_file), "--halting-map", str(locked / "m.png")), capsys
+    )
+    assert message in usage_error(["demo", "--halting-map", str(locked / "map.png")], capsys)
+
+
+# dash-vlm bench: what the run would refuse, refused before it.
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--start-ratio", "0.95", "--ratios", "0.5"], "start_ratio=0.95 puts the decision layer at the last of 5"),
+        (["--start-ratio", "0.8", "--ratios", "0,0.5", "--methods", "random"], "start_ratio=0.8 puts the decision"),
+        (["--image-size", "8193"], "argument --image-size: must be a whole number from 28 to 8192, got '8193'"),
+        (["--image-size", "27"], "argument --image-size: must be a whole number from 28 to 8192"),
+        (["--video-frames", "65538"], "--video-frames must be counts of at most 65536 frames, got '65538'"),
+        (["--compression-ratios", "abc"], "--compression-ratios must be comma-separated float values, got 'abc'"),
+        (["--ratios", "0.5,x"], "--ratios must be comma-separated float values, got '0.5,x'"),
+        (["--vision-compression-ratios", "half"], "--vision-compression-ratios must be comma-separated float values"),
+    ],
+)
+def test_bench_refuses_before_the_model_is_built(no_model, capsys, flags, message):
+    assert message in usage_error(bench_argv(*flags), capsys)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(halting={"start_ratio": 0.95}), "start_ratio=0.95 puts the decision layer at the last of 5 decoder"),
+        (dict(preset="qwen2-vl-7b", halting={"start_ratio": 0.97}), "at the last of 28 decoder layers"),
+        (dict(image_sizes=[8193]), "image_sizes must be whole pixel sides from 28 to 8192"),
+        (dict(image_sizes=[32.5]), "image_sizes must be whole pixel sides"),
+        (dict(video_frames=[MAX_FRAMES_LIMIT + 2]), f"video_frames must be at most {MAX_FRAMES_LIMIT}"),
+    ],
+)
+def test_bench_config_refuses_what_the_run_would(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**(dict(preset="tiny", image_sizes=[32], ratios=[0.5]) | kwargs))
+    # a decoder ratio of 0 reads no decision layer: a vision-only sweep takes the same start ratio
+    BenchConfig(preset="tiny", image_sizes=[32], ratios=[0.0], vision_ratios=[0.4], halting={"start_ratio": 0.95})
+
+
+def test_bench_graphs_on_a_cpu_is_flagged(monkeypatch, caplog):
+    monkeypatch.setattr("dash_vlm.bench.main", lambda config, output, plot: None)
+    cli_main(bench_argv("--paths", "eager,graphs", "--device", "cpu"))
+    assert "measure no CUDA graph" in caplog.text

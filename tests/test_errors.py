@@ -700,6 +700,9 @@ def test_loading_arguments_are_checked_before_any_file_is_read(vlm, monkeypatch,
     for device_map in ("meta", "mps", ["cpu"], {"": "meta"}):
         with pytest.raises(ValueError, match="device_map must be cpu, cuda, cuda:N"):
             DashVLM.from_pretrained(QWEN, device_map=device_map)
+    for dtype in ("bf16", torch.int8, 123):
+        with pytest.raises(ValueError, match="dtype must be 'auto', a floating torch dtype or its name"):
+            DashVLM.from_pretrained(QWEN, device_map="cpu", dtype=dtype)
     for name in (None, 123, ""):
         with pytest.raises(TypeError, match="name_or_path must be a hub id or a folder"):
             DashVLM.from_pretrained(name)

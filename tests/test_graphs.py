@@ -267,7 +267,7 @@ def test_dashvlm_fast_path_gives_the_eager_answers_and_statistics():
             vlm.generate(image=images[0], prompt=questions[0], do_sample=True)
 
 
-def test_cuda_graphs_switch_errors(monkeypatch):
+def test_cuda_graphs_switch_errors(monkeypatch, capsys):
     from dash_vlm import DashVLM
     from dash_vlm.cli import main as cli_main
     from dash_vlm.lmms.models import DashQwen2VL
@@ -277,8 +277,9 @@ def test_cuda_graphs_switch_errors(monkeypatch):
     folder = model_folder("qwen2-vl")
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA GPU; this machine has none"):
         DashVLM.from_pretrained(folder, cuda_graphs=True)
-    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA GPU"):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error
         cli_main(["generate", "--model", str(folder), "--prompt", "hi", "--cuda-graphs"])
+    assert exit_info.value.code == 2 and "cuda_graphs=True needs a CUDA GPU" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA GPU"):
         DashQwen2VL(pretrained=str(folder), cuda_graphs="true")
     with pytest.raises(ValueError, match="cuda_graphs must be true or false, got 'maybe'"):

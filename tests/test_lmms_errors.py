@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from lmms_eval.api.instance import Instance
 from transformers import LlamaConfig, Qwen2_5_VLConfig
 
 from dash_vlm import vlm
@@ -147,3 +148,65 @@ def test_checks_left_to_dash_vlm_still_precede_the_weights(monkeypatch):
         DashQwen2VL(pretrained=QWEN, device_map="cpu", min_pixels="0")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         DashQwen2VL(pretrained="/nonexistent/checkpoint", device_map="cpu")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"seed": 3.0, "fastv_layer": 1e0, "protect_last": 2.0, "protect_first": "1"},
+        {"seed": "3", "fastv_layer": 1, "protect_last": 2, "protect_first": 1.0},
+    ],
+)
+def test_integral_floats_are_ints_for_the_halting_fields_too(loaded, args):
+    """lmms-eval's parser makes ``seed=3.0`` and ``fastv_layer=1e0`` floats: accepted as ``batch_size=2.0`` is."""
+    DashQwen2VL(pretrained=QWEN, batch_size=2.0, **args)
+    press = loaded["press"]
+    assert (press.seed, press.fastv_layer, press.protect_last, press.protect_first) == (3, 1, 2, 1)
+    assert all(type(getattr(press, name)) is int for name in ("seed", "fastv_layer", "protect_last", "protect_first"))
+    loaded.clear()
+    DashQwen2VL.create_from_arg_string(f"pretrained={QWEN},seed=3.0,fastv_layer=1e0", {"batch_size": "2"})
+    assert (loaded["press"].seed, loaded["press"].fastv_layer) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"seed": 2.5}, "seed must be an int, got 2.5"),
+        ({"fastv_layer": "abc"}, "fastv_layer must be an int, got 'abc'"),
+        ({"protect_last": True}, "protect_last must be an int, got True"),
+        ({"compression_ratio": "half"}, "compression_ratio must be given as float, got 'half'"),
+    ],
+)
+def test_bad_halting_fields_are_refused_before_loading(no_weights, args, message):
+    with pytest.raises(ValueError, match=message):
+        DashQwen2VL(pretrained=QWEN, **args)
+
+
+def test_generation_settings_left_unset_fall_back_to_the_defaults():
+    """A task's ``max_new_tokens: None`` is the model's ``max_new_tokens``, generation settings of None are none, and a
+    ``doc_to_visual`` returning None gives a request without visuals."""
+    from PIL import Image
+
+    lmm = DashQwen2VL(pretrained=QWEN, device_map="cpu", max_new_tokens=2, batch_size=2)
+    lmm.task_dict = {"t": {"test": [{"question": "what colour"}] * 3}}
+    seen = []
+    generate = lmm.vlm.generate_conversations
+
+    def recording(conversations, prompts=None, **kwargs):
+        seen.append((len(conversations), kwargs["max_new_tokens"]))
+        return generate(conversations, prompts, **kwargs)
+
+    lmm.vlm.generate_conversations = recording
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    settings = [
+        ("a?", {"max_new_tokens": None}, lambda doc: [image]),
+        ("bb?", None, lambda doc: None),
+        ("ccc?", {"max_new_tokens": 1, "until": None}, None),
+    ]
+    requests = [
+        Instance("generate_until", (*request, i, "t", "test"), idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
+        for i, request in enumerate(settings)
+    ]
+    results = lmm.generate_until(requests)
+    assert len(results) == 3 and all(result.token_counts.output_tokens <= 2 for result in results)
+    assert sorted(seen) == [(1, 1), (1, 2), (1, 2)]  # one batch per group of settings; unset: the default 2

@@ -22,7 +22,7 @@ NON_DEFAULT = {
     "seed": 7,
     "fastv_layer": 3,
     "vision_compression_ratio": 0.5,
-    "vision_start_ratio": 0.5,
+    "vision_start_ratio": 0.4,
 }
 QWEN = model_folder("qwen2-vl")
 

@@ -16,6 +16,7 @@ timer then synchronises all the GPUs the model uses and reads the wall clock.
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from dash_vlm.attention import ATTENTION_CHOICES, attention_of, load_implementation, use_attention
 from dash_vlm.compact import take_tokens
 from dash_vlm.graphs import StaticDecoder
-from dash_vlm.models import adapter_for, model_types_with
+from dash_vlm.models import MAX_FRAMES_LIMIT, adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS, Preset
 from dash_vlm.press import DeltaPress, Timer
 from dash_vlm.scorers import SCORERS, DashScorer
@@ -53,6 +54,7 @@ PATHS = ("eager", "static", "graphs")  # HF generate; HF generate over its stati
 # graphs path are given against it too, so that padding cannot inflate them.
 UNPADDED = "unpadded"
 NOISE = 0.03  # a ratio-0 control further than this from vanilla (prefill or TTFT) flags its rows noisy
+MAX_IMAGE_SIDE = 8192  # the largest image (or frame) side measured: a larger one would not fit a GPU's memory
 
 
 class WallTimer:
@@ -116,11 +118,11 @@ def check_device(device: str, name: str = "device", maps: Collection[str] = ()) 
         raise ValueError(f"{name} {device!r} asks for GPU {index}, but torch sees {count} GPU(s); use cpu")
 
 
-def decoder_depth(preset: Preset) -> int:
-    """The number of decoder layers of ``preset``'s model, built on the meta device (no weights allocated)."""
+@functools.cache
+def preset_config(name: str) -> transformers.PretrainedConfig:
+    """The config of the model of preset ``name``, built on the meta device (no weights allocated)."""
     with torch.random.fork_rng(devices=[]):  # the tiny preset seeds torch when it builds
-        model = preset.build("meta", torch.float32)
-    return len(adapter_for(model).decoder_layers(model))
+        return PRESETS[name].build("meta", torch.float32).config
 
 
 @dataclass
@@ -173,8 +175,14 @@ class BenchConfig:
             raise ValueError(f"attn must be one of {ATTENTION_CHOICES}, got {self.attn!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if not self.image_sizes or any(size < 28 for size in self.image_sizes):
-            raise ValueError(f"image_sizes must be pixel sides >= 28, got {self.image_sizes}")
+        if not self.image_sizes or any(
+            isinstance(size, bool) or not isinstance(size, numbers.Integral) or not 28 <= size <= MAX_IMAGE_SIDE
+            for size in self.image_sizes
+        ):
+            raise ValueError(
+                f"image_sizes must be whole pixel sides from 28 to {MAX_IMAGE_SIDE} (MAX_IMAGE_SIDE), got "
+                f"{self.image_sizes}"
+            )
         model_type = PRESETS[self.preset].model_classes()[0].model_type
         if self.video_frames:
             if not adapter_for(model_type).video:
@@ -189,6 +197,10 @@ class BenchConfig:
             ):
                 raise ValueError(
                     f"video_frames must be distinct even counts >= 2 (frame pairs), got {self.video_frames}"
+                )
+            if max(self.video_frames) > MAX_FRAMES_LIMIT:
+                raise ValueError(
+                    f"video_frames must be at most {MAX_FRAMES_LIMIT} (MAX_FRAMES_LIMIT), got {max(self.video_frames)}"
                 )
         sweeps = (("compression_ratio", "ratios"), ("vision_compression_ratio", "vision_ratios"), ("method", "methods"))
         for name, sweep in sweeps:
@@ -206,10 +218,9 @@ class BenchConfig:
                 f"({', '.join(model_types_with('halts_in_vision_tower'))}); preset {self.preset!r} is {model_type!r}"
             )
         self._check_every_method_measured()
-        if "fastv" in self.methods:  # only FastV's layer can fall outside the decoder: a start ratio < 1 always fits
-            depth = decoder_depth(PRESETS[self.preset])
-            for variant in self.variants():
-                self.press(variant).decision_layer(depth)
+        config = preset_config(self.preset)
+        for variant in self.variants():  # FastV's layer inside the decoder, decision layers with a deeper one left
+            self.press(variant).check_model(config)
 
     def _check_every_method_measured(self) -> None:
         """``ValueError`` naming a method of ``methods`` that no variant measures: the sweep would report vanilla

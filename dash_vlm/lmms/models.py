@@ -10,6 +10,7 @@ settings. Images are passed as they are (no JPEG re-encoding); video files (Qwen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import inspect
 import numbers
@@ -81,7 +82,7 @@ class DashLMM(lmms):
         self.batch_size_per_gpu = _model_arg("batch_size", batch_size, int, minimum=1)
         self.max_new_tokens = _model_arg("max_new_tokens", max_new_tokens, int, minimum=1)
         cuda_graphs = _model_arg("cuda_graphs", cuda_graphs, bool)
-        press = DeltaPress.from_options(**DeltaPress.pop_parameters(model_args))
+        press = DeltaPress.from_options(**_halting_args(DeltaPress.pop_parameters(model_args)))
         family_args = self.family_model_args(**model_args)
         self.check_family(pretrained)
         self.accelerator = Accelerator()
@@ -171,9 +172,9 @@ class DashLMM(lmms):
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         """A document's images (RGB) and video file paths, in its order."""
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
         kept = []
-        for visual in visuals:
+        for visual in visuals or []:  # a document without visuals may give None
             if isinstance(visual, str) and visual.lower().endswith(VIDEO_SUFFIXES):
                 if not self.vlm.adapter.video:
                     raise NotImplementedError(
@@ -198,7 +199,7 @@ class DashLMM(lmms):
         collator = Collator(
             [request.args for request in requests],
             lambda args: (-len(args[0]), args[0]),
-            group_fn=lambda args: args[1],
+            group_fn=lambda args: args[1] or {},  # a task's generation settings; None: none
             grouping=True,
         )
         answers = []
@@ -206,10 +207,15 @@ class DashLMM(lmms):
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="dash generate_until")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk, strict=True)
-            kwargs = dict(all_kwargs[0])  # the collator groups requests by generation kwargs
+            kwargs = dict(all_kwargs[0] or {})  # the collator groups requests by generation kwargs; None: no settings
             until = kwargs.pop("until", None)
             until = [until] if isinstance(until, str) else list(until or [])
-            max_new_tokens = int(kwargs.pop("max_new_tokens", self.max_new_tokens))
+            max_new_tokens = kwargs.pop("max_new_tokens", None)  # a task's None: the model's default
+            max_new_tokens = (
+                self.max_new_tokens
+                if max_new_tokens is None
+                else _model_arg("max_new_tokens", max_new_tokens, int, minimum=1)
+            )
             temperature = float(kwargs.pop("temperature", 0) or 0)
             generation = {"do_sample": temperature > 0, "num_beams": int(kwargs.pop("num_beams", 1) or 1)}
             if temperature > 0:
@@ -353,6 +359,18 @@ def _model_arg(name: str, value: object, kind: type[int] | type[bool], minimum: 
     if number is None or (minimum is not None and number < minimum):
         raise ValueError(f"{name} must be an int{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
     return number
+
+
+def _halting_args(halting: dict) -> dict:
+    """The halting model args with the int fields of ``DeltaPress`` (``seed``, ``fastv_layer``, ...) converted as
+    the other int model args are: lmms-eval's parser makes "3.0" and "1e0" floats, and an integral float is an int.
+    The other fields go to ``DeltaPress.from_options`` as they are."""
+    int_fields = {
+        parameter.name
+        for parameter in dataclasses.fields(DeltaPress)
+        if parameter.init and type(parameter.default) is int
+    }
+    return {name: _model_arg(name, value, int) if name in int_fields else value for name, value in halting.items()}
 
 
 def _lmms_models() -> dict[str, type[DashLMM]]:
