@@ -11,6 +11,7 @@ as it was.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -36,30 +37,12 @@ class HaltRecord:
         Whether any sample keeps fewer tokens than there are slots.
     flash : bool
         Whether the model runs FlashAttention (2-D masks).
-    one_token_masks : bool
-        Whether a forward of one new token needs its mask rewritten even without filler: the prompt held padding, or
-        the attention does not cut the model's mask to the key length (all but SDPA).
     """
 
-    def __init__(
-        self,
-        index: torch.Tensor,
-        valid: torch.Tensor,
-        prompt_length: int,
-        has_filler: bool,
-        flash: bool,
-        one_token_masks: bool,
-    ):
+    def __init__(self, index: torch.Tensor, valid: torch.Tensor, prompt_length: int, has_filler: bool, flash: bool):
         self.index, self.valid = index, valid
         self.prompt_length, self.has_filler, self.flash = prompt_length, has_filler, flash
-        self.one_token_masks = one_token_masks
         self._memo: tuple | None = None
-
-    def needs_mask(self, num_queries: int) -> bool:
-        """Whether a forward of ``num_queries`` new tokens needs its mask rewritten above the decision layer. Under
-        SDPA, one new token after an unpadded prompt without filler needs none: every compact key is visible to it,
-        and a mask the model builds allows every key and is cut to the key length."""
-        return num_queries > 1 or self.has_filler or self.one_token_masks
 
     @property
     def slots(self) -> int:
@@ -127,41 +110,49 @@ class HaltedLayer(DynamicLayer):
 class ArmingLayer(DynamicLayer):
     """The decision layer's ``DynamicLayer`` in a halted cache (every prompt position). Its ``update`` runs in each
     forward that continues the cache, after the model has built its masks and before any deeper layer runs: it arms
-    the deeper layers' one-shot mask rewrites (:class:`MaskRewrite`)."""
+    the first deeper layer's one-shot mask rewrite (:class:`MaskRewrite`), which arms the next one as it runs."""
 
     def __init__(self, record: HaltRecord, decoder_layers: list[nn.Module], first_halted: int):
         super().__init__()
         self.record, self.first_halted = record, first_halted
         # Weak: the cache must not keep the model alive; copied as they are by deepcopy (weak references are atomic).
         self.decoder_layers = [weakref.ref(layer) for layer in decoder_layers]
+        # Deeper layers of one attention type receive one mask: when the first needs no rewrite, none does.
+        self.one_mask = len({getattr(layer, "attention_type", None) for layer in decoder_layers}) == 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None):
-        # A later forward (the prefill and a cache being filled arm nothing) whose deeper layers need their masks.
-        if self.get_seq_length() > 0 and self.record.needs_mask(key_states.shape[-2]):
-            for layer_idx, decoder_layer in enumerate(self.decoder_layers, start=self.first_halted):
-                module = decoder_layer()
-                if module is not None:
-                    MaskRewrite(module, layer_idx, self.record)
+        if self.get_seq_length() > 0:  # a later forward; the prefill and a cache being filled arm nothing
+            MaskRewrite(self.decoder_layers, self.first_halted, self.record, may_stop=self.one_mask)
         return super().update(key_states, value_states, cache_kwargs)
 
 
 class MaskRewrite:
-    """A decoder layer's pre-hook for one forward on a halted cache: it replaces the layer's full-layout mask with
-    the compact one (``HaltRecord.later_mask``) and removes itself, whether or not the forward is on its cache (a
-    forward that failed before reaching it leaves it to the next forward through the layer)."""
+    """The pre-hook of one deeper decoder layer for one forward on a halted cache, armed when the previous layer ran:
+    it arms the next layer's, replaces this layer's full-layout mask with the compact one (``HaltRecord.later_mask``)
+    and removes itself, so that the model carries at most one such hook, and none between forwards. With
+    ``may_stop`` (the first deeper layer, when all deeper layers share one mask) a forward given no mask and no
+    filler (a decode step after an unpadded prompt) arms nothing further. A forward of another thread leaves it in
+    place; one of this thread on another cache (a forward that failed before reaching it) removes it."""
 
-    def __init__(self, module: nn.Module, layer_idx: int, record: HaltRecord):
-        self.layer_idx, self.record = layer_idx, weakref.ref(record)
-        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+    def __init__(self, layers: list[weakref.ref], layer_idx: int, record: HaltRecord, may_stop: bool = False):
+        self.layers, self.layer_idx, self.record, self.may_stop = layers, layer_idx, weakref.ref(record), may_stop
+        self.thread = threading.get_ident()
+        module = layers[0]()
+        self.handle = None if module is None else module.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        self.handle.remove()
-        record, mask = self.record(), kwargs.get("attention_mask")
-        if record is None or (mask is None and not record.has_filler):  # causal, no padding: no mask needed
+        if threading.get_ident() != self.thread:
             return None
-        cache = kwargs.get("past_key_values")
+        self.handle.remove()
+        record, cache = self.record(), kwargs.get("past_key_values")
         layer = None if cache is None or self.layer_idx >= len(cache.layers) else cache.layers[self.layer_idx]
-        if getattr(layer, "record", None) is not record:
+        if record is None or getattr(layer, "record", None) is not record:
+            return None
+        mask = kwargs.get("attention_mask")
+        needs_rewrite = mask is not None or record.has_filler
+        if len(self.layers) > 1 and (needs_rewrite or not self.may_stop):
+            MaskRewrite(self.layers[1:], self.layer_idx + 1, record)
+        if not needs_rewrite:  # causal, no padding, no filler: the compact keys need no mask either
             return None
         num_queries = (args[0] if args else kwargs["hidden_states"]).shape[-2]
         kwargs["attention_mask"] = record.later_mask(mask, num_queries, layer.get_seq_length() + num_queries)

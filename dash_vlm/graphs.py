@@ -410,7 +410,7 @@ class _PrefillGraph:
         """Copy the static keys and values into ``cache`` as a halted cache of a ``length``-token prompt: the layers
         up to the decision layer unpadded, the layers above with their slots (``HaltedLayer``)."""
         if self.plan is not None:
-            record = self.plan.unpadded(length).cache_record(flash=False, one_token_masks=True)  # always rewritten
+            record = self.plan.unpadded(length).cache_record(flash=False)
             attach_halted_layers(cache, layers, record, self.decision + 1)
         for index, static in enumerate(self.cache.layers):
             slots = length if index <= self.decision else self.shape.slots

@@ -94,10 +94,9 @@ class HaltPlan:
             self.filler_last,
         )
 
-    def cache_record(self, flash: bool, one_token_masks: bool) -> HaltRecord:
-        """What a halted KV cache keeps of this plan, for the forwards that continue it (``HaltRecord`` documents
-        ``one_token_masks``)."""
-        return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash, one_token_masks)
+    def cache_record(self, flash: bool) -> HaltRecord:
+        """What a halted KV cache keeps of this plan, for the forwards that continue it."""
+        return HaltRecord(self.index, self.valid, self.kept.shape[-1], self.has_filler, flash)
 
 
 def plan_halting(

@@ -480,7 +480,7 @@ class _Executor:
         self.vision_ids = tuple(adapter.vision_token_ids(model.config)) if scope == "vision" else None
         self.vision_token_ids = adapter.vision_token_ids(model.config)
         self.patches_per_token = adapter.vision_patches_per_token(model.config)
-        self.protect, self.attention, self.flash = protect, attention, attention.startswith("flash")
+        self.protect, self.flash = protect, attention.startswith("flash")
         self.scorer = self.config.scorer()
         self.layers: nn.ModuleList = adapter.decoder_layers(model)
         self.final_norm = adapter.final_norm(model)
@@ -499,6 +499,7 @@ class _Executor:
         if prefill_module is not model:  # the module that takes ``labels`` wraps the prefill module
             self.handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self.halting_handles: list = []
+        self.warned_labels = False
         self.model = weakref.ref(model)
         _EXECUTORS[model] = self
 
@@ -538,7 +539,8 @@ class _Executor:
         self.halting_handles = []
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("labels") is not None and self.config.compression_ratio > 0:
+        if kwargs.get("labels") is not None and self.config.compression_ratio > 0 and not self.warned_labels:
+            self.warned_labels = True  # once per block: a training loop would repeat it every step
             logger.warning(
                 "labels given under a halting press: the loss also covers the halted positions, whose logits come "
                 "from their decision-layer state (DESIGN.md section 1, rule 6); protect them (press(model, "
@@ -567,11 +569,11 @@ class _Executor:
         if self.vision_ids is not None and input_ids is None:
             raise ValueError("scope='vision' needs input_ids to find the vision tokens; got only inputs_embeds")
         protect = self.protect
-        if protect is not None and protect.shape[0] and protect.shape[1] == length and batch % protect.shape[0] == 0:
-            # generate expands each prompt in place for beam search or several sequences (repeat_interleave)
-            protect = protect.repeat_interleave(batch // protect.shape[0], dim=0)
         if protect is not None and tuple(protect.shape) != (batch, length):
-            raise ValueError(f"protect has shape {tuple(protect.shape)}, the prompt is {(batch, length)}")
+            raise ValueError(
+                f"protect has shape {tuple(protect.shape)}, the prompt is {(batch, length)} (beam search expands each "
+                "prompt in place: give protect.repeat_interleave(num_beams, 0))"
+            )
         attention_mask = kwargs.get("attention_mask")
         groups = None
         if self.config.selection == "per_row" and self.config.compression_ratio > 0:  # read on the host, up front
@@ -645,9 +647,7 @@ class _Executor:
             cache = kwargs.get("past_key_values")
             if cache is not None:
                 check_cache(cache, self.decision_layer + 1)
-                padded = min(prefill.tokens) < hidden.shape[1]
-                record = plan.cache_record(self.flash, one_token_masks=padded or self.attention != "sdpa")
-                attach_halted_layers(cache, self.layers, record, self.decision_layer + 1)
+                attach_halted_layers(cache, self.layers, plan.cache_record(self.flash), self.decision_layer + 1)
             args = (plan.gather(hidden), *args[1:])
         # Layers of different attention types (full and sliding window) get different masks: compact each mask once.
         compact = computed_once(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import io
+import itertools
 import logging
 import numbers
 import threading
@@ -333,6 +334,11 @@ class DashVLM:
         beams = self._check_generation(generation_kwargs)
         loader = VisualLoader(self.allow_urls, decode_video_files)
         resolved, kept = zip(*(loader.conversation(chat) for chat in conversations), strict=True)
+        if not self.adapter.video and any(item == "video" for chat in resolved for item in _item_types(chat)):
+            raise ValueError(
+                f"video is supported for model types {', '.join(model_types_with('video'))}, "
+                f"not {self.model.config.model_type!r}"
+            )
         if prompts is None:
             self._check_user_text(resolved)
         else:
@@ -378,9 +384,14 @@ class DashVLM:
                 f"DashVLM returns one answer text per prompt; it does not take {refused} (apply DeltaPress to "
                 "model.generate directly for more)"
             )
-        if self.fast is not None:
+        if self.fast is not None:  # greedy whatever the checkpoint's own generation_config says; asked for, refused
+            asked = generation_kwargs.get("generation_config")
             greedy = {"do_sample": False, "num_beams": 1}
-            unsupported = {name: setting(name) for name in greedy if setting(name) not in (None, greedy[name])}
+            unsupported = {
+                name: generation_kwargs.get(name, getattr(asked, name, None))
+                for name in greedy
+                if generation_kwargs.get(name, getattr(asked, name, None)) not in (None, greedy[name])
+            }
             unsupported |= {name: value for name, value in generation_kwargs.items() if name not in greedy}
             if unsupported:
                 raise ValueError(f"cuda_graphs=True decodes greedily; it does not take {unsupported}")
@@ -396,8 +407,7 @@ class DashVLM:
             raise ValueError(f"{name} must be a non-empty string, got {prompt!r:.80}")
         ids = self.adapter.vision_token_ids(self.model.config)
         marks = self.processor.tokenizer.convert_ids_to_tokens(ids)
-        content = [message["content"] for message in chat if isinstance(message["content"], list)]
-        items = [item["type"] for items in content for item in items]
+        items = _item_types(chat)
         for mark, kind in zip(marks, ("image", "video"), strict=False):
             if prompt.count(mark) != items.count(kind):
                 raise ValueError(
@@ -587,13 +597,14 @@ class VisualLoader:
         if isinstance(source, (list, tuple)):
             if not source:
                 raise ValueError("video is an empty list of frames; give at least one frame")
-            frames = [self.image(source[index])[0] for index in frame_indices(len(source), max_frames)]
+            loaded = [self.image(source[index]) for index in frame_indices(len(source), max_frames)]
+            frames = [frame for frame, _ in loaded]
             if len({frame.size for frame in frames}) > 1:
                 raise ValueError(
                     f"video frames must all have one size, got {sorted({frame.size for frame in frames})} (width, "
                     "height)"
                 )
-            return frames, source
+            return frames, [kept for _, kept in loaded]  # a file frame as a snapshot, a URL frame as its bytes
         raise TypeError(f"video must be a file path, URL, bytes or a list of frames, got {type(source).__name__}")
 
     def _fetch(self, parameter: str, url: str) -> bytes:
@@ -613,6 +624,7 @@ class FileSnapshot:
 
     @classmethod
     def of(cls, path: Path) -> FileSnapshot:
+        path = path.resolve()  # the same file after a change of working folder
         stat = path.stat()
         return cls(path, stat.st_size, stat.st_mtime_ns)
 
@@ -641,6 +653,11 @@ def _is_message(message: object) -> bool:
         and isinstance(message.get("role"), str)
         and isinstance(message.get("content"), (str, list))
     )
+
+
+def _item_types(chat: list[dict]) -> list[str]:
+    """The type of every content item of a conversation's messages (text, image, video), in order."""
+    return [item["type"] for message in chat if isinstance(message["content"], list) for item in message["content"]]
 
 
 def _has_content(item: object) -> bool:
@@ -831,13 +848,14 @@ def decode_video(file: str | io.BytesIO, name: str, max_frames: int) -> list[Ima
 
 
 def count_frames(path: Path) -> int:
-    """The frames of a video file (its packets with data, no frame decoded); ``ValueError`` naming a file PyAV cannot
-    read, or one without frames."""
+    """The frames of a video file (its packets with data, no frame decoded), counted up to ``MIN_FILE_FRAMES``;
+    ``ValueError`` naming a file PyAV cannot read, or one without frames."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            frames = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+            packets = (packet for packet in container.demux(container.streams.video[0]) if packet.size)
+            frames = sum(1 for _ in itertools.islice(packets, MIN_FILE_FRAMES))  # no more than the test needs
     except (av.error.FFmpegError, IndexError) as error:
         raise ValueError(f"video {str(path)!r} is not a video file PyAV can decode ({error})") from error
     if not frames:

@@ -735,7 +735,7 @@ def test_odd_but_legitimate_inputs(vlm, scene, monkeypatch):
         vlm.generate(image=buffer.getvalue(), prompt=question)
 
 
-def test_protect_follows_beam_search_expansion():
+def test_protect_under_beam_search_is_given_per_beam_and_a_bare_mask_is_refused_with_the_way():
     from dash_vlm.models import adapter_for
 
     adapter = adapter_for("qwen2_vl")
@@ -743,12 +743,13 @@ def test_protect_follows_beam_search_expansion():
     protect = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     protect[0, 10:30] = True
     press = DeltaPress(compression_ratio=0.8)
-    with torch.no_grad(), press(model, protect=protect):
+    with pytest.raises(ValueError, match="beam search expands each prompt in place: give protect.repeat_interleave"):
+        with torch.no_grad(), press(model, protect=protect):
+            model.generate(**inputs, num_beams=2, max_new_tokens=2, do_sample=False)
+    with torch.no_grad(), press(model, protect=protect.repeat_interleave(2, 0)):
         model.generate(**inputs, num_beams=2, max_new_tokens=2, do_sample=False)
-    assert len(press.last_stats) == 2  # one per beam, each prompt protected alike
-    assert all(
-        stats.kept < stats.tokens and not set(stats.halted_positions) & set(range(10, 30)) for stats in press.last_stats
-    )
+    assert len(press.last_stats) == 2
+    assert all(s.kept < s.tokens and not set(s.halted_positions) & set(range(10, 30)) for s in press.last_stats)
 
 
 def test_a_video_file_qwen_vl_utils_cannot_read_is_named(vlm, no_model_work, tmp_path):
@@ -757,3 +758,10 @@ def test_a_video_file_qwen_vl_utils_cannot_read_is_named(vlm, no_model_work, tmp
     entry = {"type": "video", "video": str(clip), "nframes": 1000}  # more frames than the file has
     with pytest.raises(ValueError, match="qwen-vl-utils could not read the video file"):
         vlm.generate_conversations([[{"role": "user", "content": [entry, {"type": "text", "text": "what"}]}]])
+
+
+def test_a_video_in_a_conversation_for_a_model_without_video_is_refused():
+    chat = [{"role": "user", "content": [{"type": "video", "video": [Image.new("RGB", (32, 32))] * 2}]}]
+    llava = DashVLM.from_pretrained(model_folder("llava"), device_map="cpu")
+    with pytest.raises(ValueError, match="video is supported for model types qwen2_5_vl, qwen2_vl, not 'llava'"):
+        llava.generate_conversations([chat])

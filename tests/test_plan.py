@@ -132,7 +132,7 @@ def test_gather_and_restore_round_trip():
 
 def test_cache_record_carries_the_layout():
     plan, _, real, _, _ = random_plan(3)
-    record = plan.cache_record(flash=False, one_token_masks=True)
+    record = plan.cache_record(flash=False)
     assert isinstance(plan, HaltPlan)
     assert record.index is plan.index and record.valid is plan.valid
     assert (record.prompt_length, record.slots, record.has_filler) == (

@@ -1,11 +1,12 @@
 """DeltaPress on the text LLMs kvpress supports, directly and inside kvpress's own pipeline."""
 
+import contextlib
 from functools import cache
 
 import pytest
 import torch
 from reference import MaskedReference, relative_error
-from transformers import pipeline
+from transformers import DynamicCache, pipeline
 
 from dash_vlm import DeltaPress, supported_model_types
 from dash_vlm.models import adapter_for, model_types_with
@@ -107,3 +108,34 @@ def test_layers_of_different_attention_types_get_their_own_compact_masks(attenti
             actual = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
         plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
     assert relative_error(actual, expected) <= 1e-5 < relative_error(plain, expected)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_padding_that_arrives_after_an_unpadded_prompt(attention):
+    """An unpadded batch (every sample keeps as many tokens: no filler), then a next turn padded in one sample and
+    decode steps: the one-shot mask rewrites follow the masks each forward brings, not the prompt's layout."""
+    model = model_for("llama", attention)
+    prompt = torch.cat([text_sample(20, seed=7)["input_ids"], text_sample(20, seed=8)["input_ids"]])
+    turn = torch.tensor([[0, 11, 12], [13, 14, 15]])
+    turn_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+
+    def converse(prefill_context, outer_context):
+        cache, logits = DynamicCache(), []
+        mask = torch.ones_like(prompt)
+        with torch.no_grad(), outer_context():
+            with prefill_context():
+                model(input_ids=prompt, attention_mask=mask, past_key_values=cache)
+            mask = torch.cat([mask, turn_mask], -1)
+            logits.append(model(input_ids=turn, attention_mask=mask, past_key_values=cache).logits[:, -1])
+            for _ in range(3):
+                token = logits[-1].argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(token)], -1)
+                logits.append(model(input_ids=token, attention_mask=mask, past_key_values=cache).logits[:, -1])
+        return logits
+
+    reference = MaskedReference(model, 0.667, scope="all")
+    expected = converse(contextlib.nullcontext, reference)
+    press = DeltaPress(compression_ratio=0.667)
+    actual = converse(lambda: press(model), contextlib.nullcontext)
+    assert [stats.kept for stats in press.last_stats] == [20 - round(0.667 * 19)] * 2  # no filler
+    assert all(relative_error(a, b) <= 1e-4 for a, b in zip(actual, expected, strict=True))

@@ -192,32 +192,37 @@ def hook_count(model):
 @pytest.mark.parametrize("padded", [False, True])
 def test_per_layer_hooks_run_only_in_a_halting_prefill(ratio, padded):
     """Decode steps, and a prefill at ratio 0, run the layers with no press hook. In a decode step on a halted cache
-    of a padded batch each deeper layer carries the cache's one-shot mask rewrite, only from the decision layer's
-    cache update until it runs; one new token over an unpadded prompt needs none. Between forwards, and after the
-    block while the cache lives, the model carries no hook at all."""
+    the first deeper layer carries the cache's one-shot mask rewrite from the decision layer's cache update until it
+    runs; in a padded batch (a mask to rewrite) it arms the next layer's as it runs, and so on; after an unpadded
+    prompt nothing further. Between forwards, and after the block while the cache lives, the model carries no hook."""
     model = model_for("qwen2_vl")
     inputs = batch_and_singles("qwen2_vl")[0] if padded else samples("qwen2_vl")["image"]
     layers = model.model.language_model.layers
     decision = DeltaPress(compression_ratio=ratio).halting_config().decision_layer(len(layers))
-    mid_forward, at_norm = [], []
+    seen = {"decision": [], "next": [], "norm": []}
+
+    def recorder(name):
+        return lambda module, args: seen[name].append([len(layer._forward_pre_hooks) for layer in layers])
+
     recorders = [
-        layers[decision].mlp.register_forward_pre_hook(
-            lambda module, args: mid_forward.append([len(layer._forward_pre_hooks) for layer in layers])
-        ),
-        model.model.language_model.norm.register_forward_pre_hook(
-            lambda module, args: at_norm.append([len(layer._forward_pre_hooks) for layer in layers])
-        ),
+        layers[decision].mlp.register_forward_pre_hook(recorder("decision")),
+        layers[decision + 1].mlp.register_forward_pre_hook(recorder("next")),
+        model.model.language_model.norm.register_forward_pre_hook(recorder("norm")),
     ]
     try:
         with torch.no_grad(), DeltaPress(compression_ratio=ratio)(model):
             output = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     finally:
-        for recorder in recorders:
-            recorder.remove()
-    deeper = [int(ratio > 0 and i > decision) for i in range(len(layers))]
+        for recorder_handle in recorders:
+            recorder_handle.remove()
+    halting = ratio > 0
+    deeper = [int(halting and i > decision) for i in range(len(layers))]
+    first = [int(halting and i == decision + 1) for i in range(len(layers))]
+    second = [int(halting and padded and i == decision + 2) for i in range(len(layers))]
     none = [0] * len(layers)
-    assert mid_forward == [deeper] + [deeper if padded else none] * 3  # prefill: the press's hooks; then the rewrites
-    assert at_norm == [deeper] + [none] * 3  # the rewrites removed themselves as they ran
+    assert seen["decision"] == [deeper] + [first] * 3  # prefill: the press's hooks; decode: the first rewrite only
+    assert seen["next"] == [deeper] + [second] * 3  # a mask to rewrite: the next layer's is armed as one runs
+    assert seen["norm"] == [deeper] + [none] * 3  # the rewrites removed themselves as they ran
     assert hook_count(model) == 0 and output.past_key_values.get_seq_length() > 0  # no hook while the cache lives
 
 
