@@ -3,10 +3,10 @@
 A forward that continues a halted cache (a decode step, a question chunk, a chat's next turn) needs, in those
 layers, an attention mask over the compact keys instead of the model's full-layout mask. That knowledge travels
 with the cache, not with the press, and the model carries no hook between forwards: the cache layer of the decision
-layer (:class:`ArmingLayer`) is updated in every such forward before any deeper layer runs, and only then gives each
-deeper decoder layer a one-shot pre-hook that rewrites its mask and removes itself. So such forwards work inside or
-outside ``with press(model)``, as kvpress's pipeline needs, and after any forward the model can be saved or copied
-as it was.
+layer (:class:`ArmingLayer`) is updated in every such forward before any deeper layer runs, and only then gives the
+first deeper decoder layer a one-shot pre-hook that rewrites its mask, arms the next layer's and removes itself. So
+such forwards work inside or outside ``with press(model)``, as kvpress's pipeline needs, and after any forward the
+model can be saved or copied as it was.
 """
 
 from __future__ import annotations
