@@ -140,11 +140,13 @@ def check_attention(parser: argparse.ArgumentParser, attn: str | None) -> None:
 def check_input_files(parser: argparse.ArgumentParser, flag: str, sources: list[str], allow_urls: bool) -> None:
     """Usage error naming ``flag`` for a source that ``DashVLM.generate`` would refuse after the weights load: a
     missing file, or a URL without ``--allow-urls``."""
+    from dash_vlm.vlm import is_url, local_path
+
     for source in sources:
-        if source.startswith(("http://", "https://")):
+        if is_url(source):
             if not allow_urls:
                 parser.error(f"{flag} {source} is a URL; add --allow-urls to fetch it")
-        elif not Path(source.removeprefix("file://")).expanduser().is_file():
+        elif not local_path(source).is_file():
             parser.error(f"{flag} {source}: no such file")
 
 

@@ -197,7 +197,7 @@ def load_images(folder: Path, limit: int | None = None) -> list[Image.Image]:
     paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not paths:
         raise ValueError(f"folder {str(folder)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return [open_image(path.read_bytes(), str(path)) for path in paths]
+    return [open_image(path, str(path)) for path in paths]  # by path: PIL reads only what it needs
 
 
 def diagnose(

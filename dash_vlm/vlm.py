@@ -8,6 +8,7 @@ import io
 import itertools
 import logging
 import numbers
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -387,11 +388,8 @@ class DashVLM:
         if self.fast is not None:  # greedy whatever the checkpoint's own generation_config says; asked for, refused
             asked = generation_kwargs.get("generation_config")
             greedy = {"do_sample": False, "num_beams": 1}
-            unsupported = {
-                name: generation_kwargs.get(name, getattr(asked, name, None))
-                for name in greedy
-                if generation_kwargs.get(name, getattr(asked, name, None)) not in (None, greedy[name])
-            }
+            given = {name: generation_kwargs.get(name, getattr(asked, name, None)) for name in greedy}
+            unsupported = {name: value for name, value in given.items() if value not in (None, greedy[name])}
             unsupported |= {name: value for name, value in generation_kwargs.items() if name not in greedy}
             if unsupported:
                 raise ValueError(f"cuda_graphs=True decodes greedily; it does not take {unsupported}")
@@ -400,15 +398,17 @@ class DashVLM:
     def _check_user_text(self, conversations: list[list[dict]]) -> None:
         self.check_text([text for chat in conversations for text in _texts(chat)])
 
+    def _placeholders(self) -> list[str]:
+        """The vision placeholder tokens as text, in the adapter's order (images', then videos')."""
+        return self.processor.tokenizer.convert_ids_to_tokens(self.adapter.vision_token_ids(self.model.config))
+
     def _check_prompt(self, name: str, prompt: object, chat: list[dict]) -> None:
         """A prompt given in place of the chat template's: a non-empty string with one placeholder per image and per
         video of its conversation (the processor expands each), so that no placeholder stands for nothing."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{name} must be a non-empty string, got {prompt!r:.80}")
-        ids = self.adapter.vision_token_ids(self.model.config)
-        marks = self.processor.tokenizer.convert_ids_to_tokens(ids)
         items = _item_types(chat)
-        for mark, kind in zip(marks, ("image", "video"), strict=False):
+        for mark, kind in zip(self._placeholders(), ("image", "video"), strict=False):
             if prompt.count(mark) != items.count(kind):
                 raise ValueError(
                     f"{name} holds {prompt.count(mark)} {mark!r} placeholders for {items.count(kind)} {kind}s of its "
@@ -418,7 +418,7 @@ class DashVLM:
     def check_text(self, texts: list[str]) -> None:
         """``ValueError`` for a text typed by the user that holds a vision placeholder (``<|image_pad|>``,
         ``<image>``): the model would take it for an image the prompt does not have."""
-        marks = self.processor.tokenizer.convert_ids_to_tokens(self.adapter.vision_token_ids(self.model.config))
+        marks = self._placeholders()
         for text in texts:
             typed = [mark for mark in marks if mark in text]
             if typed:
@@ -533,14 +533,15 @@ class VisualLoader:
         loaded, kept = [], []
         for message in chat:
             content = message["content"]
-            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            if not any(map(_has_content, items)):
-                raise ValueError(f"a message has no text and no image or video: {message!r:.200}")
-            if isinstance(message["content"], str):
+            if isinstance(content, str):
+                if not content.strip():
+                    raise ValueError(f"a message has no text and no image or video: {message!r:.200}")
                 loaded.append(message)
                 kept.append(message)
                 continue
-            items = [self._item(item) for item in message["content"]]
+            if not any(map(_has_content, content)):
+                raise ValueError(f"a message has no text and no image or video: {message!r:.200}")
+            items = [self._item(item) for item in content]
             loaded.append({**message, "content": [item for item, _ in items]})
             kept.append({**message, "content": [item for _, item in items]})
         return loaded, kept
@@ -570,7 +571,7 @@ class VisualLoader:
         if isinstance(source, FileSnapshot):
             return open_image(source.unchanged("image"), str(source.path)), source
         if isinstance(source, (str, Path)):
-            if _is_url(str(source)):
+            if is_url(str(source)):
                 data = self._fetch("image", str(source))
                 return open_image(data, str(source)), data
             snapshot = FileSnapshot.of(_local_file("image", source))
@@ -585,7 +586,7 @@ class VisualLoader:
         """One video as its kept frames (or, for qwen-vl-utils, a checked file path), and what to keep of it."""
         if isinstance(source, bytes):
             return decode_video(io.BytesIO(source), f"<{len(source)} bytes>", max_frames), source
-        if isinstance(source, (str, Path)) and _is_url(str(source)):
+        if isinstance(source, (str, Path)) and is_url(str(source)):
             data = self._fetch("video", str(source))
             return decode_video(io.BytesIO(data), str(source), max_frames), data
         if isinstance(source, (str, Path, FileSnapshot)):
@@ -667,12 +668,18 @@ def _has_content(item: object) -> bool:
     return item.get("type") in ("image", "video") or isinstance(item.get("text"), str) and bool(item["text"].strip())
 
 
-def _is_url(text: str) -> bool:
+def is_url(text: str) -> bool:
+    """Whether an image or video source is a URL, fetched only with ``allow_urls=True``."""
     return text.startswith(("http://", "https://"))
 
 
+def local_path(source: str | Path) -> Path:
+    """The file an image or video source that is not a URL names (``file://`` prefix and ``~`` allowed)."""
+    return Path(str(source).removeprefix("file://")).expanduser()
+
+
 def _local_file(parameter: str, source: str | Path) -> Path:
-    path = Path(str(source).removeprefix("file://")).expanduser()
+    path = local_path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{parameter} file not found: {path}")
     return path
@@ -876,6 +883,14 @@ def _vision_adapter(config: PretrainedConfig) -> ModelAdapter:
 DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for from_pretrained
 
 
+def gpu_index(device: object) -> int | None:
+    """The GPU a device names ("cuda", "cuda:N", a torch.device of those, or a GPU index), or ``None`` for another."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device if device >= 0 else None
+    named = re.fullmatch(r"cuda(?::(\d+))?", str(device))
+    return None if named is None else int(named[1] or 0)
+
+
 def _check_device_map(device_map: object) -> None:
     """``ValueError`` naming ``device_map`` unless it is a device (cpu, cuda, cuda:N, a GPU index, a torch.device),
     one of accelerate's map names, or a dict of module names to devices (or "disk"), and unless the GPUs it asks for
@@ -888,14 +903,13 @@ def _check_device_map(device_map: object) -> None:
         targets = [device_map]
     for target in targets:
         text = str(target)
-        is_gpu = text == "cuda" or text.startswith("cuda:") and text[5:].isdigit()
-        is_index = isinstance(target, int) and not isinstance(target, bool) and target >= 0
-        if not (is_gpu or is_index or text == "cpu" or (text == "disk" and isinstance(device_map, dict))):
+        is_gpu = gpu_index(target) is not None
+        if not (is_gpu or text == "cpu" or (text == "disk" and isinstance(device_map, dict))):
             raise ValueError(
                 f"device_map must be cpu, cuda, cuda:N, a GPU index, one of {DEVICE_MAP_NAMES} or a dict of module "
                 f"names to those (or 'disk'), got {device_map!r}"
             )
-        if (is_gpu or is_index) and not torch.cuda.is_available():
+        if is_gpu and not torch.cuda.is_available():
             raise ValueError(f"device_map={device_map!r} asks for a GPU, but torch sees none; use device_map='cpu'")
 
 

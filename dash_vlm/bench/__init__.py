@@ -22,7 +22,6 @@ import json
 import logging
 import numbers
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Collection
@@ -43,7 +42,7 @@ from dash_vlm.models import MAX_FRAMES_LIMIT, adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS, Preset
 from dash_vlm.press import DeltaPress, Timer
 from dash_vlm.scorers import SCORERS, DashScorer
-from dash_vlm.vlm import FirstTokenTimer
+from dash_vlm.vlm import FirstTokenTimer, gpu_index
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +109,10 @@ def check_device(device: str, name: str = "device", maps: Collection[str] = ()) 
     name neither the argument nor what it accepts."""
     if device in ("cpu", *maps):
         return
-    gpu = re.fullmatch(r"cuda(?::(\d+))?", str(device))
-    if gpu is None:
+    index = None if isinstance(device, int) else gpu_index(device)  # a bare GPU index is no device name here
+    if index is None:
         raise ValueError(f"{name} must be one of {', '.join(('cpu', 'cuda', 'cuda:N', *maps))}; got {device!r}")
-    index, count = int(gpu[1] or 0), torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         raise ValueError(f"{name} {device!r} asks for GPU {index}, but torch sees {count} GPU(s); use cpu")
 
