@@ -32,7 +32,7 @@ from dash_vlm.attention import FLASH_ATTENTION_4
 from dash_vlm.cache import HaltedLayer, attach_halted_layers
 from dash_vlm.compact import additive_mask
 from dash_vlm.halting import selection_rule
-from dash_vlm.models import adapter_for
+from dash_vlm.models import DecoderAdditions, adapter_for
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.press import DeltaPress, Timer, executor_of
 from dash_vlm.scorers import Reading, Rotate, Scorer, read_decision_layer
@@ -84,7 +84,8 @@ class PrefillShape:
     """What a captured prefill of the decoder layers is specialised to: the batch, the prompt length and the kept
     slots above the decision layer (0 when nothing halts), both padded to ``PREFILL_BUCKET``, whether the layers below
     need an explicit mask (padding in the batch, or eager attention), the scorer that decides, and the compression
-    ratio of ``selection="per_row"`` (``None``: the global selection)."""
+    ratio of ``selection="per_row"`` (``None``: the global selection); with decoder additions (Qwen3-VL's DeepStack),
+    the layers that get them and the rows they add to."""
 
     batch: int
     length: int
@@ -92,6 +93,7 @@ class PrefillShape:
     masked: bool
     scorer: Scorer | None
     per_row_ratio: float | None = None
+    additions: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -308,6 +310,9 @@ class _PrefillGraph:
         self.decision = shape.scorer.layer(len(layers)) if shape.slots else len(layers) - 1
         batch, length, device = shape.batch, shape.length, hidden.device
         self.hidden = hidden.new_zeros(batch, length, hidden.shape[-1])
+        added_layers, rows = shape.additions
+        self.addition_rows = torch.zeros(rows, dtype=torch.long, device=device)  # flat [batch * length] positions
+        self.additions = hidden.new_zeros(added_layers, rows, hidden.shape[-1])
         self.rotary = tuple(part.new_zeros(*part.shape[:-3], batch, length, part.shape[-1]) for part in rotary)
         self.real = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.eligible = torch.zeros_like(self.real)
@@ -322,11 +327,27 @@ class _PrefillGraph:
         self.returns_tuple = False
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def load(self, hidden: torch.Tensor, rotary: tuple, real: torch.Tensor, eligible: torch.Tensor, **halting):
+    def load(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple,
+        real: torch.Tensor,
+        eligible: torch.Tensor,
+        additions: DecoderAdditions | None = None,
+        **halting,
+    ):
         """Copy one prefill's inputs into the buffers (the padding zeroed): hidden states and position embeddings as
-        the decoder hands them to its layers, the real and eligible tokens, and with halting ``n_halt`` (``[batch]``),
-        ``input_ids`` where the scorer reads them and ``groups`` under ``selection="per_row"``."""
+        the decoder hands them to its layers, the real and eligible tokens, the decoder additions, and with halting
+        ``n_halt`` (``[batch]``), ``input_ids`` where the scorer reads them and ``groups`` under
+        ``selection="per_row"``."""
         length = hidden.shape[1]
+        if additions is not None:
+            padded = torch.zeros(self.real.shape, dtype=torch.bool, device=self.real.device)
+            padded[:, :length] = additions.positions
+            # the flat positions of the rows, in the order of their additions, found without a host sync
+            self.addition_rows.copy_(torch.argsort(~padded.flatten(), stable=True)[: self.addition_rows.shape[0]])
+            for buffer, values in zip(self.additions, additions.values, strict=True):
+                buffer.copy_(values)
         self.hidden.zero_()[:, :length].copy_(hidden)
         for buffer, part in zip(self.rotary, rotary, strict=True):
             buffer.zero_()[..., :length, :].copy_(part)
@@ -346,12 +367,16 @@ class _PrefillGraph:
         allowed = ((causal & self.real[:, None, :]) | own)[:, None]
         return additive_mask(allowed, self.hidden.dtype) if self.additive else allowed
 
-    def _run_layers(self, layers, hidden, mask, rotary, slots: int) -> torch.Tensor:
+    def _run_layers(self, first: int, last: int, hidden, mask, rotary, slots: int) -> torch.Tensor:
+        """Layers ``first..last - 1``, each followed by its decoder addition where it has one."""
         positions = torch.arange(slots, device=hidden.device)
-        for layer in layers:
-            output = _call_layer(layer, hidden, mask, rotary, self.cache, positions)
+        for index in range(first, last):
+            output = _call_layer(self.layers[index], hidden, mask, rotary, self.cache, positions)
             self.returns_tuple = isinstance(output, tuple)
             hidden = _hidden(output)
+            if index < len(self.additions):  # below the decision layer (DeltaPress.check_model)
+                flat = hidden.flatten(0, 1).index_add(0, self.addition_rows, self.additions[index])
+                hidden = flat.view_as(hidden)
         return hidden
 
     def run(self) -> None:
@@ -360,16 +385,16 @@ class _PrefillGraph:
         shape, decision = self.shape, self.decision
         mask = self._mask() if shape.masked else None
         if not shape.slots:
-            self.output = self._run_layers(self.layers, self.hidden, mask, self.rotary, shape.length)
+            self.output = self._run_layers(0, len(self.layers), self.hidden, mask, self.rotary, shape.length)
             return
-        hidden = self._run_layers(self.layers[:decision], self.hidden, mask, self.rotary, shape.length)
+        hidden = self._run_layers(0, decision, self.hidden, mask, self.rotary, shape.length)
         scorer, reading = shape.scorer, {"input_ids": self.input_ids}
         layer = self.layers[decision]
         handles = read_decision_layer(
             layer, layer.self_attn, scorer.reads, reading.__setitem__, lambda: self.real, self.rotate
         )
         try:
-            hidden = self._run_layers(self.layers[decision : decision + 1], hidden, mask, self.rotary, shape.length)
+            hidden = self._run_layers(decision, decision + 1, hidden, mask, self.rotary, shape.length)
         finally:
             for handle in handles:
                 handle.remove()
@@ -380,7 +405,8 @@ class _PrefillGraph:
         )
         compact = plan.compact_inputs({"attention_mask": mask, "position_embeddings": self.rotary}, flash=False)
         kept = self._run_layers(
-            self.layers[decision + 1 :],
+            decision + 1,
+            len(self.layers),
             plan.gather(hidden),
             compact["attention_mask"],
             compact["position_embeddings"],
@@ -489,6 +515,7 @@ class StaticDecoder:
         self.captures = 0
         self.graph_memory_bytes = 0  # GPU memory the graphs' buffers and captures took, as reserved by the allocator
         self._prompt: tuple[torch.Tensor, bool] | None = None  # real tokens and whether to mask, during a prefill
+        self._additions: DecoderAdditions | None = None  # the decoder's additions between layers, during a prefill
         parameters = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep, self._takes_position_ids = (
             "logits_to_keep" in parameters,
@@ -527,15 +554,24 @@ class StaticDecoder:
         eager = model.config._attn_implementation == "eager"
         # whether the batch has padding: a host sync, before any layer runs
         self._prompt = real.to(inputs["input_ids"].device), eager or not bool(real.all())
-        handle = decoder.rotary_emb.register_forward_pre_hook(read_positions, with_kwargs=True)
+
+        def take_additions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            self._additions = self.adapter.take_decoder_additions(kwargs)  # the graph adds them between its layers
+            return args, kwargs
+
+        handles = [
+            decoder.rotary_emb.register_forward_pre_hook(read_positions, with_kwargs=True),
+            decoder.register_forward_pre_hook(take_additions, with_kwargs=True),
+        ]
         try:
             with press(model) if press is not None else nullcontext():  # the press hooks the real layers
                 decoder.layers = nn.ModuleList([_DecoderStack(lambda *args: self._run_stack(layers, *args))])
                 output = model(**prepared)
         finally:
             decoder.layers = layers
-            handle.remove()
-            self._prompt = None
+            for handle in handles:
+                handle.remove()
+            self._prompt = self._additions = None
         return cache, output.logits[:, -1], seen["positions"][..., -1]
 
     def _run_stack(self, layers: nn.ModuleList, hidden: torch.Tensor, rotary: tuple, cache: DynamicCache):
@@ -550,7 +586,9 @@ class StaticDecoder:
         slots = min(bucket(max(prefill.kept_counts), self.prefill_bucket), padded) if halting else 0
         per_row = halting and prefill.groups is not None
         ratio = executor.config.compression_ratio if per_row else None
-        shape = PrefillShape(batch, padded, slots, masked, executor.scorer if halting else None, ratio)
+        additions = self._additions
+        added = (0, 0) if additions is None else (len(additions.values), additions.values[0].shape[0])
+        shape = PrefillShape(batch, padded, slots, masked, executor.scorer if halting else None, ratio, added)
         graph = self.prefill_graphs.get(shape)
         new = graph is None
         if new:
@@ -565,9 +603,9 @@ class StaticDecoder:
                     "input_ids": prefill.input_ids,
                     "groups": prefill.groups,
                 }
-                graph.load(hidden, rotary, real, prefill.eligible, **halting_inputs)
+                graph.load(hidden, rotary, real, prefill.eligible, additions, **halting_inputs)
             else:
-                graph.load(hidden, rotary, real, real)
+                graph.load(hidden, rotary, real, real, additions)
             if new and self.capture:
                 graph.capture(self.pool)
                 self.captures += 1

@@ -223,6 +223,20 @@ class DeltaPress(BasePress):
                 f"start_ratio={self.start_ratio} puts the decision layer at the last of {layers} decoder layers, so no "
                 f"token would skip anything; start_ratio must be below {(layers - 1) / layers:.4g} for this model"
             )
+        first = adapter.first_decision_layer(model_config)
+        if self.compression_ratio > 0 and self.decision_layer(layers) < first:
+            setting = self.scorer().setting_for_layer(first, layers)
+            below = "decoder layer 0" if first == 1 else f"decoder layers 0..{first - 1}"
+            name, fix = (
+                (f"method={self.method!r}", f"its decision layer must be at least {first}")
+                if setting is None
+                else (f"{setting[0]}={getattr(self, setting[0])}", f"{setting[0]} must be at least {setting[1]:g}")
+            )
+            raise ValueError(
+                f"{name} puts the decision layer at layer {self.decision_layer(layers)}, but {model_type!r} adds "
+                f"vision features to the hidden states of {below}, so halting must start above them; {fix} for this "
+                "model"
+            )
         if self.vision_compression_ratio > 0:
             blocks = adapter.vision_depth(model_config)
             if self.vision_scorer().layer(blocks) >= blocks - 1:

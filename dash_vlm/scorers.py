@@ -11,6 +11,7 @@ vision block through the same interface, each image or frame group as one sample
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -82,6 +83,12 @@ class Scorer(ABC):
     def score(self, reading: Reading) -> torch.Tensor:
         """``[batch, tokens]`` scores, on the device of the reading; the lowest halt first."""
 
+    def setting_for_layer(self, layer: int, num_layers: int) -> tuple[str, float | int] | None:
+        """The press field that places its decision layer and the smallest value of it that puts the decision at
+        ``layer`` or above, for an error to name when a model needs a higher decision layer (``None``: no one field
+        does)."""
+        return None
+
 
 @dataclass(frozen=True)
 class StartRatioScorer(Scorer):
@@ -92,6 +99,12 @@ class StartRatioScorer(Scorer):
 
     def layer(self, num_layers: int) -> int:
         return decision_layer(self.start_ratio, num_layers)
+
+    def setting_for_layer(self, layer: int, num_layers: int) -> tuple[str, float]:
+        ratio = math.ceil(layer / num_layers * 10**4) / 10**4  # a value to type, never below the exact bound
+        while decision_layer(ratio, num_layers) < layer:  # float rounding
+            ratio = math.nextafter(ratio, 1.0)
+        return "start_ratio", ratio
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,9 @@ class FastVScorer(Scorer):
                 f"fastv_layer must be in 1..{num_layers - 1} for a {num_layers}-layer decoder, got {self.fastv_layer}"
             )
         return self.fastv_layer - 1
+
+    def setting_for_layer(self, layer: int, num_layers: int) -> tuple[str, int]:
+        return "fastv_layer", layer + 1
 
     def score(self, reading: Reading) -> torch.Tensor:
         return reading.last_token_attention

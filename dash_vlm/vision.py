@@ -12,7 +12,8 @@ visual input: the images, then the videos of a prefill) is executed as follows:
 3. a pre-hook on every deeper block hands it the kept patches (gathered once), their rotary embeddings and the
    segment boundaries of the compact sequence (each computed once per pass);
 4. a hook on the last block puts every halted patch back, with its decision-block output, so the merger and the
-   tower's output see every patch.
+   tower's output see every patch; a pre-hook on each tap of a compact block (``ModelAdapter.vision_taps``: Qwen3-VL's
+   DeepStack mergers) does the same for the tap's input.
 
 The hooks of steps 2-4 are added in step 1 and removed when the pass ends.
 """
@@ -105,6 +106,9 @@ class VisionHalting:
         for block in self.blocks[self.decision_block + 1 :]:
             handles.append(block.register_forward_pre_hook(self._on_compact_block, with_kwargs=True))
         handles.append(self.blocks[-1].register_forward_hook(self._on_last_block))
+        for index, tap in self.adapter.vision_taps(module).items():
+            if self.decision_block < index < len(self.blocks) - 1:  # the taps of compact blocks (the last restores)
+                handles.append(tap.register_forward_pre_hook(self._on_tap))
         self.pass_handles = handles
 
     def _read(self, name: str, tensor: torch.Tensor) -> None:
@@ -142,6 +146,10 @@ class VisionHalting:
 
     def _on_last_block(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return self.state.plan.restore(output, self.state.decision_output)
+
+    def _on_tap(self, module: nn.Module, args: tuple) -> tuple:
+        """A module reading a compact block's output (a DeepStack merger) gets every patch, as the merger does."""
+        return (self.state.plan.restore(args[0], self.state.decision_output), *args[1:])
 
     def _on_pass_end(self, module: nn.Module, args: tuple, output) -> None:
         self._remove_pass_hooks()

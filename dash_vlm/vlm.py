@@ -554,8 +554,10 @@ class VisualLoader:
         if kind == "video":
             if "max_frames" in item:
                 check_max_frames(item["max_frames"])
-            video, source = self.video(item.get("video"), item.get("max_frames", DEFAULT_MAX_FRAMES))
-            return {**item, "video": video}, {**item, "video": source}
+            video, source, rate = self.video(item.get("video"), item.get("max_frames", DEFAULT_MAX_FRAMES))
+            # the rate of the frames this loader decoded: Qwen3-VL's timestamps and Qwen2.5-VL's positions read it
+            timing = {} if rate is None else {"sample_fps": rate}
+            return {**item, "video": video, **timing}, {**item, "video": source}
         if kind == "text" and isinstance(item.get("text"), str):
             return item, item
         raise ValueError(f"a message's content items must be image, video or text entries, got {item!r:.200}")
@@ -582,19 +584,23 @@ class VisualLoader:
 
     def video(
         self, source: VideoInput | bytes | FileSnapshot, max_frames: int
-    ) -> tuple[list[Image.Image] | str, object]:
-        """One video as its kept frames (or, for qwen-vl-utils, a checked file path), and what to keep of it."""
+    ) -> tuple[list[Image.Image] | str, object, float | None]:
+        """One video as its kept frames (or, for qwen-vl-utils, a checked file path), what to keep of it, and the
+        frame rate of the kept frames where this loader decoded them (``None`` for a path or the user's frames)."""
         if isinstance(source, bytes):
-            return decode_video(io.BytesIO(source), f"<{len(source)} bytes>", max_frames), source
+            frames, rate = decode_video(io.BytesIO(source), f"<{len(source)} bytes>", max_frames)
+            return frames, source, rate
         if isinstance(source, (str, Path)) and is_url(str(source)):
             data = self._fetch("video", str(source))
-            return decode_video(io.BytesIO(data), str(source), max_frames), data
+            frames, rate = decode_video(io.BytesIO(data), str(source), max_frames)
+            return frames, data, rate
         if isinstance(source, (str, Path, FileSnapshot)):
             snapshot = source if isinstance(source, FileSnapshot) else FileSnapshot.of(_local_file("video", source))
             path = snapshot.unchanged("video")
             if self.decode_video_files or count_frames(path) < MIN_FILE_FRAMES:
-                return decode_video(str(path), str(path), max_frames), snapshot
-            return str(path), snapshot
+                frames, rate = decode_video(str(path), str(path), max_frames)
+                return frames, snapshot, rate
+            return str(path), snapshot, None
         if isinstance(source, (list, tuple)):
             if not source:
                 raise ValueError("video is an empty list of frames; give at least one frame")
@@ -605,7 +611,7 @@ class VisualLoader:
                     f"video frames must all have one size, got {sorted({frame.size for frame in frames})} (width, "
                     "height)"
                 )
-            return frames, [kept for _, kept in loaded]  # a file frame as a snapshot, a URL frame as its bytes
+            return frames, [kept for _, kept in loaded], None  # a file frame as a snapshot, a URL frame as its bytes
         raise TypeError(f"video must be a file path, URL, bytes or a list of frames, got {type(source).__name__}")
 
     def _fetch(self, parameter: str, url: str) -> bytes:
@@ -834,24 +840,28 @@ def _array_image(array: np.ndarray | torch.Tensor) -> Image.Image:
     return _rgb(Image.fromarray(pixels), f"array of shape {tuple(array.shape)}")
 
 
-def decode_video(file: str | io.BytesIO, name: str, max_frames: int) -> list[Image.Image]:
-    """The frames of a video file at ``VIDEO_FPS``, at most ``max_frames`` of them evenly spaced: the packets are
-    counted first, so that only the kept frames are ever converted and held."""
+def decode_video(file: str | io.BytesIO, name: str, max_frames: int) -> tuple[list[Image.Image], float]:
+    """The frames of a video file at ``VIDEO_FPS``, at most ``max_frames`` of them evenly spaced (the packets are
+    counted first, so that only the kept frames are ever converted and held), and the rate of the kept frames: the
+    sampled rate stretched by the spacing ``max_frames`` adds."""
     import av
 
     try:
         with av.open(file) as container:
             stream = container.streams.video[0]
-            step = max(1, round(float(stream.average_rate or VIDEO_FPS) / VIDEO_FPS))
+            rate = float(stream.average_rate or VIDEO_FPS)
+            step = max(1, round(rate / VIDEO_FPS))
             sampled = range(0, sum(1 for packet in container.demux(stream) if packet.size), step)
-            kept = {sampled[index] for index in frame_indices(len(sampled), max_frames)} if len(sampled) else set()
+            kept = sorted({sampled[index] for index in frame_indices(len(sampled), max_frames)} if len(sampled) else ())
             container.seek(0)
-            frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in kept]
+            wanted = set(kept)
+            frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in wanted]
     except (av.error.FFmpegError, IndexError) as error:
         raise ValueError(f"video {name!r} is not a video file PyAV can decode ({error})") from error
     if not frames:
         raise ValueError(f"video {name!r} has no frames")
-    return frames
+    spacing = (kept[-1] - kept[0]) / (len(kept) - 1) if len(kept) > 1 else step  # source frames between kept ones
+    return frames, rate / spacing
 
 
 def count_frames(path: Path) -> int:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from dash_vlm import DeltaPress
 from dash_vlm.bench import BenchConfig, TokenTimer, batch_inputs, ideal_speedup
 from dash_vlm.cli import main as cli_main
 from dash_vlm.models import adapter_for
@@ -175,13 +176,46 @@ def test_ideal_speedup_formula():
 
 @pytest.mark.parametrize(
     "preset, size, tokens",
-    [("qwen2-vl-7b", 448, 322), ("qwen2-vl-7b", 2016, 5250), ("qwen2.5-vl-7b", 1344, 2370), ("llava-1.5-7b", 448, 640)],
+    [
+        ("qwen2-vl-7b", 448, 322),
+        ("qwen2-vl-7b", 2016, 5250),
+        ("qwen2.5-vl-7b", 1344, 2370),
+        ("llava-1.5-7b", 448, 640),
+        ("qwen3-vl-2b", 896, 850),
+        ("qwen3-vl-8b", 1344, 1830),
+        ("qwen3-vl-8b", 2016, 4035),
+        ("qwen3-vl-30b-a3b", 1344, 1830),
+    ],
 )
 def test_presets_have_the_real_shapes(preset, size, tokens):
     """Token counts of DESIGN.md section 5; built on the meta device, so no weights are allocated."""
     model = PRESETS[preset].build("meta", torch.bfloat16)
     assert PRESETS[preset].inputs(size)["input_ids"].shape[1] == tokens
     assert adapter_for(model).vision_tower(model) is not None
+
+
+@pytest.mark.parametrize(
+    "preset, parameters, layers, deepstack, experts",
+    [  # the parameters of the published checkpoints' safetensors (8B, 30B-A3B); the 2B's not cross-checked
+        ("qwen3-vl-2b", None, 28, [5, 11, 17], 0),
+        ("qwen3-vl-8b", 8_767_123_696, 36, [8, 16, 24], 0),
+        ("qwen3-vl-30b-a3b", 31_070_754_032, 48, [8, 16, 24], 128),
+    ],
+)
+def test_qwen3_vl_presets_are_the_published_models(preset, parameters, layers, deepstack, experts):
+    """The whole parameter count, so every width is right; the press's defaults decide above DeepStack's layers and
+    a 32-frame video lays its frame groups out as the processor does (a timestamp before each)."""
+    model = PRESETS[preset].build("meta", torch.bfloat16)
+    if parameters is not None:
+        assert sum(p.numel() for p in model.parameters()) == parameters
+    config = model.config
+    assert config.text_config.num_hidden_layers == layers
+    assert config.vision_config.deepstack_visual_indexes == deepstack
+    assert getattr(config.text_config, "num_experts", 0) == experts
+    DeltaPress(compression_ratio=0.667, vision_compression_ratio=0.5).check_model(config)
+    video = PRESETS[preset].inputs(448, frames=32)
+    groups = int((video["input_ids"] == config.vision_start_token_id).sum())
+    assert groups == 16 and video["video_grid_thw"].tolist() == [[16, 28, 28]]
 
 
 @pytest.mark.parametrize(

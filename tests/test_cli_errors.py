@@ -17,7 +17,7 @@ from PIL import Image
 from dash_vlm import diagnose
 from dash_vlm.bench import BenchConfig
 from dash_vlm.cli import main as cli_main
-from dash_vlm.models import MAX_FRAMES_LIMIT
+from dash_vlm.models import MAX_FRAMES_LIMIT, model_types_with
 from dash_vlm.shapes.evaluate import model_folder
 from dash_vlm.vlm import DashVLM
 
@@ -217,7 +217,9 @@ def test_generate_video_needs_a_video_model_before_loading(tmp_path, monkeypatch
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"only its existence is checked before loading")
     line = usage_error(generate_argv("--video", str(clip), model=LLAVA), capsys)
-    assert "--video needs a model that takes video (qwen2_5_vl, qwen2_vl)" in line and "'llava'" in line
+    assert (
+        f"--video needs a model that takes video ({', '.join(model_types_with('video'))})" in line and "'llava'" in line
+    )
 
     def loaded(*args, **kwargs):
         raise Reached

@@ -14,6 +14,7 @@ from dash_vlm import DashVLM
 from dash_vlm.cli import main as cli_main
 from dash_vlm.diagnose import ROW_BANDS, band_means, covered_cells, decision_scores, spearman
 from dash_vlm.models import TokenGrid
+from dash_vlm.models.tiny import tiny_checkpoint
 from dash_vlm.shapes.data import split_samples
 from dash_vlm.shapes.evaluate import model_folder
 
@@ -35,9 +36,17 @@ def test_covered_cells_counts_a_tenth_of_a_cell():
     assert covered_cells(grid, mask).tolist() == [[True, False], [False, False]]
 
 
-def test_scores_are_the_ones_the_press_halts_by():
-    """In a padded batch of two, each sample's lowest-scoring cells are the cells of the tokens the press halts."""
-    vlm = DashVLM.from_pretrained(model_folder("llava"), compression_ratio=0.5)
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_scores_are_the_ones_the_press_halts_by(family, tmp_path):
+    """In a padded batch of two, each sample's lowest-scoring cells are the cells of the tokens the press halts (on
+    Qwen3-VL: 32 px cells, DeepStack below the decision layer)."""
+    if family == "llava":
+        folder = model_folder("llava")
+    else:
+        folder = tmp_path / family
+        for part in tiny_checkpoint(family, "what colour is the circle where red blue square".split(), seed=1):
+            part.save_pretrained(folder)
+    vlm = DashVLM.from_pretrained(folder, compression_ratio=0.5)
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in (0, 1)]
     prompts = ["what colour is the circle ?", "where is the red circle relative to the blue square ?"]  # padded
     chats = [

@@ -14,12 +14,18 @@ from datasets import Dataset, DatasetDict
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.models import get_model
+from lmms_eval.models.simple import qwen3_vl as lmms_qwen3_vl
+from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
 from lmms_eval.utils import load_yaml_config
+from qwen_vl_utils import process_vision_info
+from test_vlm import random_image, write_video
+from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
 from dash_vlm import DashVLM
 from dash_vlm.lmms import figures
-from dash_vlm.lmms.models import DashLlava, DashQwen2VL
+from dash_vlm.lmms.models import DashLlava, DashQwen2VL, DashQwen3VL
 from dash_vlm.lmms.tasks import LMMS_TASKS, MVBENCH_SUBTASKS, REFERENCES, DashShapesTask, DashTask
+from dash_vlm.models.tiny import tiny_checkpoint
 from dash_vlm.resources import tasks_folder
 from dash_vlm.shapes import video
 from dash_vlm.shapes.data import read_test_split
@@ -41,6 +47,7 @@ def test_entry_points_resolve():
     assert get_model("dash_qwen2vl") is DashQwen2VL
     assert get_model("dash_llava") is DashLlava
     assert get_model("dash_qwen2_5_vl").__name__ == "DashQwen2_5_VL"
+    assert get_model("dash_qwen3_vl") is DashQwen3VL
 
 
 # A document with the fields each referenced task's prompt and scoring read (values arbitrary, types right).
@@ -147,9 +154,41 @@ def shapes_task():
     return DashShapesTask(config={"task": "dash_shapes"})
 
 
-@pytest.mark.parametrize("model_class, folder", [(DashQwen2VL, QWEN), (DashLlava, LLAVA)])
-def test_generate_until_batches_and_records_figures(shapes_task, model_class, folder):
-    lmm = model_class(pretrained=str(folder), compression_ratio=0.5, batch_size=4, device_map="cpu")
+# The words of the tiny checkpoints' tokenizers: the dash-shapes questions' and the comparison requests'.
+TINY_WORDS = "what colour is the square shape how many blue shapes are there red triangle where yellow relative circle"
+# A pixel budget for the tiny checkpoints (4 px patches): lmms-eval qwen3_vl's would scale 64 px images 7-fold.
+TINY_PIXELS = {"min_pixels": 1024, "max_pixels": 16384}
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    """Saved tiny checkpoints by model type (``qwen3_vl``, ``qwen3_vl_moe``), each made on first use."""
+    folders = {}
+
+    def folder(model_type: str) -> Path:
+        if model_type not in folders:
+            folders[model_type] = tmp_path_factory.mktemp(model_type)
+            model, processor = tiny_checkpoint(model_type, TINY_WORDS.split(), seed=3)
+            model.save_pretrained(folders[model_type])
+            processor.save_pretrained(folders[model_type])
+        return folders[model_type]
+
+    return folder
+
+
+@pytest.mark.parametrize(
+    "model_class, checkpoint, args",
+    [
+        (DashQwen2VL, "qwen2-vl", {}),
+        (DashLlava, "llava", {}),
+        (DashQwen3VL, "qwen3_vl", TINY_PIXELS),
+        (DashQwen3VL, "qwen3_vl_moe", TINY_PIXELS),
+    ],
+)
+def test_generate_until_batches_and_records_figures(shapes_task, tiny_qwen3, model_class, checkpoint, args):
+    folder = tiny_qwen3(checkpoint) if model_class is DashQwen3VL else model_folder(checkpoint)
+    lmm = model_class(pretrained=str(folder), compression_ratio=0.5, batch_size=4, device_map="cpu", **args)
+    assert lmm.vlm.model.config.model_type == {"qwen2-vl": "qwen2_vl"}.get(checkpoint, checkpoint)
     lmm.task_dict = {"dash_shapes": shapes_task.dataset}
     requests = shapes_requests(shapes_task, 6)
     figures.clear()
@@ -168,9 +207,123 @@ def test_generate_until_batches_and_records_figures(shapes_task, model_class, fo
     samples = read_test_split()[:6]
     assert [r.text for r in batched] == [
         r.text for r in lmm.vlm.generate(image=[s.image for s in samples], prompt=[s.question for s in samples])
-    ] or model_class is DashLlava  # LLaVA prompts follow lmms-eval's llava_hf format, not the chat template
+    ] or model_class is not DashQwen2VL  # LLaVA's follow lmms-eval's llava_hf format, not the chat template, and
+    # Qwen3-VL's have lmms-eval's system message, which its chat template (unlike Qwen2-VL's) does not add
     with pytest.raises(NotImplementedError, match="multi-round"):
         lmm.generate_until_multi_round(requests)
+
+
+@pytest.mark.parametrize("model_class, answer", [(DashQwen2VL, "yes"), (DashQwen3VL, "yes\n\nno")])
+def test_answers_are_cut_at_the_stop_strings_of_the_familys_lmms_eval_model(
+    shapes_task, tiny_qwen3, model_class, answer
+):
+    """lmms-eval's ``qwen3_vl`` drops ``"\\n\\n"`` from a task's ``until`` (its answers run on past a blank line);
+    its ``qwen2_vl`` cuts there. Both cut at the task's other stop strings."""
+    folder, args = (tiny_qwen3("qwen3_vl"), TINY_PIXELS) if model_class is DashQwen3VL else (QWEN, {})
+    lmm = model_class(pretrained=str(folder), device_map="cpu", max_new_tokens=2, **args)
+    lmm.task_dict = {"dash_shapes": shapes_task.dataset}
+    generate = lmm.vlm.generate_conversations
+
+    def answering(conversations, prompts=None, **kwargs):
+        results = generate(conversations, prompts, **kwargs)
+        for result in results:
+            result.text = "yes\n\nno maybe so"
+        return results
+
+    lmm.vlm.generate_conversations = answering
+    until = ["\n\n", " maybe"]
+    question = shapes_task.eval_docs[0]["question"]
+    request = Instance(
+        "generate_until",
+        (question, {"until": until}, shapes_task.doc_to_visual, 0, "dash_shapes", "test"),
+        idx=0,
+        metadata={"task": "dash_shapes", "doc_id": 0, "repeats": 1},
+    )
+    assert [result.text for result in lmm.generate_until([request])] == [answer]
+
+
+QWEN3_REQUESTS = {
+    "image": ("<image>what colour is the shape ?", [(50, 70)]),  # resized to a multiple of the 8 px merged patch
+    "images": ("what colour is the shape <image> left ?", [(200, 120), (20, 30), (40, 56)]),  # over / under budget
+    "video": ("how many shapes are there ?", "clip.mp4"),
+}
+LMMS_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+@pytest.mark.parametrize(
+    "kind, settings",
+    [
+        ("image", {}),
+        ("images", {"system_prompt": "Answer in one word."}),
+        ("video", {"max_num_frames": 4}),  # 4 of the clip's 8 frames
+        ("video", {}),  # min(32, the clip's 8 frames)
+    ],
+)
+def test_qwen3_vl_prompts_and_inputs_match_lmms_eval_qwen3_vl(tiny_qwen3, tmp_path, monkeypatch, kind, settings):
+    """One request through ``dash_qwen3_vl`` at ratio 0 and through lmms-eval's ``qwen3_vl`` (``_preprocess_chunk``,
+    the messages, chat template and processor call it generates from): the same prompt text and the same processor
+    inputs, to the bit."""
+    # lmms-eval's qwen3_vl resizes for 16 px patches whatever the checkpoint (image_patch_size=16), the patch of every
+    # real Qwen3-VL checkpoint; the tiny one has 4 px ones, so there its resize is given the checkpoint's patch.
+    assert Qwen3VLConfig().vision_config.patch_size == Qwen3VLMoeConfig().vision_config.patch_size == 16
+    folder = str(tiny_qwen3("qwen3_vl"))
+    ours = DashQwen3VL(pretrained=folder, device_map="cpu", compression_ratio=0.0, **TINY_PIXELS, **settings)
+    patch = ours.vlm.processor.image_processor.patch_size
+
+    def at_checkpoint_patch(*args, image_patch_size, **kwargs):
+        assert image_patch_size == 16
+        return process_vision_info(*args, image_patch_size=patch, **kwargs)
+
+    monkeypatch.setattr(lmms_qwen3_vl, "process_vision_info", at_checkpoint_patch)
+    theirs = Qwen3_VL(pretrained=folder, device="cpu", device_map="cpu", **TINY_PIXELS, **settings)
+    context, visuals = QWEN3_REQUESTS[kind]
+    if kind == "video":
+        write_video(tmp_path / visuals)  # 8 frames of 64 x 48 px
+        visuals = [str(tmp_path / visuals)]
+    else:
+        visuals = [random_image(height, width, seed=i) for i, (height, width) in enumerate(visuals)]
+    docs = {"t": {"test": [{"visuals": visuals}]}}
+    args = (context, {"max_new_tokens": 2, "until": ["\n"]}, lambda doc: doc["visuals"], 0, "t", "test")
+    request = Instance("generate_until", args, idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    prompts = {"ours": [], "theirs": []}
+    for name, processor in (("ours", ours.vlm.processor), ("theirs", theirs.processor)):
+        template = processor.apply_chat_template
+
+        def recorded(*args, _name=name, _template=template, **kwargs):
+            text = _template(*args, **kwargs)
+            prompts[_name] += [text] if isinstance(text, str) else text
+            return text
+
+        monkeypatch.setattr(processor, "apply_chat_template", recorded)
+    theirs.task_dict = ours.task_dict = docs
+    expected, *_ = theirs._preprocess_chunk([args])
+    seen = {}
+
+    def record(module, args, kwargs):
+        if not seen:  # the prefill's inputs
+            seen.update({key: value for key, value in kwargs.items() if key in LMMS_INPUTS})
+
+    handle = ours.vlm.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        figures.clear()
+        (result,) = ours.generate_until([request])
+    finally:
+        handle.remove()
+    assert len(prompts["ours"]) == len(prompts["theirs"]) == 1
+    assert prompts["ours"] == prompts["theirs"]
+    assert prompts["ours"][0].startswith(f"<|im_start|>system\n{settings.get('system_prompt', 'You are a helpful')}")
+    assert "<image>" not in prompts["ours"][0]
+    present = [key for key in LMMS_INPUTS if seen.get(key) is not None]
+    assert present == [key for key in LMMS_INPUTS if expected.get(key) is not None]
+    for key in present:
+        assert seen[key].dtype == expected[key].dtype and torch.equal(seen[key], expected[key]), key
+    pixels, grid = ("pixel_values_videos", "video_grid_thw") if kind == "video" else ("pixel_values", "image_grid_thw")
+    assert pixels in present and len(expected[grid]) == len(visuals)
+    if kind == "video":
+        frames = min(settings.get("max_num_frames", 32), 8)
+        assert expected[grid][0, 0].item() == frames // 2  # 2 frames a temporal patch
+    figure = figures.lookup("t", 0)
+    assert figure["dash_kept_tokens"] == figure["dash_tokens"] == result.token_counts.input_tokens  # ratio 0
 
 
 def test_loglikelihood_protects_the_continuation(shapes_task):

@@ -4,14 +4,16 @@ argument, its value and what it accepts; a checkpoint of another family names th
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
 from lmms_eval.api.instance import Instance
-from transformers import LlamaConfig, Qwen2_5_VLConfig
+from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
+from transformers import LlamaConfig, Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
 from dash_vlm import vlm
-from dash_vlm.lmms.models import DashLlava, DashQwen2_5_VL, DashQwen2VL
+from dash_vlm.lmms.models import DashLlava, DashQwen2_5_VL, DashQwen2VL, DashQwen3VL
 from dash_vlm.models import MAX_FRAMES_LIMIT
 from dash_vlm.shapes.evaluate import model_folder
 
@@ -73,11 +75,12 @@ BAD_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("model_class", [DashQwen2VL, DashQwen2_5_VL])
+@pytest.mark.parametrize("model_class", [DashQwen2VL, DashQwen2_5_VL, DashQwen3VL])
 @pytest.mark.parametrize("args, message", BAD_ARGS, ids=[str(args) for args, _ in BAD_ARGS])
-def test_bad_model_args_are_refused_before_loading(no_weights, model_class, args, message):
+def test_bad_model_args_are_refused_before_loading(no_weights, config_folder, model_class, args, message):
+    pretrained = config_folder(Qwen3VLConfig()) if model_class is DashQwen3VL else QWEN
     with pytest.raises(ValueError, match=message):
-        model_class(pretrained=QWEN, device_map="cpu", **args)
+        model_class(pretrained=pretrained, device_map="cpu", **args)
 
 
 def test_bad_model_args_as_lmms_eval_passes_them(no_weights):
@@ -107,6 +110,27 @@ def test_text_model_args_are_converted(loaded):
     assert (lmm.batch_size, lmm.max_new_tokens) == (2, 4) and "min_pixels" not in loaded
 
 
+def test_qwen3_vl_settings_default_to_lmms_eval_qwen3_vls(loaded, config_folder):
+    """``dash_qwen3_vl``'s prompt settings default to those of lmms-eval's ``qwen3_vl``, and come converted from
+    ``--model_args`` text as the other families' do."""
+    theirs = inspect.signature(Qwen3_VL.__init__).parameters
+    checkpoint = config_folder(Qwen3VLConfig())
+    lmm = DashQwen3VL.create_from_arg_string(f"pretrained={checkpoint}", {"batch_size": "1"})
+    assert (lmm.system_prompt, lmm.max_num_frames) == (
+        theirs["system_prompt"].default,
+        theirs["max_num_frames"].default,
+    )
+    assert (loaded["min_pixels"], loaded["max_pixels"]) == (theirs["min_pixels"].default, theirs["max_pixels"].default)
+    assert inspect.signature(DashQwen3VL.__init__).parameters["pretrained"].default == "Qwen/Qwen3-VL-8B-Instruct"
+    loaded.clear()
+    lmm = DashQwen3VL.create_from_arg_string(
+        f"pretrained={checkpoint},min_pixels=1024,max_pixels=4096.0,max_num_frames= 8,system_prompt=Be brief.",
+        {"batch_size": "2"},
+    )
+    assert (lmm.batch_size, lmm.max_num_frames, lmm.system_prompt) == (2, 8, "Be brief.")
+    assert (loaded["min_pixels"], loaded["max_pixels"]) == (1024, 4096) and type(loaded["max_pixels"]) is int
+
+
 @pytest.mark.parametrize(
     "model_class, name, checkpoint, model_type, advice",
     [
@@ -115,13 +139,20 @@ def test_text_model_args_are_converted(loaded):
         (DashLlava, "dash_llava", QWEN, "qwen2_vl", "use dash_qwen2vl"),
         (DashLlava, "dash_llava", Qwen2_5_VLConfig(), "qwen2_5_vl", "use dash_qwen2_5_vl"),
         (DashQwen2VL, "dash_qwen2vl", LlamaConfig(), "llama", "no dash lmms-eval model serves it"),
+        (DashQwen2VL, "dash_qwen2vl", Qwen3VLConfig(), "qwen3_vl", "use dash_qwen3_vl"),
+        (DashLlava, "dash_llava", Qwen3VLMoeConfig(), "qwen3_vl_moe", "use dash_qwen3_vl"),
+        (DashQwen3VL, "dash_qwen3_vl", QWEN, "qwen2_vl", "use dash_qwen2vl"),
+        (DashQwen3VL, "dash_qwen3_vl", Qwen2_5_VLConfig(), "qwen2_5_vl", "use dash_qwen2_5_vl"),
+        (DashQwen3VL, "dash_qwen3_vl", LLAVA, "llava", "use dash_llava"),
     ],
 )
 def test_checkpoint_of_another_family_is_refused_before_loading(
     no_weights, config_folder, model_class, name, checkpoint, model_type, advice
 ):
     checkpoint = checkpoint if isinstance(checkpoint, str) else config_folder(checkpoint)
-    served = "llava, llava_next" if model_class is DashLlava else "qwen2_vl, qwen2_5_vl"
+    served = {DashLlava: "llava, llava_next", DashQwen3VL: "qwen3_vl, qwen3_vl_moe"}.get(
+        model_class, "qwen2_vl, qwen2_5_vl"
+    )
     message = (
         f"{name} serves model types {served}; the checkpoint pretrained={checkpoint!r} is {model_type!r}; {advice}"
     )
@@ -130,10 +161,14 @@ def test_checkpoint_of_another_family_is_refused_before_loading(
     assert "pixels" not in str(error.value)  # not the Qwen pixel budget, which the user never set
 
 
-def test_family_serves_its_model_types(loaded, config_folder):
-    qwen2_5 = config_folder(Qwen2_5_VLConfig())
-    DashQwen2VL(pretrained=qwen2_5)
-    assert loaded["pretrained"] == qwen2_5
+@pytest.mark.parametrize(
+    "model_class, config",
+    [(DashQwen2VL, Qwen2_5_VLConfig()), (DashQwen3VL, Qwen3VLConfig()), (DashQwen3VL, Qwen3VLMoeConfig())],
+)
+def test_family_serves_its_model_types(loaded, config_folder, model_class, config):
+    checkpoint = config_folder(config)
+    model_class(pretrained=checkpoint)
+    assert loaded["pretrained"] == checkpoint
 
 
 def test_checks_left_to_dash_vlm_still_precede_the_weights(monkeypatch):

@@ -114,10 +114,16 @@ def owners(family: str, kind: str) -> list[int]:
     return [sample for sample, chat in enumerate(chats) for item in chat[0]["content"] if item["type"] == kind]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[*FAMILIES, "qwen3_vl-16px"])
 def family_inputs(request):
-    family = request.param
+    """Each family's tiny checkpoint, and Qwen3-VL once more at its published geometry: 16 px patches merged 2x2,
+    a token covering 32 px."""
+    family, _, geometry = request.param.partition("-")
     model, processor = tiny_checkpoint(family, ["what", "colour", "how", "many", "red"], seed=5)
+    if geometry:
+        model.config.vision_config.patch_size = processor.image_processor.patch_size = 16
+        processor.video_processor.patch_size = 16
+        model = type(model)(model.config).eval()
     processor.tokenizer.padding_side = "left"
     inputs = dict(adapter_for(family).processor_inputs(processor, conversations(family)))
     return family, model, processor, inputs
@@ -134,6 +140,9 @@ def test_every_cell_shows_the_pixels_of_its_token(family_inputs):
             rows, columns = view.positions.shape
             height, width = view.pixels.shape[:2]
             assert height % rows == 0 and width % columns == 0
+            if family.startswith("qwen"):  # a token is merge x merge patches: 32 px at Qwen3-VL's published geometry
+                side = processor.image_processor.patch_size * model.config.vision_config.spatial_merge_size
+                assert height // rows == width // columns == side
             cells = (
                 torch.from_numpy(view.pixels)
                 .float()

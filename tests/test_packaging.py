@@ -41,3 +41,4 @@ def test_wheel_ships_tasks_and_assets(tmp_path):
     assert (tasks / "dash_shapes" / "test.parquet").is_file() and (tasks / "dash_pope" / "dash_pope.yaml").is_file()
     assert (assets / "models" / "dash-shapes-qwen2-vl" / "model.safetensors").is_file()
     assert (assets / "demo" / "shapes.png").is_file()
+    assert (target / "dash_vlm" / "models" / "templates" / "qwen3_vl.jinja").is_file()  # Qwen3-VL's chat template

@@ -1,5 +1,6 @@
 """Moving dash-shapes: the committed clips against the generator, the answers against what the frames show, the
-training batches of clips, and the bundled Qwen2-VL checkpoint's published video accuracy."""
+training batches of clips (every family that takes video), and the bundled Qwen2-VL checkpoint's published video
+accuracy."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from transformers import AutoProcessor
 
 from dash_vlm import DashVLM, DeltaPress
 from dash_vlm.lmms.tasks import DashShapesVideoTask
+from dash_vlm.models import adapter_for
+from dash_vlm.models.qwen3_vl import TIMESTAMP_WORDS
 from dash_vlm.models.tiny import tiny_checkpoint
-from dash_vlm.shapes import video
+from dash_vlm.shapes import evaluate, video
 from dash_vlm.shapes.data import BACKGROUND, COLOURS, WORDS
 from dash_vlm.shapes.evaluate import (
+    MODELS,
     VIDEO_RESULTS,
     answer_all,
     generate_all,
@@ -25,10 +29,19 @@ from dash_vlm.shapes.evaluate import (
     video_configurations,
     video_table,
 )
-from dash_vlm.shapes.train import ChatFormat, answer_words, is_clip_batch, train, training_batch
+from dash_vlm.shapes.train import (
+    ChatFormat,
+    answer_words,
+    carry_embeddings,
+    is_clip_batch,
+    train,
+    training_batch,
+    visual_inputs,
+)
 from dash_vlm.shapes.train import main as train_main
 
 QWEN = model_folder("qwen2-vl")
+VIDEO_FAMILIES = ["qwen2_vl", "qwen3_vl"]  # the video families of the dash-shapes checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +118,15 @@ def test_clip_batches_are_spread_evenly():
     assert not any(is_clip_batch(b, 0.0) for b in range(10))
 
 
-def test_training_batch_of_clips():
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_training_batch_of_clips(family):
     """Clips reach the model as video (``[frames / 2, 16, 16]`` grids), the new words are tokens of their own, and the
     loss falls on the answers only."""
-    model, processor = tiny_checkpoint("qwen2_vl", [*WORDS, *video.WORDS], seed=0, vision_layers=1, vision_width=32,
+    model, processor = tiny_checkpoint(family, [*WORDS, *video.WORDS], seed=0, vision_layers=1, vision_width=32,
                                        image_side=64)  # fmt: skip
     processor.tokenizer.padding_side = "left"
     assert processor.tokenizer.unk_token_id not in processor.tokenizer.convert_tokens_to_ids(video.WORDS)
-    chat = ChatFormat(processor, answer_words(0.5))
+    chat = ChatFormat(processor, family, answer_words(0.5))
     batch = training_batch(chat, range(4), set(), clips=True)
     assert "pixel_values" not in batch and batch["video_grid_thw"].tolist() == [[video.FRAMES // 2, 16, 16]] * 4
     for sample, ids, labels in zip(range(4), batch["input_ids"], batch["labels"], strict=True):
@@ -132,6 +146,8 @@ def test_training_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(SystemExit):
         train_main(["--family", "llava", "--output", str(tmp_path), "--video-share", "0.5"])
     with pytest.raises(SystemExit):
+        train_main(["--family", "qwen2-vl", "--output", str(tmp_path)])  # a model name, not a family
+    with pytest.raises(SystemExit):
         train_main(["--family", "qwen2_vl", "--output", str(tmp_path), "--video-share", "1.5"])
 
 
@@ -147,7 +163,7 @@ def test_bundled_checkpoint_extends_the_image_vocabulary():
 def test_video_accuracy_matches_the_published_results(test_clips):
     """Ratio 0, DASH at 0.667 and vision-tower halting on the whole video test split reproduce BENCHMARKS.md; the
     checkpoint answers at least 70% without halting."""
-    published = json.loads(VIDEO_RESULTS.read_text())
+    published = [row for row in json.loads(VIDEO_RESULTS.read_text()) if row["model"] == "qwen2-vl"]
     vlm = DashVLM.from_pretrained(QWEN)
     checks = [
         dict(compression_ratio=0.0, scope="vision"),
@@ -195,3 +211,77 @@ def test_lmms_task_reads_the_clips_as_video(test_clips):
     assert len(docs) == len(test_clips)
     assert task.doc_to_visual(docs[0]) == [str(test_clips[0].path)]
     assert task.process_results(docs[0], [f" {test_clips[0].answer} "])[f"{test_clips[0].kind}_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_training_sees_the_generation_clip(test_clips, family):
+    """A training clip's first turn is what ``DashVLM.generate`` gives the same question on the clip's file: the same
+    frames at the same size, and for Qwen3-VL the same timestamp texts (2 frames a second)."""
+    _, processor = tiny_checkpoint(family, [*WORDS, *video.WORDS], seed=0, vision_layers=1, vision_width=32)
+    clip = test_clips[0]
+    chat = ChatFormat(processor, family, answer_words(0.5))
+    text = chat.text(clip.frames, [(clip.question, clip.answer)])
+    trained = processor(text=[text], **visual_inputs(chat.adapter, processor, [clip.frames]), return_tensors="pt")
+    entry = {
+        "role": "user",
+        "content": [{"type": "video", "video": str(clip.path)}, {"type": "text", "text": clip.question}],
+    }
+    asked = adapter_for(family).processor_inputs(processor, [[entry]])
+    prompt = asked["input_ids"].shape[1]
+    assert trained["input_ids"].shape[1] == prompt + 2  # the answer word and the end of turn follow
+    assert torch.equal(trained["input_ids"][:, :prompt], asked["input_ids"])
+    assert asked["video_grid_thw"].tolist() == [[video.FRAMES // 2, 16, 16]]
+    for key in ("pixel_values_videos", "video_grid_thw"):
+        assert torch.equal(trained[key], asked[key]), key
+    if family == "qwen3_vl":  # a timestamp before each frame pair: frames 2 and 3 at 2 frames a second
+        prompt_text = " ".join(processor.tokenizer.decode(asked["input_ids"][0]).split())
+        assert prompt_text.count("seconds") == video.FRAMES // 2 and "< 1 . 2 seconds >" in prompt_text
+
+
+def test_resumed_tokens_keep_their_embeddings():
+    """Resuming a Qwen3-VL checkpoint of the image words with the video words moves its timestamp words after them;
+    their trained rows move with them, and the new words get fresh rows."""
+    image_model, image_processor = tiny_checkpoint("qwen3_vl", WORDS, seed=0, vision_layers=1, vision_width=32)
+    model, processor = tiny_checkpoint("qwen3_vl", [*WORDS, *video.WORDS], seed=1, vision_layers=1, vision_width=32)
+    saved, vocab = image_processor.tokenizer.get_vocab(), processor.tokenizer.get_vocab()
+    moved = {token for token in saved if vocab[token] != saved[token]}
+    assert moved == set(TIMESTAMP_WORDS) - set(WORDS)
+    carry_embeddings(image_model, saved, vocab)
+    for layer in ("get_input_embeddings", "get_output_embeddings"):
+        before = getattr(tiny_checkpoint("qwen3_vl", WORDS, seed=0, vision_layers=1, vision_width=32)[0], layer)()
+        after = getattr(image_model, layer)()
+        assert after.weight.shape[0] == len(vocab)
+        for token, index in saved.items():
+            torch.testing.assert_close(after.weight[vocab[token]], before.weight[index], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lacks tokens"):
+        carry_embeddings(model, vocab, saved)
+
+
+def test_training_and_evaluating_qwen3_on_clips(test_clips, tmp_path, monkeypatch, capsys):
+    """Two steps of Qwen3-VL training at the dash-shapes size, one of images and one of clips (validation and held-out
+    sets cut short), save a folder that generates; the video evaluation takes it as it takes Qwen2-VL."""
+    from dash_vlm.shapes import data
+    from dash_vlm.shapes import train as train_module
+
+    monkeypatch.setattr(
+        train_module, "split_samples", lambda split, size: [data.make_sample(split, i) for i in range(4)]
+    )
+    monkeypatch.setattr(train_module, "held_out_keys", set)
+    monkeypatch.setattr(video, "split_clips", lambda split, size=0: [video.make_clip(split, i) for i in range(3)])
+    folder = tmp_path / MODELS["qwen3-vl"]
+    result = train(
+        "qwen3_vl", folder, steps=2, batch_size=2, learning_rate=1e-3, seed=0, device="cpu", workers=0,
+        validate_every=2, max_minutes=10, video_share=0.5,
+    )  # fmt: skip
+    assert result["steps"] == 2 and "validation_video_first_token" in result["history"][-1]
+    vlm = DashVLM.from_pretrained(folder, compression_ratio=0.5, vision_compression_ratio=0.5)
+    assert vlm.model.config.text_config.num_hidden_layers == 8 and vlm.model.config.model_type == "qwen3_vl"
+    results = vlm.generate(video=str(test_clips[0].path), prompt=test_clips[0].question, max_new_tokens=2)
+    assert results.generated_tokens >= 1 and results.stats.kept < results.stats.tokens
+    monkeypatch.setattr(evaluate, "MODELS_FOLDER", tmp_path)
+    monkeypatch.setattr(video, "read_test_split", lambda: test_clips[:3])
+    evaluate.main(["--video", "--batch-size", "3", "--output", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {row["model"] for row in rows} == {"qwen3-vl"} and len(rows) == len(video_configurations(True))
+    assert all(0 <= row["shape_tokens_halted"] <= 1 for row in rows)
+    assert capsys.readouterr().out.startswith("**qwen3-vl**")

@@ -59,9 +59,11 @@ def test_frame_indices_are_evenly_spaced_and_unique():
 def test_generate_keeps_at_most_max_frames(clip):
     vlm = DashVLM.from_pretrained(QWEN, device_map="cpu", compression_ratio=0.5)
     sampled = list(range(0, FRAMES, STEP))  # 12 frames at 2 a second
-    frames = decode_video(str(clip), "clip", 4)
+    frames, rate = decode_video(str(clip), "clip", 4)
     assert [frame_number(frame) for frame in frames] == [sampled[i] for i in (0, 3, 7, 11)]
-    assert [frame_number(frame) for frame in decode_video(str(clip), "clip", 32)] == sampled
+    assert rate == pytest.approx(RATE / ((sampled[11] - sampled[0]) / 3))  # the kept frames' mean spacing
+    frames, rate = decode_video(str(clip), "clip", 32)
+    assert [frame_number(frame) for frame in frames] == sampled and rate == pytest.approx(RATE / STEP)
     seen, handle = model_inputs(vlm.model)
     try:
         result = vlm.generate(video=str(clip), prompt="how many circles are there ?", max_frames=4, max_new_tokens=2)

@@ -10,8 +10,7 @@ import torch
 from reference import MaskedReference, MaskedVisionReference, relative_error
 
 from dash_vlm import DeltaPress
-from dash_vlm.models import model_types_with
-from dash_vlm.models.qwen2_vl import qwen_vl_sample, tiny_qwen_vl
+from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.tiny import left_pad_batch
 from dash_vlm.scorers import SCORERS
 
@@ -23,13 +22,17 @@ GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 @cache
 def model_for(family: str, attention: str = "sdpa"):
-    return tiny_qwen_vl(family, attention, vision_layers=BLOCKS)
+    return adapter_for(family).tiny_model(family, attention, vision_layers=BLOCKS)
+
+
+def sample(family: str, grids: list[tuple[int, int, int]], text_lengths: list[int], video=False, seed=0) -> dict:
+    return adapter_for(family).tiny_sample(family, grids, text_lengths, video, seed)
 
 
 SAMPLES = {
-    "image": lambda: qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1),
-    "images": lambda: qwen_vl_sample([(1, 4, 8), (1, 8, 12)], [3, 2, 9], seed=2),
-    "video": lambda: qwen_vl_sample([(3, 8, 4)], [4, 6], video=True, seed=3),
+    "image": lambda family: sample(family, [(1, 8, 8)], [5, 7], seed=1),
+    "images": lambda family: sample(family, [(1, 4, 8), (1, 8, 12)], [3, 2, 9], seed=2),
+    "video": lambda family: sample(family, [(3, 8, 4)], [4, 6], video=True, seed=3),
 }
 
 
@@ -62,7 +65,7 @@ def hook_counts(module: torch.nn.Module) -> tuple[int, int]:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", list(SAMPLES))
 def test_vision_ratio_zero_equals_unmodified_tower(family, kind):
-    model, inputs = model_for(family), SAMPLES[kind]()
+    model, inputs = model_for(family), SAMPLES[kind](family)
     expected = generate(model, inputs)
     press = DeltaPress(compression_ratio=0.0, vision_compression_ratio=0.0)
     with torch.no_grad(), press(model):
@@ -79,7 +82,7 @@ def test_vision_ratio_zero_equals_unmodified_tower(family, kind):
 @pytest.mark.parametrize("kind", list(SAMPLES))
 @pytest.mark.parametrize("decoder_ratio", [0.0, 0.5])
 def test_matches_masked_reference(family, attention, kind, decoder_ratio):
-    model, inputs = model_for(family, attention), SAMPLES[kind]()
+    model, inputs = model_for(family, attention), SAMPLES[kind](family)
     vision = MaskedVisionReference(model, 0.5)
     decoder = MaskedReference(model, decoder_ratio)
     with vision(), decoder():
@@ -115,7 +118,7 @@ def record_block_inputs(model):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("ratio", [0.5, 0.95])
 def test_blocks_above_the_decision_block_run_on_the_kept_patches(family, ratio):
-    model, inputs = model_for(family), SAMPLES["images"]()
+    model, inputs = model_for(family), SAMPLES["images"](family)
     patches, kept = sum(segments(inputs)), kept_patches(segments(inputs), ratio)
     press = DeltaPress(compression_ratio=0.0, vision_compression_ratio=ratio)
     seen, handles = record_block_inputs(model)
@@ -140,7 +143,7 @@ def test_blocks_above_the_decision_block_run_on_the_kept_patches(family, ratio):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_window_dropping_matches_masked_reference(family):
-    model, inputs = model_for(family, "eager"), SAMPLES["images"]()
+    model, inputs = model_for(family, "eager"), SAMPLES["images"](family)
     vision = MaskedVisionReference(model, 0.95)
     with vision():
         expected = generate(model, inputs)
@@ -158,7 +161,7 @@ def tower_output(model, pixels: torch.Tensor, grid: list[tuple[int, int, int]], 
 def test_images_and_frame_groups_halt_apart(family):
     """Each image, and each frame group of a video, is its own segment: alone it gives the same merged tokens."""
     model, press = model_for(family), DeltaPress(compression_ratio=0.0, vision_compression_ratio=0.5)
-    inputs = SAMPLES["images"]()
+    inputs = SAMPLES["images"](family)
     pixels, grids = inputs["pixel_values"], [tuple(row) for row in inputs["image_grid_thw"].tolist()]
     together = tower_output(model, pixels, grids, press)
     parts, start = [], 0
@@ -167,7 +170,7 @@ def test_images_and_frame_groups_halt_apart(family):
         parts.append(tower_output(model, pixels[start : start + count], [grid], press))
         start += count
     assert relative_error(together, torch.cat(parts)) <= 1e-5
-    video = SAMPLES["video"]()
+    video = SAMPLES["video"](family)
     pixels, (frames, height, width) = video["pixel_values_videos"], video["video_grid_thw"][0].tolist()
     whole = tower_output(model, pixels, [(frames, height, width)], press)
     groups = [tower_output(model, chunk, [(1, height, width)], press) for chunk in pixels.split(height * width)]
@@ -179,14 +182,14 @@ def test_images_and_frame_groups_halt_apart(family):
 @pytest.mark.parametrize("method", [name for name, scorer in SCORERS.items() if scorer.vision_tower])
 def test_padded_batch_sample_equals_sample_alone(family, attention, method):
     model = model_for(family, attention)
-    singles = [SAMPLES["images"](), SAMPLES["image"](), qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12)]
+    singles = [SAMPLES["images"](family), SAMPLES["image"](family), sample(family, [(1, 4, 4)], [2, 3], seed=12)]
     batch = left_pad_batch(singles)
     press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5, method=method)
     batched = generate(model, batch, press)
     batch_stats = press.last_stats
     length = batched.sequences.shape[1] - 4
-    for b, sample in enumerate(singles):
-        alone = generate(model, sample, press)
+    for b, single_inputs in enumerate(singles):
+        alone = generate(model, single_inputs, press)
         assert torch.equal(batched.sequences[b, length:], alone.sequences[0, -4:])
         for step, (x, y) in enumerate(zip(batched.logits, alone.logits, strict=True)):
             assert relative_error(x[b], y[0]) <= 1e-4, f"sample {b} step {step}"
@@ -195,24 +198,24 @@ def test_padded_batch_sample_equals_sample_alone(family, attention, method):
             single.vision_patches,
             single.vision_kept,
         )
-        assert single.vision_kept == kept_patches(segments(sample), 0.5)
+        assert single.vision_kept == kept_patches(segments(single_inputs), 0.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_statistics_of_a_batch_with_images_and_a_video(family):
     model = model_for(family)
-    batch = left_pad_batch([SAMPLES["images"](), SAMPLES["image"]()])
-    video = SAMPLES["video"]()
+    batch = left_pad_batch([SAMPLES["images"](family), SAMPLES["image"](family)])
+    video = SAMPLES["video"](family)
     pad = batch["input_ids"].shape[1] - video["input_ids"].shape[1]
     batch["input_ids"][1, pad:] = video["input_ids"][0]  # sample 1 now holds the video instead of the image
     batch["attention_mask"][1] = torch.arange(batch["input_ids"].shape[1]) >= pad
-    batch["pixel_values"] = SAMPLES["images"]()["pixel_values"]
-    batch["image_grid_thw"] = SAMPLES["images"]()["image_grid_thw"]
+    batch["pixel_values"] = SAMPLES["images"](family)["pixel_values"]
+    batch["image_grid_thw"] = SAMPLES["images"](family)["image_grid_thw"]
     batch["pixel_values_videos"], batch["video_grid_thw"] = video["pixel_values_videos"], video["video_grid_thw"]
     press = DeltaPress(compression_ratio=0.0, vision_compression_ratio=0.3)
     with torch.no_grad(), press(model):
         model(**batch)
-    images, frames = segments(SAMPLES["images"]()), segments(video)
+    images, frames = segments(SAMPLES["images"](family)), segments(video)
     assert [(s.vision_patches, s.vision_kept) for s in press.last_stats] == [
         (sum(images), kept_patches(images, 0.3)),
         (sum(frames), kept_patches(frames, 0.3)),
@@ -221,7 +224,7 @@ def test_statistics_of_a_batch_with_images_and_a_video(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hooks_are_removed_even_when_the_tower_fails(family):
-    model, inputs = model_for(family), SAMPLES["image"]()
+    model, inputs = model_for(family), SAMPLES["image"](family)
     modules = [model.model.visual, model.model.visual.merger, *model.model.visual.blocks]
     modules += [block.attn for block in model.model.visual.blocks]
     before = [hook_counts(module) for module in modules]
@@ -253,7 +256,7 @@ def test_vision_halting_is_refused_where_the_tower_cannot_halt():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("start_ratio", [0.0, 0.5, 0.9])
 def test_other_decision_blocks_match_masked_reference(family, start_ratio):
-    model, inputs = model_for(family, "eager"), SAMPLES["images"]()
+    model, inputs = model_for(family, "eager"), SAMPLES["images"](family)
     press = DeltaPress(compression_ratio=0.0, vision_compression_ratio=0.5, vision_start_ratio=start_ratio)
     if math.floor(start_ratio * BLOCKS) == BLOCKS - 1:  # no block above the decision block: nothing could halt
         with pytest.raises(ValueError, match=f"vision_start_ratio={start_ratio} .* last of {BLOCKS} blocks"):
@@ -268,7 +271,7 @@ def test_other_decision_blocks_match_masked_reference(family, start_ratio):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_tower_called_alone_returns_every_patch(family):
-    model, inputs = model_for(family), SAMPLES["images"]()
+    model, inputs = model_for(family), SAMPLES["images"](family)
     pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     with torch.no_grad():
         vanilla = model.model.visual(pixels, grid_thw=grid)
@@ -283,7 +286,7 @@ def test_the_press_keeps_no_model_alive():
     import gc
     import weakref
 
-    model, inputs = tiny_qwen_vl("qwen2_vl", vision_layers=BLOCKS), SAMPLES["image"]()
+    model, inputs = adapter_for("qwen2_vl").tiny_model("qwen2_vl", vision_layers=BLOCKS), SAMPLES["image"]("qwen2_vl")
     press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5)
     with torch.no_grad(), press(model):
         model(**inputs)

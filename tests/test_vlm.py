@@ -105,7 +105,7 @@ def test_statistics(checkpoints, image_files, family):
     assert stats.prefill_ms > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next", "qwen3_vl", "qwen3_vl_moe"])
 def test_batch_equals_single_calls(checkpoints, image_files, family):
     vlm = DashVLM.from_pretrained(checkpoints[family], compression_ratio=0.667)
     prompts = ["what colour is the shape", "how many red", "describe the image left and right"]
@@ -133,8 +133,9 @@ def write_video(path, frames: int = 8, fps: int = 4) -> None:
             container.mux(packet)
 
 
-def test_qwen_video_file_and_frames(checkpoints, tmp_path):
-    vlm = DashVLM.from_pretrained(checkpoints["qwen2_vl"], compression_ratio=0.5)
+@pytest.mark.parametrize("family", model_types_with("video"))
+def test_qwen_video_file_and_frames(checkpoints, tmp_path, family):
+    vlm = DashVLM.from_pretrained(checkpoints[family], compression_ratio=0.5)
     video_id = vlm.model.config.video_token_id
     path = tmp_path / "clip.mp4"
     write_video(path)
@@ -149,9 +150,10 @@ def test_qwen_video_file_and_frames(checkpoints, tmp_path):
     assert vlm.generate(video=frames, prompt="x", max_new_tokens=1).stats.eligible == (ids == video_id).sum().item()
 
 
-def test_pixel_limits_change_the_token_count(checkpoints, image_files):
-    small = DashVLM.from_pretrained(checkpoints["qwen2_vl"], max_pixels=16 * 16 * 4)
-    large = DashVLM.from_pretrained(checkpoints["qwen2_vl"], min_pixels=64 * 64, max_pixels=128 * 128)
+@pytest.mark.parametrize("family", model_types_with("pixel_limits"))
+def test_pixel_limits_change_the_token_count(checkpoints, image_files, family):
+    small = DashVLM.from_pretrained(checkpoints[family], max_pixels=16 * 16 * 4)
+    large = DashVLM.from_pretrained(checkpoints[family], min_pixels=64 * 64, max_pixels=128 * 128)
     tokens = [vlm.generate(image=image_files[0], prompt="x", max_new_tokens=1).stats.eligible for vlm in (small, large)]
     assert tokens[0] < tokens[1]
 
@@ -215,7 +217,8 @@ def test_bad_halting_parameters_raise_before_loading(tmp_path, kwargs, match):
 
 
 def test_unsupported_or_mismatched_checkpoints(checkpoints, tmp_path):
-    with pytest.raises(ValueError, match="min_pixels / max_pixels apply to model types qwen2_5_vl, qwen2_vl"):
+    families = ", ".join(model_types_with("pixel_limits"))
+    with pytest.raises(ValueError, match=f"min_pixels / max_pixels apply to model types {families}"):
         DashVLM.from_pretrained(checkpoints["llava"], max_pixels=1000)
     with pytest.raises(ValueError, match="min_pixels 5000 exceeds max_pixels 1000"):
         DashVLM.from_pretrained(checkpoints["qwen2_vl"], min_pixels=5000, max_pixels=1000)

@@ -1,10 +1,11 @@
-"""lmms-eval models ``dash_qwen2vl``, ``dash_qwen2_5_vl`` and ``dash_llava``: DashVLM behind lmms-eval's interface.
+"""lmms-eval models ``dash_qwen2vl``, ``dash_qwen2_5_vl``, ``dash_qwen3_vl`` and ``dash_llava``: DashVLM behind
+lmms-eval's interface.
 
 ``DashLMM`` holds the request loop, batching, timing and the figures; the prompt rule (how lmms-eval's own model of
 the family turns a request into a prompt, so that ratio-0 scores are comparable with published lmms-eval numbers)
 is the family adapter's ``lmms_conversation``. A family subclass only names its default checkpoint and its own
-settings. Images are passed as they are (no JPEG re-encoding); video files (Qwen family) are read as lmms-eval's
-``qwen2_vl`` reads them.
+settings. Images are passed as they are (no JPEG re-encoding); video files (Qwen families) are read as lmms-eval's
+``qwen2_vl`` (Qwen2-VL, Qwen2.5-VL) or ``qwen3_vl`` (Qwen3-VL) reads them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import AutoConfig
 
 from dash_vlm.lmms import MODELS, figures
 from dash_vlm.models import DEFAULT_MAX_FRAMES, adapter_for, check_max_frames, model_types_with
+from dash_vlm.models.qwen3_vl import LMMS_MAX_PIXELS, LMMS_MIN_PIXELS
 from dash_vlm.press import DeltaPress
 from dash_vlm.vlm import DashVLM
 
@@ -61,6 +63,9 @@ class DashLMM(lmms):
 
     family: str | None = None
     """A model type of the family; the checkpoint's must be one that its adapter serves (``None``: any)."""
+
+    ignored_stops: tuple[str, ...] = ()
+    """Stop strings of a task (``until``) that the family's lmms-eval model does not cut its answers at."""
 
     def __init__(
         self,
@@ -209,7 +214,9 @@ class DashLMM(lmms):
             contexts, all_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk, strict=True)
             kwargs = dict(all_kwargs[0] or {})  # the collator groups requests by generation kwargs; None: no settings
             until = kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
+            until = [
+                stop for stop in ([until] if isinstance(until, str) else until or []) if stop not in self.ignored_stops
+            ]
             max_new_tokens = kwargs.pop("max_new_tokens", None)  # a task's None: the model's default
             max_new_tokens = (
                 self.max_new_tokens
@@ -320,6 +327,28 @@ class DashQwen2_5_VL(DashQwen2VL):  # noqa: N801 - named like lmms-eval's Qwen2_
 
     def __init__(self, pretrained: str = "Qwen/Qwen2.5-VL-7B-Instruct", **kwargs):
         super().__init__(pretrained, **kwargs)
+
+
+class DashQwen3VL(DashQwen2VL):
+    """Prompts as lmms-eval's ``qwen3_vl``, whose system prompt, pixel budget of every image and video frame
+    (``min_pixels`` / ``max_pixels``) and video frame cap (``max_num_frames``: a file gives ``min(max_num_frames, its
+    frames)`` evenly spaced frames) are the defaults here. Serves Qwen3-VL and Qwen3-VL-MoE."""
+
+    family = "qwen3_vl"
+    ignored_stops = ("\n\n",)  # lmms-eval's qwen3_vl drops this stop string from every task's until
+
+    def __init__(self, pretrained: str = "Qwen/Qwen3-VL-8B-Instruct", **kwargs):
+        super().__init__(pretrained, **kwargs)
+
+    def family_model_args(
+        self, min_pixels: int = LMMS_MIN_PIXELS, max_pixels: int = LMMS_MAX_PIXELS, **model_args
+    ) -> dict:
+        return super().family_model_args(min_pixels, max_pixels, **model_args)
+
+    def prompt_options(self) -> dict:
+        """The settings of ``DashQwen2VL``, and the pixel budget that lmms-eval's ``qwen3_vl`` writes into each image
+        and video entry (the one ``DashVLM`` resizes to)."""
+        return super().prompt_options() | {"min_pixels": self.vlm.min_pixels, "max_pixels": self.vlm.max_pixels}
 
 
 class DashLlava(DashLMM):

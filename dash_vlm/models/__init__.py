@@ -85,6 +85,16 @@ def in_prompt_order(views: list[tuple], items: list[int] | None = None) -> list[
 
 
 @dataclass(frozen=True)
+class DecoderAdditions:
+    """What a decoder adds to its hidden states between layers (Qwen3-VL's DeepStack): after layer ``i``, ``values[i]``
+    (``[rows, hidden]``) is added at the ``True`` positions of ``positions`` (``[batch, tokens]``), in row-major order.
+    """
+
+    positions: torch.Tensor
+    values: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """Layout of one model family.
 
@@ -151,6 +161,18 @@ class ModelAdapter:
         """The number of decoder layers of a model of ``config``."""
         return config.get_text_config().num_hidden_layers
 
+    def first_decision_layer(self, config: PretrainedConfig) -> int:
+        """The lowest decoder layer that may decide (DESIGN.md section 1 rule 13): the layers below it add vision
+        features to the hidden states inside the decoder (Qwen3-VL's DeepStack), which a compact layer could not
+        take."""
+        return 0
+
+    def take_decoder_additions(self, decoder_kwargs: dict) -> DecoderAdditions | None:
+        """Take the additions between decoder layers out of the decoder's forward arguments (``decoder_kwargs`` is
+        changed so that the decoder adds nothing itself), for a caller that runs the layers itself (the fast path's
+        captured prefill); ``None`` when there are none."""
+        return None
+
     def vision_depth(self, config: PretrainedConfig) -> int:
         """The number of blocks of the vision tower of a model of ``config`` (a family whose tower halts)."""
         raise NotImplementedError(f"{self.model_types} does not halt in its vision tower")
@@ -170,6 +192,11 @@ class ModelAdapter:
     def vision_attention(self, block: nn.Module) -> nn.Module:
         """The attention sublayer of a vision block: the vision scorer reads its output."""
         return getattr(block, self.vision_attention_attribute)
+
+    def vision_taps(self, tower: nn.Module) -> dict[int, nn.Module]:
+        """Modules that read the output of a vision block other than the last one, by block index (Qwen3-VL's
+        DeepStack mergers): under vision-tower halting they are handed every patch (DESIGN.md section 6)."""
+        return {}
 
     def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
         """The patches of each attention segment (an image, a frame group of a video) of one vision-tower pass, from
@@ -246,9 +273,17 @@ class ModelAdapter:
 
     # The tiny models below run on a CPU in seconds: the test suite checks every family through them.
 
-    def tiny_model(self, model_type: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
-        """A 5-layer model of ``model_type`` with random weights, float32, eval mode."""
+    def tiny_model(self, model_type: str, attn_implementation: str = "sdpa", vision_layers: int = 2) -> PreTrainedModel:
+        """A 5-layer model of ``model_type`` with random weights, float32, eval mode; a vision tower of
+        ``vision_layers`` blocks where the family has one."""
         raise NotImplementedError(f"{model_type} has no tiny model")
+
+    def tiny_sample(
+        self, model_type: str, grids: list[tuple[int, int, int]], text_lengths: list[int], video: bool, seed: int
+    ) -> dict:
+        """One prompt for the tiny model of a family whose tower halts: text chunks of ``text_lengths`` around images
+        (or one video) of patch grids ``grids`` (frame groups, height, width), random pixels of ``seed``."""
+        raise NotImplementedError(f"{model_type} has no tiny sample")
 
     def tiny_inputs(self, model_type: str) -> dict[str, dict]:
         """Single-prompt inputs of the tiny model by kind ("image", "images", and "video" for a family with video)."""
@@ -351,4 +386,4 @@ def adapter_for(model: nn.Module | PretrainedConfig | str) -> ModelAdapter:
 
 
 # Imported for their registrations.
-from dash_vlm.models import llava, qwen2_vl, text  # noqa: E402, F401
+from dash_vlm.models import llava, qwen2_vl, qwen3_vl, text  # noqa: E402, F401

@@ -57,7 +57,7 @@ def _grid_thw(tower_args: tuple, tower_kwargs: dict) -> torch.Tensor:
     return tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
 
 
-def _check_frame_size(size: tuple[int, int], patch_size: int, limits: dict) -> None:
+def check_frame_size(size: tuple[int, int], patch_size: int, limits: dict) -> None:
     """qwen-vl-utils resizes each frame of a frame-list video on a grid twice the merged patch (``fetch_video`` hands
     ``fetch_image`` its factor, which doubles it again), so a frame far thinner than wide can round a side to 0
     pixels, which PIL refuses deep inside; refuse it here, naming the size."""
@@ -81,6 +81,25 @@ BASE_MODEL_CLASSES = {"qwen2_vl": Qwen2VLModel, "qwen2_5_vl": Qwen2_5_VLModel}
 
 @dataclass(frozen=True)
 class QwenVLAdapter(ModelAdapter):
+    """The Qwen families' layout: image and video placeholders, a pixel budget, a tower (``visual.blocks``) that packs
+    its images into one sequence and can halt."""
+
+    vision_token_attributes: tuple[str, ...] = ("image_token_id", "video_token_id")
+    video: bool = True
+    pixel_limits: bool = True
+    vision_tower_attribute: str | None = "visual"
+    vision_blocks_path: str | None = "blocks"
+    halts_in_vision_tower: bool = True
+    vision_packs_segments: bool = True
+
+    def model_classes(self, model_type: str) -> tuple[type, type]:
+        """The config and model classes of ``model_type``."""
+        return MODEL_CLASSES[model_type]
+
+    def base_model_class(self, model_type: str) -> type:
+        """The model class whose ``get_rope_index`` gives the M-RoPE positions of ``model_type``."""
+        return BASE_MODEL_CLASSES[model_type]
+
     def vision_inputs(
         self, processor: ProcessorMixin, items: list[dict], min_pixels: int | None, max_pixels: int | None
     ) -> dict:
@@ -96,7 +115,7 @@ class QwenVLAdapter(ModelAdapter):
         content = [{key: value for key, value in item.items() if key != "max_frames"} | limits for item in items]
         for item in content:
             if item["type"] == "video" and not isinstance(item["video"], str):
-                _check_frame_size(item["video"][0].size, processor.image_processor.patch_size, limits)
+                check_frame_size(item["video"][0].size, processor.image_processor.patch_size, limits)
         try:
             images, videos, video_kwargs = process_vision_info(
                 [[{"role": "user", "content": content}]],
@@ -226,7 +245,7 @@ class QwenVLAdapter(ModelAdapter):
         """M-RoPE positions computed here and the grids kept on the host: given a device ``grid_thw``, transformers'
         per-image loops (rope index, vision rotary positions, per-image attention split) read it back item by item,
         a GPU sync each (966 of them in a batch-64 step of the dash-shapes model)."""
-        model_class = BASE_MODEL_CLASSES[config.model_type]
+        model_class = self.base_model_class(config.model_type)
         grids = {key: batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch}
         # get_rope_index reads nothing of the model but its config.
         position_ids, _ = model_class.get_rope_index(
@@ -234,21 +253,29 @@ class QwenVLAdapter(ModelAdapter):
         )
         return {**batch, "position_ids": position_ids}, tuple(grids)
 
-    def tiny_model(self, model_type: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
-        return tiny_qwen_vl(model_type, attn_implementation)
+    def tiny_model(
+        self, model_type: str, attn_implementation: str = "sdpa", vision_layers: int = 2, **settings
+    ) -> PreTrainedModel:
+        """``settings``: ``tiny_qwen_vl``'s other arguments (seed, tower width, decoder config entries)."""
+        return tiny_qwen_vl(model_type, attn_implementation, vision_layers=vision_layers, **settings)
+
+    def tiny_sample(
+        self, model_type: str, grids: list[tuple[int, int, int]], text_lengths: list[int], video: bool, seed: int
+    ) -> dict:
+        return qwen_vl_sample(grids, text_lengths, video, seed)
 
     def tiny_inputs(self, model_type: str) -> dict[str, dict]:
         return {
-            "image": qwen_vl_sample([(1, 8, 8)], [5, 7], seed=1),
-            "images": qwen_vl_sample([(1, 4, 8), (1, 8, 4)], [3, 2, 9], seed=2),
-            "video": qwen_vl_sample([(2, 4, 4)], [4, 6], video=True, seed=3),
+            "image": self.tiny_sample(model_type, [(1, 8, 8)], [5, 7], False, 1),
+            "images": self.tiny_sample(model_type, [(1, 4, 8), (1, 8, 4)], [3, 2, 9], False, 2),
+            "video": self.tiny_sample(model_type, [(2, 4, 4)], [4, 6], True, 3),
         }
 
     def tiny_batch(self, model_type: str) -> tuple[dict, list[dict]]:
         singles = [
-            qwen_vl_sample([(1, 8, 8)], [5, 7], seed=11),
-            qwen_vl_sample([(1, 4, 4)], [2, 3], seed=12),
-            qwen_vl_sample([(1, 4, 8), (1, 8, 8)], [3, 4, 6], seed=13),
+            self.tiny_sample(model_type, [(1, 8, 8)], [5, 7], False, 11),
+            self.tiny_sample(model_type, [(1, 4, 4)], [2, 3], False, 12),
+            self.tiny_sample(model_type, [(1, 4, 8), (1, 8, 8)], [3, 4, 6], False, 13),
         ]
         return left_pad_batch(singles), singles
 
@@ -262,8 +289,8 @@ class QwenVLAdapter(ModelAdapter):
         image_side: int,
         **text_overrides,
     ) -> tuple[PreTrainedModel, ProcessorMixin]:
-        tokenizer = word_tokenizer(words, QWEN_VL_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE)
-        model = tiny_qwen_vl(
+        tokenizer = word_tokenizer([*words, *self.tiny_words()], QWEN_VL_SPECIAL_TOKENS, self.chat_template())
+        model = self.tiny_model(
             model_type,
             seed=seed,
             vocab_size=len(tokenizer),
@@ -272,7 +299,19 @@ class QwenVLAdapter(ModelAdapter):
             **special_token_ids(tokenizer, QWEN_VL_SPECIAL_TOKENS),
             **text_overrides,
         )
-        return model, tiny_qwen_vl_processor(tokenizer)
+        return model, self.tiny_processor(tokenizer)
+
+    def chat_template(self) -> str:
+        """The chat template of the family's published checkpoints."""
+        return QWEN_VL_CHAT_TEMPLATE
+
+    def tiny_words(self) -> list[str]:
+        """Words a tiny checkpoint's tokenizer needs beyond the caller's: those the processor itself writes."""
+        return []
+
+    def tiny_processor(self, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
+        """The family's real processor classes at the tiny model's patch sizes, around ``tokenizer``."""
+        return tiny_qwen_vl_processor(tokenizer)
 
 
 # Tiny models: 4 px patches, 2x2 merge, 2 frames per temporal patch.
@@ -534,16 +573,4 @@ PRESETS = (
     ),
 )
 
-QWEN2_VL = register_adapter(
-    QwenVLAdapter(
-        model_types=tuple(MODEL_CLASSES),
-        vision_token_attributes=("image_token_id", "video_token_id"),
-        video=True,
-        pixel_limits=True,
-        vision_tower_attribute="visual",
-        vision_blocks_path="blocks",
-        halts_in_vision_tower=True,
-        vision_packs_segments=True,
-        presets=PRESETS,
-    )
-)
+QWEN2_VL = register_adapter(QwenVLAdapter(model_types=tuple(MODEL_CLASSES), presets=PRESETS))

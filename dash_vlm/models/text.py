@@ -30,7 +30,7 @@ TEXT_MODELS = {
 
 @dataclass(frozen=True)
 class TextAdapter(ModelAdapter):
-    def tiny_model(self, model_type: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    def tiny_model(self, model_type: str, attn_implementation: str = "sdpa", vision_layers: int = 2) -> PreTrainedModel:
         return tiny_text_model(model_type, attn_implementation)
 
 

@@ -4,8 +4,10 @@
     python -m dash_vlm.shapes.evaluate --compare-methods --output methods.json   # every method, 0.5 / 0.667 / 0.8
     python -m dash_vlm.shapes.evaluate --video --output assets/dash_shapes_video_accuracy.json   # moving shapes
 
-Every configuration answers every test question through ``DashVLM.generate`` (greedy, batched); an answer is
-correct when it equals the reference after lower-casing and stripping. Prints a Markdown table per model.
+The models are the bundled checkpoints (``MODELS`` whose folder holds one: ``bundled_models``; with ``--video``, those
+of a family that takes video), or those ``--models`` names. Every configuration answers every test question through
+``DashVLM.generate`` (greedy, batched); an answer is correct when it equals the reference after lower-casing and
+stripping. Prints a Markdown table per model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dash_vlm.models import adapter_for
+from dash_vlm.models import ModelAdapter, adapter_for
 from dash_vlm.press import DeltaPress
 from dash_vlm.resources import bundled
 from dash_vlm.scorers import SCORERS
@@ -29,21 +31,35 @@ from dash_vlm.shapes import video
 from dash_vlm.shapes.data import BACKGROUND, KINDS, Sample, read_test_split
 from dash_vlm.vlm import DashVLM, GenerationResult
 
-MODELS = {"qwen2-vl": "dash-shapes-qwen2-vl", "llava": "dash-shapes-llava"}
+# Every dash-shapes checkpoint by name and folder under assets/models; the evaluation takes those that are there.
+MODELS = {"qwen2-vl": "dash-shapes-qwen2-vl", "llava": "dash-shapes-llava", "qwen3-vl": "dash-shapes-qwen3-vl"}
+MODELS_FOLDER = bundled("assets") / "models"
 RATIOS = (0.0, 0.25, 0.5, 0.667, 0.8, 0.9)
 SCOPES = ("vision", "all")
 METHODS = ("dash", "random")
 VISION_RATIOS = (0.0, 0.3, 0.5)  # halting inside the vision tower, where the family can (scope vision)
 VISION_DECODER_RATIOS = (0.0, 0.667)  # the decoder ratios measured with each vision ratio
 COMPARISON_RATIOS = (0.5, 0.667, 0.8)  # --compare-methods: every method in SCORERS at these ratios, scope vision
-VIDEO_RATIOS = (0.5, 0.667, 0.8)  # --video: the moving-shapes clips, Qwen2-VL only
+VIDEO_RATIOS = (0.5, 0.667, 0.8)  # --video: the moving-shapes clips, checkpoints of a family that takes video
 VIDEO_RESULTS = bundled("assets") / "dash_shapes_video_accuracy.json"
 POSITION_AXES = {"above/below": ("above", "below"), "left/right": ("left", "right")}  # position answers by axis
 
 
 def model_folder(name: str) -> Path:
-    """The bundled checkpoint folder of ``name`` (``qwen2-vl`` or ``llava``)."""
-    return bundled("assets") / "models" / MODELS[name]
+    """The bundled checkpoint folder of ``name`` (a key of ``MODELS``), whether or not it holds a checkpoint yet."""
+    return MODELS_FOLDER / MODELS[name]
+
+
+def bundled_models() -> list[str]:
+    """The names of ``MODELS`` whose folder holds a checkpoint, in ``MODELS`` order."""
+    return [name for name in MODELS if (model_folder(name) / "config.json").is_file()]
+
+
+def model_adapter(name: str) -> ModelAdapter:
+    """The family adapter of the bundled checkpoint ``name`` (from its config, without loading weights)."""
+    from transformers import AutoConfig
+
+    return adapter_for(AutoConfig.from_pretrained(model_folder(name)))
 
 
 def is_correct(text: str, answer: str) -> bool:
@@ -401,7 +417,13 @@ def plot_methods(rows: list[dict], path: Path, bench: dict | None = None) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=None,
+        help="default: every bundled checkpoint (with --video: of a family that takes video)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N test samples only")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default=None)
@@ -419,42 +441,58 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rows", type=Path, default=None, help="with --compare-methods: tabulate and plot these results, not new runs"
     )
-    parser.add_argument("--video", action="store_true", help="the moving-shapes clips (qwen2-vl), not the images")
+    parser.add_argument(
+        "--video", action="store_true", help="the moving-shapes clips (checkpoints that take video), not the images"
+    )
     args = parser.parse_args(argv)
-    if args.video and (args.models != list(MODELS) or args.plot or args.model_cards or args.compare_methods):
+    if args.video and (args.plot or args.model_cards or args.compare_methods):
         parser.error(
-            "--video measures the qwen2-vl checkpoint's table only: no --models, --plot, --model-cards or "
-            "--compare-methods (the model cards read its results file)"
+            "--video measures the video tables only: no --plot, --model-cards or --compare-methods (the model cards "
+            "read its results file)"
         )
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive number of samples, got {args.limit}")
+    missing = [name for name in args.models or () if name not in bundled_models()]
+    if missing:
+        parser.error(
+            f"--models {' '.join(missing)}: no checkpoint in {', '.join(str(model_folder(name)) for name in missing)} "
+            "(train it with python -m dash_vlm.shapes.train)"
+        )
+    models = args.models or bundled_models()
+    if args.video:
+        without = [name for name in models if not model_adapter(name).video]
+        if args.models and without:
+            parser.error(f"--video: {', '.join(without)} takes no video")
+        models = [name for name in models if name not in without]
+    if not models:
+        parser.error(f"no bundled checkpoint{' takes video' if args.video else ''} in {MODELS_FOLDER}")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     if args.video:
-        rows = evaluate(
-            ["qwen2-vl"], video.read_test_split()[: args.limit], args.batch_size, args.device, video_configurations
-        )
+        clips = video.read_test_split()[: args.limit]
+        rows = evaluate(models, clips, args.batch_size, args.device, video_configurations)
         args.output.write_text(json.dumps(rows, indent=1))
-        print(video_table(rows))
+        for model in models:
+            print(f"**{model}**\n\n{video_table([row for row in rows if row['model'] == model])}\n")
         return
     samples = read_test_split()[: args.limit]
     if args.compare_methods:
         if args.rows is not None:
             rows = json.loads(args.rows.read_text())
         else:
-            rows = evaluate(args.models, samples, args.batch_size, args.device, method_configurations)
+            rows = evaluate(models, samples, args.batch_size, args.device, method_configurations)
         args.output.write_text(json.dumps(rows, indent=1))
         if args.plot:
             bench = json.loads(args.bench.read_text()) if args.bench else None
             plot_methods(rows, args.plot, bench)
         print(methods_table(rows))
         return
-    rows = evaluate(args.models, samples, args.batch_size, args.device)
+    rows = evaluate(models, samples, args.batch_size, args.device)
     args.output.write_text(json.dumps(rows, indent=1))
     if args.plot:
         plot(rows, args.plot)
     if args.model_cards:
-        for name in args.models:
+        for name in models:
             write_model_card(name, rows)
     print(markdown_tables(rows))
 
@@ -566,7 +604,16 @@ def video_card_lines(name: str) -> list[str]:
     ]
 
 
-VISION_FIELDS = ("depth", "embed_dim", "num_hidden_layers", "hidden_size", "patch_size", "image_size", "num_heads")
+VISION_FIELDS = (
+    "depth",
+    "embed_dim",
+    "num_hidden_layers",
+    "hidden_size",
+    "patch_size",
+    "image_size",
+    "num_heads",
+    "deepstack_visual_indexes",
+)
 
 
 if __name__ == "__main__":

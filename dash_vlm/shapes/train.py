@@ -4,11 +4,13 @@
     python -m dash_vlm.shapes.train --family llava --output assets/models/dash-shapes-llava
     python -m dash_vlm.shapes.train --family qwen2_vl --resume assets/models/dash-shapes-qwen2-vl --video-share 0.5 \
         --output OUT   # moving dash-shapes clips too (``dash_vlm.shapes.video``): half the batches are clips
+    python -m dash_vlm.shapes.train --family qwen3_vl --output assets/models/dash-shapes-qwen3-vl
 
+Any vision-language family of the registry trains (``--family``); ``--video-share`` needs one that takes video.
 Seeded and deterministic in its data (sample ``i`` of the stream is a pure function of ``i``); runs on a GPU or the
 CPU (``--device``). Each training sequence is one scene (or clip) and a question of every kind, as a multi-turn chat;
 the loss is on the answer words and their end-of-turn tokens only. With clips the vocabulary gains the video
-questions' words (``video.WORDS``, after the image task's, so a resumed checkpoint keeps its ids; its embeddings grow).
+questions' words (``video.WORDS``); a resumed checkpoint's tokens keep their trained embeddings (``carry_embeddings``).
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import AutoTokenizer
 
 from dash_vlm.attention import use_attention
-from dash_vlm.models import adapter_for, chat_prompts
+from dash_vlm.models import ModelAdapter, adapter_for, chat_prompts, model_types_with
 from dash_vlm.models.tiny import tiny_checkpoint
 from dash_vlm.shapes import video
 from dash_vlm.shapes.data import ANSWERS, WORDS, held_out_keys, split_samples, training_scene
 
 logger = logging.getLogger(__name__)
 
+# The same in every family; Qwen3-VL's tower gets one DeepStack tap (block 2 of 4, ``qwen3_vl.tiny_deepstack``), added
+# after decoder layer 0: below every method's decision layer (DASH's 3 of 8 at start_ratio 0.4, FastV's 1).
 ARCHITECTURE = dict(
     num_hidden_layers=8,
     hidden_size=128,
@@ -55,21 +60,29 @@ def conversation(visual: Visual, question: str) -> list[dict]:
     return [{"role": "user", "content": [entry, {"type": "text", "text": question}]}]
 
 
-def visual_inputs(visuals: list[Visual]) -> dict:
-    """The processor's keyword for a batch of images or of clips (frames as ``[frames, height, width, 3]``)."""
-    if all(isinstance(visual, Image.Image) for visual in visuals):
-        return {"images": visuals}
-    return {"videos": [video.frames_array(frames) for frames in visuals]}
+def visual_inputs(adapter: ModelAdapter, processor, visuals: list[Visual]) -> dict:
+    """The processor's keywords for a batch of images or of clips (frame lists), built as ``DashVLM.generate`` builds
+    them (``adapter.vision_inputs``), so that training sees what a test question shows: a clip's frame rate, hence
+    Qwen3-VL's timestamp texts, and its frames at the size generation gives them."""
+    items = [
+        {"type": "image", "image": visual}
+        if isinstance(visual, Image.Image)
+        else {"type": "video", "video": list(visual)}
+        for visual in visuals
+    ]
+    return adapter.vision_inputs(processor, items, None, None)
 
 
 class ChatFormat:
     """Multi-turn training text in the checkpoint's own chat template: the first turn is exactly the single-question
-    prompt used at test time; every answer is one word followed by the end-of-turn (EOS) token."""
+    prompt used at test time; every answer is one word followed by the end-of-turn (EOS) token. ``model_type`` names
+    the family, whose adapter builds the vision inputs (``visual_inputs``)."""
 
     SENTINEL = "sentinel"
 
-    def __init__(self, processor, answers: tuple[str, ...] = ANSWERS):
+    def __init__(self, processor, model_type: str, answers: tuple[str, ...] = ANSWERS):
         self.processor, self.eos = processor, processor.tokenizer.eos_token
+        self.adapter = adapter_for(model_type)
         user = conversation(Image.new("RGB", (8, 8)), "first")
         follow_up = {"role": "user", "content": [{"type": "text", "text": "{question}"}]}
         answer = {"role": "assistant", "content": [{"type": "text", "text": self.SENTINEL}]}
@@ -108,7 +121,8 @@ def training_batch(chat: ChatFormat, indices: range, exclude: set[str], clips: b
         if turns:
             visuals.append(visual)
             texts.append(chat.text(visual, turns))
-    batch = dict(chat.processor(text=texts, **visual_inputs(visuals), padding=True, return_tensors="pt"))
+    inputs = visual_inputs(chat.adapter, chat.processor, visuals)
+    batch = dict(chat.processor(text=texts, **inputs, padding=True, return_tensors="pt"))
     batch["labels"] = chat.labels(batch["input_ids"])
     return batch
 
@@ -131,7 +145,7 @@ class ShapesStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         workers, rank = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        chat = ChatFormat(self.processor, answer_words(self.video_share))
+        chat = ChatFormat(self.processor, self.config.model_type, answer_words(self.video_share))
         batch_index = rank
         while True:
             start = self.first_scene + batch_index * self.batch_size
@@ -150,17 +164,37 @@ def answer_words(video_share: float) -> tuple[str, ...]:
 def first_token_accuracy(model, processor, samples: list, batch_size: int = 250) -> float:
     """Share of samples (``data.Sample`` or ``video.Clip``) whose greedy first answer token is the answer word (a
     quick validation metric)."""
-    tokenizer = processor.tokenizer
+    tokenizer, adapter = processor.tokenizer, adapter_for(model)
     correct = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         visuals = [sample.frames if isinstance(sample, video.Clip) else sample.image for sample in chunk]
         prompts = chat_prompts(processor, [conversation(v, s.question) for v, s in zip(visuals, chunk, strict=True)])
-        inputs = processor(text=prompts, **visual_inputs(visuals), padding=True, return_tensors="pt")
+        inputs = processor(
+            text=prompts, **visual_inputs(adapter, processor, visuals), padding=True, return_tensors="pt"
+        )
         logits = model(**inputs.to(model.device)).logits[:, -1]
         answers = torch.tensor([tokenizer.convert_tokens_to_ids(s.answer) for s in chunk], device=logits.device)
         correct += (logits.argmax(-1) == answers).sum().item()
     return correct / len(samples)
+
+
+def carry_embeddings(model, saved_vocab: dict[str, int], vocab: dict[str, int]) -> None:
+    """Resize a resumed model's token embeddings (and its output layer) from the vocabulary it was saved with,
+    ``saved_vocab``, to ``vocab``: every saved token keeps its trained rows whatever its new id (Qwen3-VL's timestamp
+    words follow the video words), new tokens take the rows ``resize_token_embeddings`` initialises (near the mean).
+    ``ValueError`` when ``vocab`` lacks a saved token."""
+    lost = sorted(set(saved_vocab) - set(vocab))
+    if lost:
+        raise ValueError(f"the vocabulary lacks tokens of the resumed checkpoint: {lost}")
+    model.resize_token_embeddings(len(vocab))  # rows 0 .. len(saved_vocab) - 1 are the saved ones, by their old ids
+    fresh = iter(range(len(saved_vocab), len(vocab)))
+    source = [saved_vocab[token] if token in saved_vocab else next(fresh) for token in sorted(vocab, key=vocab.get)]
+    if source != list(range(len(vocab))):
+        layers = {model.get_input_embeddings(), model.get_output_embeddings()}  # one layer when tied
+        with torch.no_grad():
+            for layer in layers:
+                layer.weight.copy_(layer.weight[torch.tensor(source)])
 
 
 def train(
@@ -183,13 +217,13 @@ def train(
     model, processor = tiny_checkpoint(family, words, seed=seed, **ARCHITECTURE)
     if resume is not None:  # continue from a saved checkpoint (weights only; a fresh optimizer and schedule)
         model = type(model).from_pretrained(resume, dtype=torch.float32)
-        saved = model.get_input_embeddings().num_embeddings
-        if saved > len(processor.tokenizer):
+        saved_vocab = AutoTokenizer.from_pretrained(resume).get_vocab()
+        if not video_share and set(video.WORDS) & set(saved_vocab):
             raise ValueError(
-                f"video_share must be > 0 to resume {resume}: it knows the video words ({saved} tokens, "
+                f"video_share must be > 0 to resume {resume}: it knows the video words ({len(saved_vocab)} tokens, "
                 f"{len(processor.tokenizer)} without them)"
             )
-        model.resize_token_embeddings(len(processor.tokenizer))  # new words start at the mean embedding
+        carry_embeddings(model, saved_vocab, processor.tokenizer.get_vocab())
     processor.tokenizer.padding_side = "left"
     use_attention(model, "sdpa")  # a Qwen tower runs its equal-sized images in one attention call per block
     model.to(device).train()
@@ -249,7 +283,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("qwen2_vl", "llava"), required=True)
+    parser.add_argument("--family", choices=model_types_with("is_vision_language"), required=True)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=64, help="scenes per step (each with up to 4 questions)")
@@ -262,13 +296,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-scene", type=int, default=0, help="index of the first training scene to use")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop early (and save) after this")
     parser.add_argument(
-        "--video-share", type=float, default=0.0, help="share of the batches that are moving-shapes clips (qwen2_vl)"
+        "--video-share",
+        type=float,
+        default=0.0,
+        help=f"share of the batches that are moving-shapes clips ({', '.join(model_types_with('video'))})",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.video_share <= 1:
         parser.error(f"--video-share must be in [0, 1], got {args.video_share}")
-    if args.video_share and args.family != "qwen2_vl":
-        parser.error(f"--video-share needs --family qwen2_vl (the family that takes video), got {args.family}")
+    if args.video_share and args.family not in model_types_with("video"):
+        parser.error(
+            f"--video-share needs a family that takes video ({', '.join(model_types_with('video'))}), got {args.family}"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # every batch has the same image shapes: pick the fastest convolution once
