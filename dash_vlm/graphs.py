@@ -85,7 +85,7 @@ class PrefillShape:
     slots above the decision layer (0 when nothing halts), both padded to ``PREFILL_BUCKET``, whether the layers below
     need an explicit mask (padding in the batch, or eager attention), the scorer that decides, and the compression
     ratio of ``selection="per_row"`` (``None``: the global selection); with decoder additions (Qwen3-VL's DeepStack),
-    the layers that get them and the rows they add to."""
+    the layers that get them and the rows they add to, padded to ``PREFILL_BUCKET``."""
 
     batch: int
     length: int
@@ -342,12 +342,13 @@ class _PrefillGraph:
         ``selection="per_row"``."""
         length = hidden.shape[1]
         if additions is not None:
+            rows = additions.values[0].shape[0]  # the bucketed buffers' other rows add zeros to position 0
             padded = torch.zeros(self.real.shape, dtype=torch.bool, device=self.real.device)
             padded[:, :length] = additions.positions
             # the flat positions of the rows, in the order of their additions, found without a host sync
-            self.addition_rows.copy_(torch.argsort(~padded.flatten(), stable=True)[: self.addition_rows.shape[0]])
+            self.addition_rows.zero_()[:rows].copy_(torch.argsort(~padded.flatten(), stable=True)[:rows])
             for buffer, values in zip(self.additions, additions.values, strict=True):
-                buffer.copy_(values)
+                buffer.zero_()[:rows].copy_(values)
         self.hidden.zero_()[:, :length].copy_(hidden)
         for buffer, part in zip(self.rotary, rotary, strict=True):
             buffer.zero_()[..., :length, :].copy_(part)
@@ -587,7 +588,8 @@ class StaticDecoder:
         per_row = halting and prefill.groups is not None
         ratio = executor.config.compression_ratio if per_row else None
         additions = self._additions
-        added = (0, 0) if additions is None else (len(additions.values), additions.values[0].shape[0])
+        rows = 0 if additions is None else bucket(additions.values[0].shape[0], self.prefill_bucket)
+        added = (0, 0) if additions is None else (len(additions.values), rows)
         shape = PrefillShape(batch, padded, slots, masked, executor.scorer if halting else None, ratio, added)
         graph = self.prefill_graphs.get(shape)
         new = graph is None

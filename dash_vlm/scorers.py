@@ -101,7 +101,7 @@ class StartRatioScorer(Scorer):
         return decision_layer(self.start_ratio, num_layers)
 
     def setting_for_layer(self, layer: int, num_layers: int) -> tuple[str, float]:
-        ratio = math.ceil(layer / num_layers * 10**4) / 10**4  # a value to type, never below the exact bound
+        ratio = -(-layer * 10**4 // num_layers) / 10**4  # the exact bound rounded up to a value to type
         while decision_layer(ratio, num_layers) < layer:  # float rounding
             ratio = math.nextafter(ratio, 1.0)
         return "start_ratio", ratio

@@ -251,7 +251,8 @@ class DashVLM:
         prompt : str or list of str
             The user message; a list is a batch, padded on the left.
         video : path or list of PIL frames, optional
-            Qwen2-VL family only; a file is decoded with PyAV at 2 frames per second. Batched like ``image``.
+            Qwen families only; a file is decoded with PyAV at 2 frames per second (its kept frames' rate goes with
+            them: Qwen3-VL's timestamps). Batched like ``image``.
         max_frames : int
             At most this many frames of each video, evenly spaced (as lmms-eval's ``qwen2_vl`` keeps them); a file's
             other frames are never held in memory.
@@ -308,8 +309,9 @@ class DashVLM:
         """Generate for chat conversations.
 
         An image entry's ``image`` is anything :meth:`generate` takes as one image; a video entry's ``video`` is a list
-        of frames or a file path (read by qwen-vl-utils, as lmms-eval's ``qwen2_vl`` reads it; ``max_frames`` in the
-        entry keeps that many evenly spaced frames). URLs are fetched only with ``allow_urls=True``. ``prompts``
+        of frames or a file path (read by qwen-vl-utils, as the family's lmms-eval model reads it: ``qwen2_vl``'s 2
+        frames a second, ``qwen3_vl``'s evenly spaced frames of the whole file; ``max_frames`` in the entry keeps that
+        many evenly spaced frames). URLs are fetched only with ``allow_urls=True``. ``prompts``
         replaces the chat template's rendering of each conversation (the lmms-eval models use it to follow lmms-eval's
         own prompt format); the conversations then only supply the images.
         """
@@ -515,7 +517,7 @@ class VisualLoader:
         Whether ``http(s)://`` sources may be fetched.
     decode_video_files : bool
         Decode video files with PyAV (``DashVLM.generate``: only the kept frames are ever held); otherwise a file is
-        checked here and read by qwen-vl-utils at 2 frames a second, as lmms-eval's ``qwen2_vl`` reads it (a file of
+        checked here and read by qwen-vl-utils as the family's lmms-eval model reads it (a file of
         fewer than ``MIN_FILE_FRAMES`` frames, which qwen-vl-utils cannot read, is decoded by PyAV).
     """
 
@@ -555,7 +557,8 @@ class VisualLoader:
             if "max_frames" in item:
                 check_max_frames(item["max_frames"])
             video, source, rate = self.video(item.get("video"), item.get("max_frames", DEFAULT_MAX_FRAMES))
-            # the rate of the frames this loader decoded: Qwen3-VL's timestamps and Qwen2.5-VL's positions read it
+            # the rate of the frames this loader decoded, for qwen-vl-utils' metadata of a frame list: Qwen3-VL's
+            # processor writes its timestamps from it
             timing = {} if rate is None else {"sample_fps": rate}
             return {**item, "video": video, **timing}, {**item, "video": source}
         if kind == "text" and isinstance(item.get("text"), str):

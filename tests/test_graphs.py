@@ -66,10 +66,11 @@ def test_static_decode_equals_eager_generate(family, attention, press_name):
             assert any(s.kept < s.tokens for s in stats), kind
 
 
-def test_static_decode_with_vision_tower_halting():
-    model = adapter_for("qwen2_vl").tiny_model("qwen2_vl")
+@pytest.mark.parametrize("family", model_types_with("halts_in_vision_tower"))
+def test_static_decode_with_vision_tower_halting(family):
+    model = adapter_for(family).tiny_model(family)
     press = DeltaPress(compression_ratio=0.5, vision_compression_ratio=0.5)
-    for inputs in cases("qwen2_vl").values():
+    for inputs in cases(family).values():
         fast = StaticDecoder(model, capture=False).generate(inputs, press, STEPS, keep_logits=True, stop_at_end=False)
         assert_same(fast, eager_generation(model, inputs, press), inputs["input_ids"].shape[1])
 

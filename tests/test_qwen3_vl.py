@@ -12,8 +12,9 @@ from reference import MaskedReference, MaskedVisionReference, relative_error
 
 from dash_vlm import DashVLM, DeltaPress
 from dash_vlm.cli import main as cli_main
+from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models.qwen3_vl import qwen3_vl_sample, tiny_qwen3_vl
-from dash_vlm.models.tiny import VIDEO_TOKEN, left_pad_batch, tiny_checkpoint
+from dash_vlm.models.tiny import left_pad_batch, tiny_checkpoint
 
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 BLOCKS = 6  # vision decision block floor(0.3 * 6) = 1
@@ -82,25 +83,43 @@ def test_the_deepstack_refusal_comes_before_loading_and_at_the_command_line(tmp_
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", ["dash", "layer_delta"])
-def test_a_decision_layer_right_above_deepstack_matches_the_masked_reference(attention, method):
+def test_a_decision_layer_right_above_deepstack_matches_the_masked_reference(attention):
     """Two DeepStack layers (0 and 1) and the decision layer 2: the last addition comes before any token halts."""
     model = tiny_qwen3_vl(attn_implementation=attention, deepstack=[0, 1])
     inputs = image_batch()
-    press = DeltaPress(compression_ratio=0.667, method=method)
-    if method == "dash":
-        reference = MaskedReference(model, 0.667)
-        with reference():
-            expected = generate(model, inputs)
-        actual = generate(model, inputs, press)
-        assert_same_generation(actual, expected, 1e-4)
-        assert [stat.halted_positions for stat in press.last_stats] == [
-            [t - int((inputs["attention_mask"][b] == 0).sum()) for t in halted]
-            for b, halted in enumerate(reference.halted_per_sample)
-        ]
-    else:
-        generate(model, inputs, press)
+    press = DeltaPress(compression_ratio=0.667)
+    reference = MaskedReference(model, 0.667)
+    with reference():
+        expected = generate(model, inputs)
+    assert_same_generation(generate(model, inputs, press), expected, 1e-4)
+    assert [stat.halted_positions for stat in press.last_stats] == [
+        [t - int((inputs["attention_mask"][b] == 0).sum()) for t in halted]
+        for b, halted in enumerate(reference.halted_per_sample)
+    ]
     assert all(stat.decision_layer == 2 and stat.kept < stat.tokens for stat in press.last_stats)
+
+
+def test_the_fast_path_adds_every_deepstack_layer_and_reuses_its_graph():
+    """Two DeepStack layers in the captured prefill (uncaptured here: the same buffers and work), with decoder and
+    tower halting, against eager ``generate``; prompts of one bucket but different image sizes share one graph."""
+    model = tiny_qwen3_vl(deepstack=[0, 1])
+    model.generation_config.eos_token_id = None  # eager generate's min_new_tokens would mask it, the fast path not
+    press = DeltaPress(compression_ratio=0.667, vision_compression_ratio=0.5)
+    decoder = StaticDecoder(model, capture=False, prefill_bucket=64)
+    singles = [
+        qwen3_vl_sample([(1, 8, 8)], [5, 7], seed=11),
+        qwen3_vl_sample([(1, 4, 4)], [2, 3], seed=12),
+        qwen3_vl_sample([(1, 4, 8), (1, 8, 8)], [3, 4, 6], seed=13),
+    ]
+    for inputs in [*singles, left_pad_batch(singles)]:
+        fast = decoder.generate(inputs, press, 4, keep_logits=True, stop_at_end=False)
+        eager = generate(model, inputs, press)
+        assert torch.equal(fast.tokens, eager.sequences[:, inputs["input_ids"].shape[1] :])
+        for step, (a, b) in enumerate(zip(fast.logits, eager.logits, strict=True)):
+            assert relative_error(a, b) <= 1e-4, f"step {step}"
+    shapes = list(decoder.prefill_graphs)
+    assert [shape.additions for shape in shapes] == [(2, 64), (2, 64)]  # 16, 4 and 24 rows; the batch's 44
+    assert [shape.batch for shape in shapes] == [1, 3]
 
 
 def record_tap_inputs(model) -> tuple[dict, list]:
@@ -207,20 +226,34 @@ def test_moe_matches_transformers_and_the_reference_with_each_experts_implementa
 
 
 def test_a_videos_timestamps_never_halt():
-    model = tiny_qwen3_vl()
-    inputs = qwen3_vl_sample([(3, 4, 4)], [4, 6], video=True, seed=5)
+    """Through Qwen3-VL's real processor: the timestamp texts before each frame group are text, never eligible
+    under the vision scope; the frame tokens are, and only they halt."""
+    import numpy as np
+    from PIL import Image
+
+    from dash_vlm.models import adapter_for
+
+    model, processor = tiny_checkpoint("qwen3_vl", seed=0)
+    frames = [Image.fromarray(np.full((32, 48, 3), 20 * i, np.uint8)) for i in range(6)]
+    chat = [[{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "what"}]}]]
+    inputs = dict(adapter_for("qwen3_vl").processor_inputs(processor, chat))
     ids = inputs["input_ids"][0]
-    frames = (ids == VIDEO_TOKEN).nonzero()[:, 0].tolist()
+    text = [processor.tokenizer.convert_ids_to_tokens(int(token)) for token in ids]
+    stamps = [t for t, token in enumerate(text) if token == "seconds"]
+    frame_tokens = (ids == model.config.video_token_id).nonzero()[:, 0].tolist()
+    assert len(stamps) == 3 and len(frame_tokens) == 3 * 24  # 3 frame groups of 8 x 12 patches, 4 x 6 tokens
     press = DeltaPress(compression_ratio=0.9)
     generate(model, inputs, press, max_new_tokens=1)
     stats = press.last_stats[0]
-    assert stats.eligible == len(frames) == 3 * 4
-    assert len(stats.halted_positions) == round(0.9 * len(frames)) and set(stats.halted_positions) <= set(frames)
+    assert stats.eligible == len(frame_tokens)
+    assert len(stats.halted_positions) == round(0.9 * len(frame_tokens))
+    assert set(stats.halted_positions) <= set(frame_tokens) and not set(stats.halted_positions) & set(stamps)
 
 
 def test_a_decoded_videos_timestamps_follow_its_frames(tmp_path):
     """``generate(video=file)`` decodes at 2 frames a second and keeps ``max_frames`` evenly spaced: the timestamps
-    the processor writes before each frame group are the kept frames' times, not those of 2 frames a second."""
+    the processor writes before each frame group follow the kept frames' times (at their mean rate, so to within their
+    uneven spacing), not those of 2 frames a second (0.25 and 1.25 s here)."""
     import re
 
     import av
@@ -250,7 +283,8 @@ def test_a_decoded_videos_timestamps_follow_its_frames(tmp_path):
         handle.remove()
     text = vlm.processor.tokenizer.decode(seen["ids"])
     stamps = [float(f"{whole}.{tenth}") for whole, tenth in re.findall(r"< (\d+) \. (\d) seconds >", text)]
-    # kept: frames 0, 4, 8 and 14 of the file (0, 1, 2 and 3.5 s); a group's stamp is its two frames' mean
+    # kept: frames 0, 4, 8 and 14 of the file (0, 1, 2 and 3.5 s); a group's true time is its two frames' mean, and
+    # the stamps (0.6 and 2.9 s) take the kept frames as evenly spaced at their mean rate, 0.857 a second
     assert stamps == pytest.approx([0.5, 2.75], abs=0.2)
 
 

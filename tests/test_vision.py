@@ -227,6 +227,7 @@ def test_hooks_are_removed_even_when_the_tower_fails(family):
     model, inputs = model_for(family), SAMPLES["image"](family)
     modules = [model.model.visual, model.model.visual.merger, *model.model.visual.blocks]
     modules += [block.attn for block in model.model.visual.blocks]
+    modules += adapter_for(family).vision_taps(model.model.visual).values()  # Qwen3-VL's DeepStack mergers
     before = [hook_counts(module) for module in modules]
     expected = generate(model, inputs)
 

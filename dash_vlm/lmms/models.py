@@ -345,11 +345,6 @@ class DashQwen3VL(DashQwen2VL):
     ) -> dict:
         return super().family_model_args(min_pixels, max_pixels, **model_args)
 
-    def prompt_options(self) -> dict:
-        """The settings of ``DashQwen2VL``, and the pixel budget that lmms-eval's ``qwen3_vl`` writes into each image
-        and video entry (the one ``DashVLM`` resizes to)."""
-        return super().prompt_options() | {"min_pixels": self.vlm.min_pixels, "max_pixels": self.vlm.max_pixels}
-
 
 class DashLlava(DashLMM):
     """Prompts as lmms-eval's ``llava_hf``. Serves LLaVA-1.5 and LLaVA-NeXT."""

@@ -121,7 +121,7 @@ class LlavaAdapter(ModelAdapter):
         return [in_prompt_order(v, i) for v, i in zip(views, items, strict=True)]
 
     def tiny_model(self, model_type: str, attn_implementation: str = "sdpa", vision_layers: int = 2) -> PreTrainedModel:
-        return tiny_llava(model_type == "llava_next", attn_implementation)
+        return tiny_llava(model_type == "llava_next", attn_implementation, vision_layers=vision_layers)
 
     def tiny_inputs(self, model_type: str) -> dict[str, dict]:
         return {

@@ -106,30 +106,10 @@ class QwenVLAdapter(ModelAdapter):
         """Images and videos through qwen-vl-utils under the pixel budget. A video is a frame list or a file path (read
         by qwen-vl-utils at 2 frames a second); ``max_frames`` in its entry keeps that many evenly spaced frames of
         what was read, as lmms-eval's ``qwen2_vl`` does (``models.frame_indices``)."""
-        default_min, default_max = self.default_pixel_limits(processor)
-        limits = {
-            "min_pixels": default_min if min_pixels is None else min_pixels,
-            "max_pixels": default_max if max_pixels is None else max_pixels,
-        }
+        limits = self.vision_limits(processor, min_pixels, max_pixels)
         caps = [item.get("max_frames") for item in items if item["type"] == "video"]
         content = [{key: value for key, value in item.items() if key != "max_frames"} | limits for item in items]
-        for item in content:
-            if item["type"] == "video" and not isinstance(item["video"], str):
-                check_frame_size(item["video"][0].size, processor.image_processor.patch_size, limits)
-        try:
-            images, videos, video_kwargs = process_vision_info(
-                [[{"role": "user", "content": content}]],
-                return_video_kwargs=True,
-                image_patch_size=processor.image_processor.patch_size,
-            )
-        except AttributeError as error:  # decord failed, and its torchvision fallback is gone from torchvision
-            if "read_video" not in str(error):
-                raise
-            files = [item["video"] for item in content if item["type"] == "video" and isinstance(item["video"], str)]
-            raise ValueError(
-                f"qwen-vl-utils could not read the video file(s) {files} with decord (its log says why: e.g. more "
-                "frames asked for than the file has), and has no other reader with this torchvision"
-            ) from error
+        images, videos, video_kwargs = self.read_vision(processor, content, limits)
         if not videos:
             return {"images": images, "videos": None, **limits}
         first_frames = len(videos[0])
@@ -140,6 +120,36 @@ class QwenVLAdapter(ModelAdapter):
         # temporal positions read it; a batch mixing videos of different lengths under a cap is off there).
         fps = video_kwargs["fps"][0] * len(videos[0]) / first_frames
         return {"images": images, "videos": videos, **limits, "do_sample_frames": False, "fps": fps}
+
+    def vision_limits(self, processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> dict:
+        """The pixel budget of every image and frame: the one given, else the processor's."""
+        default_min, default_max = self.default_pixel_limits(processor)
+        return {
+            "min_pixels": default_min if min_pixels is None else min_pixels,
+            "max_pixels": default_max if max_pixels is None else max_pixels,
+        }
+
+    def read_vision(self, processor: ProcessorMixin, content: list[dict], limits: dict, **options) -> tuple:
+        """qwen-vl-utils' ``process_vision_info`` over the entries ``content`` (``options`` are its own): frame lists
+        are checked first, and a file it cannot read is a ``ValueError`` naming it."""
+        for item in content:
+            if item["type"] == "video" and not isinstance(item["video"], str):
+                check_frame_size(item["video"][0].size, processor.image_processor.patch_size, limits)
+        try:
+            return process_vision_info(
+                [[{"role": "user", "content": content}]],
+                return_video_kwargs=True,
+                image_patch_size=processor.image_processor.patch_size,
+                **options,
+            )
+        except AttributeError as error:  # decord failed, and its torchvision fallback is gone from torchvision
+            if "read_video" not in str(error):
+                raise
+            files = [item["video"] for item in content if item["type"] == "video" and isinstance(item["video"], str)]
+            raise ValueError(
+                f"qwen-vl-utils could not read the video file(s) {files} with decord (its log says why: e.g. more "
+                "frames asked for than the file has), and has no other reader with this torchvision"
+            ) from error
 
     def vision_depth(self, config) -> int:
         return config.vision_config.depth
@@ -380,9 +390,15 @@ def vision_block(grid: tuple[int, int, int], video: bool = False, seed: int = 0)
 
 
 def qwen_vl_sample(
-    grids: list[tuple[int, int, int]], text_lengths: list[int], video: bool = False, seed: int = 0
+    grids: list[tuple[int, int, int]],
+    text_lengths: list[int],
+    video: bool = False,
+    seed: int = 0,
+    timestamp_tokens: int = 0,
 ) -> dict:
-    """One prompt: text chunks interleaved with images (or videos). ``len(text_lengths) == len(grids) + 1``."""
+    """One prompt: text chunks interleaved with images (or videos). ``len(text_lengths) == len(grids) + 1``. With
+    ``timestamp_tokens``, a video's frame groups each come in their own start / end markers after that many text
+    tokens (its timestamp), as Qwen3-VL's processor lays them out."""
     generator = torch.Generator().manual_seed(seed)
     ids: list[int] = []
     pixels = []
@@ -390,6 +406,14 @@ def qwen_vl_sample(
         ids += torch.randint(1, 100, (length,), generator=generator).tolist()
         if i < len(grids):
             block, patch = vision_block(grids[i], video, seed=seed * 7 + i)
+            if video and timestamp_tokens:
+                frames, height, width = grids[i]
+                group = [VISION_START] + [VIDEO_TOKEN] * (height * width // MERGE**2) + [VISION_END]
+                block = [
+                    token
+                    for _ in range(frames)
+                    for token in torch.randint(1, 100, (timestamp_tokens,), generator=generator).tolist() + group
+                ]
             ids += block
             pixels.append(patch)
     key = "video" if video else "image"

@@ -24,7 +24,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from qwen_vl_utils import process_vision_info
 from torch import nn
 from transformers import (
     PreTrainedModel,
@@ -45,8 +44,7 @@ from dash_vlm.models.qwen2_vl import (
     TEMPORAL_PATCH,
     QwenVLAdapter,
     QwenVLPreset,
-    check_frame_size,
-    vision_block,
+    qwen_vl_sample,
 )
 from dash_vlm.models.tiny import (
     IMAGE_TOKEN,
@@ -94,7 +92,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         """DeepStack's features, added at the visual positions after decoder layers ``0..n-1``."""
         positions, values = decoder_kwargs.get("visual_pos_masks"), decoder_kwargs.get("deepstack_visual_embeds")
         decoder_kwargs["visual_pos_masks"] = decoder_kwargs["deepstack_visual_embeds"] = None
-        return None if values is None else DecoderAdditions(positions, list(values))
+        return DecoderAdditions(positions, list(values)) if values else None  # a tower without taps gives []
 
     def vision_taps(self, tower: nn.Module) -> dict[int, nn.Module]:
         """The DeepStack mergers, by the block whose output each reads."""
@@ -111,29 +109,19 @@ class Qwen3VLAdapter(QwenVLAdapter):
         self, processor: ProcessorMixin, items: list[dict], min_pixels: int | None, max_pixels: int | None
     ) -> dict:
         """Images and videos through qwen-vl-utils under the pixel budget, as lmms-eval's ``qwen3_vl`` reads them: a
-        video file gives ``min(max_frames, its frames)`` evenly spaced frames (``nframes``), a frame list every frame;
-        each video's metadata (frame indices and rate) gives the processor its timestamps. The processor does not
-        resize again."""
-        default_min, default_max = self.default_pixel_limits(processor)
-        limits = {
-            "min_pixels": default_min if min_pixels is None else min_pixels,
-            "max_pixels": default_max if max_pixels is None else max_pixels,
-        }
+        video file gives ``min(max_frames, its frames)`` evenly spaced frames (``nframes``; rounded down to an even
+        count, where lmms-eval's rounding up past the file fails), a frame list every frame (at ``sample_fps`` where
+        the loader decoded it); each video's metadata (frame indices and rate) gives the processor its timestamps. The
+        processor does not resize again."""
+        limits = self.vision_limits(processor, min_pixels, max_pixels)
         content = []
         for item in items:
             entry = {key: value for key, value in item.items() if key != "max_frames"} | limits
             if item["type"] == "video" and isinstance(item["video"], str):
-                cap = item.get("max_frames") or DEFAULT_MAX_FRAMES
-                entry["nframes"] = min(cap, video_frame_count(item["video"]))
-            elif item["type"] == "video":
-                check_frame_size(item["video"][0].size, processor.image_processor.patch_size, limits)
+                frames = min(item.get("max_frames") or DEFAULT_MAX_FRAMES, video_frame_count(item["video"]))
+                entry["nframes"] = max(2, frames // 2 * 2)
             content.append(entry)
-        images, videos, video_kwargs = process_vision_info(
-            [[{"role": "user", "content": content}]],
-            return_video_kwargs=True,
-            image_patch_size=processor.image_processor.patch_size,
-            return_video_metadata=True,
-        )
+        images, videos, video_kwargs = self.read_vision(processor, content, limits, return_video_metadata=True)
         vision = {"images": images, "do_resize": False}
         if videos:
             frames, metadata = map(list, zip(*videos, strict=True))
@@ -147,16 +135,14 @@ class Qwen3VLAdapter(QwenVLAdapter):
         processor: ProcessorMixin,
         system_prompt: str = "You are a helpful assistant.",
         max_num_frames: int = DEFAULT_MAX_FRAMES,
-        min_pixels: int = LMMS_MIN_PIXELS,
-        max_pixels: int = LMMS_MAX_PIXELS,
     ) -> tuple[list[dict], str | None]:
-        """As lmms-eval's ``qwen3_vl``: a system message, the images (under its pixel budget) and videos (file paths,
-        ``max_num_frames`` evenly spaced frames), then the text without ``<image>`` tags."""
-        limits = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        """As lmms-eval's ``qwen3_vl``: a system message, the images and videos (file paths, ``max_num_frames`` evenly
+        spaced frames), then the text without ``<image>`` tags. Its pixel budget of every image and frame is the
+        ``DashVLM``'s (``dash_qwen3_vl`` defaults it to lmms-eval's)."""
         content = [
-            {"type": "video", "video": visual, "max_frames": max_num_frames, **limits}
+            {"type": "video", "video": visual, "max_frames": max_num_frames}
             if isinstance(visual, str)
-            else {"type": "image", "image": visual, **limits}
+            else {"type": "image", "image": visual}
             for visual in visuals
         ]
         content.append({"type": "text", "text": context.replace("<image>", "")})
@@ -248,33 +234,8 @@ def tiny_qwen3_vl(
 def qwen3_vl_sample(
     grids: list[tuple[int, int, int]], text_lengths: list[int], video: bool = False, seed: int = 0
 ) -> dict:
-    """One prompt: text chunks interleaved with images (or videos). A video's frame groups each come in their own
-    start / end markers after a 2-token timestamp text, as Qwen3-VL's processor lays them out.
-    ``len(text_lengths) == len(grids) + 1``."""
-    generator = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    pixels = []
-    for i, length in enumerate(text_lengths):
-        ids += torch.randint(1, 100, (length,), generator=generator).tolist()
-        if i == len(grids):
-            break
-        frames, height, width = grids[i]
-        block, patch = vision_block(grids[i], video, seed=seed * 7 + i)
-        if video:
-            per_group = height * width // MERGE**2
-            for _ in range(frames):
-                timestamp = torch.randint(1, 100, (2,), generator=generator).tolist()
-                ids += timestamp + [VISION_START] + [VIDEO_TOKEN] * per_group + [VISION_END]
-        else:
-            ids += block
-        pixels.append(patch)
-    key = "video" if video else "image"
-    return {
-        "input_ids": torch.tensor([ids]),
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-        f"pixel_values{'_videos' if video else ''}": torch.cat(pixels),
-        f"{key}_grid_thw": torch.tensor(grids),
-    }
+    """One prompt of the tiny model: ``qwen_vl_sample`` with a 2-token timestamp text before each frame group."""
+    return qwen_vl_sample(grids, text_lengths, video, seed, timestamp_tokens=2)
 
 
 # The chat template of the Qwen/Qwen3-VL-8B-Instruct checkpoint, byte for byte (5,292 bytes, SHA-256 3636d0f0...a489e4,
@@ -282,20 +243,29 @@ def qwen3_vl_sample(
 QWEN3_VL_CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "qwen3_vl.jinja").read_text()
 
 
+def qwen3_vl_processor(
+    tokenizer: PreTrainedTokenizerFast, patch_size: int, image_size: dict[str, int], video_size: dict[str, int]
+) -> ProcessorMixin:
+    """The real Qwen3-VL processor classes around ``tokenizer``: ``patch_size`` px patches merged 2x2, 2 frames a
+    temporal patch, images and frames normalised to [-1, 1] as the published checkpoints' are, under the pixel
+    budgets ``image_size`` / ``video_size`` (``shortest_edge``, ``longest_edge``)."""
+    from transformers import Qwen2VLImageProcessorFast, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    common = dict(patch_size=patch_size, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorFast(**common, size=image_size),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(**common, size=video_size),
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def tiny_qwen3_vl_processor(
     tokenizer: PreTrainedTokenizerFast, min_pixels: int = 16 * 16, max_pixels: int = 128 * 128
 ) -> ProcessorMixin:
     """The real Qwen3-VL processor classes at the tiny model's patch sizes (4 px patches, 2x2 merge, 2 frames)."""
-    from transformers import Qwen2VLImageProcessorFast, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-    patches = dict(patch_size=PATCH, temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessorFast(**patches, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(**patches, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3),
-        chat_template=tokenizer.chat_template,
-    )
+    return qwen3_vl_processor(tokenizer, PATCH, size, size)
 
 
 @dataclass(frozen=True)
@@ -309,17 +279,7 @@ class Qwen3VLPreset(QwenVLPreset):
         return MODEL_CLASSES[self.model_type]
 
     def processor(self, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
-        from transformers import Qwen2VLImageProcessorFast, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-        vision = self.config["vision_config"]
-        patches = dict(patch_size=vision["patch_size"], temporal_patch_size=2, merge_size=vision["spatial_merge_size"])
-        normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessorFast(**patches, **normalise, size=IMAGE_SIZE),
-            tokenizer=tokenizer,
-            video_processor=Qwen3VLVideoProcessor(**patches, **normalise, size=VIDEO_SIZE),
-            chat_template=tokenizer.chat_template,
-        )
+        return qwen3_vl_processor(tokenizer, self.config["vision_config"]["patch_size"], IMAGE_SIZE, VIDEO_SIZE)
 
     def shorten_vision(self, vision_config: dict, blocks: int) -> None:
         vision_config["depth"] = blocks
