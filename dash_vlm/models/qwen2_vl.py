@@ -92,10 +92,6 @@ class QwenVLAdapter(ModelAdapter):
     halts_in_vision_tower: bool = True
     vision_packs_segments: bool = True
 
-    def model_classes(self, model_type: str) -> tuple[type, type]:
-        """The config and model classes of ``model_type``."""
-        return MODEL_CLASSES[model_type]
-
     def base_model_class(self, model_type: str) -> type:
         """The model class whose ``get_rope_index`` gives the M-RoPE positions of ``model_type``."""
         return BASE_MODEL_CLASSES[model_type]
@@ -240,8 +236,9 @@ class QwenVLAdapter(ModelAdapter):
         system_prompt: str = "You are a helpful assistant.",
         max_num_frames: int = DEFAULT_MAX_FRAMES,
     ) -> tuple[list[dict], str | None]:
-        """As lmms-eval's ``qwen2_vl``: a system message, the images and videos (file paths, read at 2 frames a second,
-        then ``max_num_frames`` evenly spaced kept), then the text without ``<image>`` tags."""
+        """As lmms-eval's ``qwen2_vl`` and ``qwen3_vl``: a system message, the images and videos (file paths, of which
+        ``max_num_frames`` are kept as the family's :meth:`vision_inputs` reads them), then the text without
+        ``<image>`` tags; the pixel budget of every image and frame is the ``DashVLM``'s."""
         content = [
             {"type": "video", "video": visual, "max_frames": max_num_frames}
             if isinstance(visual, str)

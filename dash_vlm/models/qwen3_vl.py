@@ -78,9 +78,6 @@ def video_frame_count(path: str) -> int:
 
 @dataclass(frozen=True)
 class Qwen3VLAdapter(QwenVLAdapter):
-    def model_classes(self, model_type: str) -> tuple[type, type]:
-        return MODEL_CLASSES[model_type]
-
     def base_model_class(self, model_type: str) -> type:
         return Qwen3VLModel  # the MoE model's get_rope_index is the same function of the config
 
@@ -101,9 +98,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def rotate(self, attention: nn.Module, states: torch.Tensor, position_embeddings: tuple) -> torch.Tensor:
         # The interleaved M-RoPE sections are folded into cos / sin by the decoder's rotary embedding.
         return ModelAdapter.rotate(self, attention, states, position_embeddings)
-
-    def vision_patch_order(self, tower: nn.Module, tower_args: tuple, tower_kwargs: dict) -> torch.Tensor | None:
-        return None  # no windows: the tower runs its patches in the processor's order
 
     def vision_inputs(
         self, processor: ProcessorMixin, items: list[dict], min_pixels: int | None, max_pixels: int | None
@@ -127,26 +121,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
             frames, metadata = map(list, zip(*videos, strict=True))
             vision |= {"videos": frames, "video_metadata": metadata, **video_kwargs}
         return vision
-
-    def lmms_conversation(
-        self,
-        context: str,
-        visuals: list,
-        processor: ProcessorMixin,
-        system_prompt: str = "You are a helpful assistant.",
-        max_num_frames: int = DEFAULT_MAX_FRAMES,
-    ) -> tuple[list[dict], str | None]:
-        """As lmms-eval's ``qwen3_vl``: a system message, the images and videos (file paths, ``max_num_frames`` evenly
-        spaced frames), then the text without ``<image>`` tags. Its pixel budget of every image and frame is the
-        ``DashVLM``'s (``dash_qwen3_vl`` defaults it to lmms-eval's)."""
-        content = [
-            {"type": "video", "video": visual, "max_frames": max_num_frames}
-            if isinstance(visual, str)
-            else {"type": "image", "image": visual}
-            for visual in visuals
-        ]
-        content.append({"type": "text", "text": context.replace("<image>", "")})
-        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}], None
 
     def tiny_model(
         self, model_type: str, attn_implementation: str = "sdpa", vision_layers: int = 2, **settings
