@@ -11,6 +11,7 @@ model can be saved or copied as it was.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -114,30 +115,77 @@ class ArmingLayer(DynamicLayer):
 
     def __init__(self, record: HaltRecord, decoder_layers: list[nn.Module], first_halted: int):
         super().__init__()
-        self.record, self.first_halted = record, first_halted
+        self.record = record
         # Weak: the cache must not keep the model alive; copied as they are by deepcopy (weak references are atomic).
-        self.decoder_layers = [weakref.ref(layer) for layer in decoder_layers]
+        self.chain = [(first_halted + offset, weakref.ref(layer)) for offset, layer in enumerate(decoder_layers)]
         # Deeper layers of one attention type receive one mask: when the first needs no rewrite, none does.
         self.one_mask = len({getattr(layer, "attention_type", None) for layer in decoder_layers}) == 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None):
         if self.get_seq_length() > 0:  # a later forward; the prefill and a cache being filled arm nothing
-            MaskRewrite(self.decoder_layers, self.first_halted, self.record, may_stop=self.one_mask)
+            MaskRewrite(self.chain, self.record, may_stop=self.one_mask)
         return super().update(key_states, value_states, cache_kwargs)
+
+
+class HaltedListCache:
+    """What a halted cache that keeps plain per-layer lists (``key_cache``, ``value_cache``; a hybrid decoder's
+    recurrent layers' ``conv_states`` and ``recurrent_states``: Qwen3.5's ``Qwen3_5DynamicCache``) adds to its own
+    class (:func:`attach_halted_layers` gives the instance a subclass of both). Updating ``arming_layer``, the last
+    attention layer at or below the decision layer, in a later forward arms the mask rewrite of the deeper attention
+    layers (``rewrite_chain``); the deeper recurrent layers need none, each sample's states being its kept tokens'.
+    The cache's length stays the full layout's, read from its first attention layer (DESIGN.md section 11)."""
+
+    halt_record: HaltRecord
+    arming_layer: int
+    rewrite_chain: list[tuple[int, weakref.ref]]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        if layer_idx == self.arming_layer and self.rewrite_chain and self.key_cache[layer_idx] is not None:
+            MaskRewrite(self.rewrite_chain, self.halt_record, may_stop=True)
+        return super().update(key_states, value_states, layer_idx, cache_kwargs)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.halt_record.select_batch(beam_idx.to(self.halt_record.index.device))
+
+
+@functools.cache
+def _halted_list_class(cache_class: type) -> type:
+    return type(f"Halted{cache_class.__name__}", (HaltedListCache, cache_class), {})
+
+
+def is_list_cache(cache: object) -> bool:
+    """Whether ``cache`` keeps plain per-layer lists of keys, values and recurrent states (``HaltedListCache``)."""
+    return not isinstance(cache, DynamicCache) and all(
+        hasattr(cache, name) for name in ("key_cache", "value_cache", "recurrent_states")
+    )
+
+
+def halted_state(cache: object, layer_idx: int) -> tuple[HaltRecord, int] | None:
+    """The halt record of cache layer ``layer_idx`` and how many keys it holds, or ``None`` when it is not halted."""
+    if isinstance(cache, HaltedListCache):
+        if layer_idx not in (index for index, _ in cache.rewrite_chain):
+            return None
+        return cache.halt_record, cache.key_cache[layer_idx].shape[-2]
+    layers = getattr(cache, "layers", [])
+    layer = layers[layer_idx] if layer_idx < len(layers) else None
+    record = getattr(layer, "record", None)
+    return None if record is None else (record, layer.get_seq_length())
 
 
 class MaskRewrite:
     """The pre-hook of one deeper decoder layer for one forward on a halted cache, armed when the previous layer ran:
     it arms the next layer's, replaces this layer's full-layout mask with the compact one (``HaltRecord.later_mask``)
-    and removes itself, so that the model carries at most one such hook, and none between forwards. With
-    ``may_stop`` (the first deeper layer, when all deeper layers share one mask) a forward given no mask and no
-    filler (a decode step after an unpadded prompt) arms nothing further. A forward of another thread leaves it in
-    place; one of this thread on another cache (a forward that failed before reaching it) removes it."""
+    and removes itself, so that the model carries at most one such hook, and none between forwards. ``chain`` lists
+    the layers to rewrite, this one first, as (cache layer index, weak reference). With ``may_stop`` (the first
+    deeper layer, when all deeper layers share one mask) a forward given no mask and no filler (a decode step after
+    an unpadded prompt) arms nothing further. A forward of another thread leaves it in place; one of this thread on
+    another cache (a forward that failed before reaching it) removes it."""
 
-    def __init__(self, layers: list[weakref.ref], layer_idx: int, record: HaltRecord, may_stop: bool = False):
-        self.layers, self.layer_idx, self.record, self.may_stop = layers, layer_idx, weakref.ref(record), may_stop
+    def __init__(self, chain: list[tuple[int, weakref.ref]], record: HaltRecord, may_stop: bool = False):
+        self.chain, self.record, self.may_stop = chain, weakref.ref(record), may_stop
         self.thread = threading.get_ident()
-        module = layers[0]()
+        module = chain[0][1]()
         self.handle = None if module is None else module.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -145,23 +193,25 @@ class MaskRewrite:
             return None
         self.handle.remove()
         record, cache = self.record(), kwargs.get("past_key_values")
-        layer = None if cache is None or self.layer_idx >= len(cache.layers) else cache.layers[self.layer_idx]
-        if record is None or getattr(layer, "record", None) is not record:
+        state = None if cache is None else halted_state(cache, self.chain[0][0])
+        if record is None or state is None or state[0] is not record:
             return None
         mask = kwargs.get("attention_mask")
         needs_rewrite = mask is not None or record.has_filler
-        if len(self.layers) > 1 and (needs_rewrite or not self.may_stop):
-            MaskRewrite(self.layers[1:], self.layer_idx + 1, record)
+        if len(self.chain) > 1 and (needs_rewrite or not self.may_stop):
+            MaskRewrite(self.chain[1:], record)
         if not needs_rewrite:  # causal, no padding, no filler: the compact keys need no mask either
             return None
         num_queries = (args[0] if args else kwargs["hidden_states"]).shape[-2]
-        kwargs["attention_mask"] = record.later_mask(mask, num_queries, layer.get_seq_length() + num_queries)
+        kwargs["attention_mask"] = record.later_mask(mask, num_queries, state[1] + num_queries)
         return args, kwargs
 
 
 def check_cache(cache: object, first_halted_layer: int) -> None:
-    """Raise ``ValueError`` unless ``cache`` can hold a halted prefill (a plain, non-offloaded ``DynamicCache``, whose
-    layers from the decision layer on are plain ``DynamicLayer``s)."""
+    """Raise ``ValueError`` unless ``cache`` can hold a halted prefill: a plain, non-offloaded ``DynamicCache``, whose
+    layers from the decision layer on are plain ``DynamicLayer``s, or a list cache (:func:`is_list_cache`)."""
+    if is_list_cache(cache):
+        return
     if not isinstance(cache, DynamicCache) or cache.offloading:
         raise ValueError(
             "DASH needs past_key_values to be a transformers DynamicCache without offloading, "
@@ -175,9 +225,23 @@ def check_cache(cache: object, first_halted_layer: int) -> None:
             )
 
 
-def attach_halted_layers(cache: DynamicCache, decoder_layers: nn.ModuleList, record: HaltRecord, first: int) -> None:
-    """Make cache layers ``first..`` compact: they will store only the slots of ``record``; cache layer ``first - 1``
-    (full, holding every position) becomes the :class:`ArmingLayer` that prepares the later forwards' masks."""
+def attach_halted_layers(
+    cache: object,
+    decoder_layers: nn.ModuleList,
+    record: HaltRecord,
+    first: int,
+    recurrent: frozenset[int] = frozenset(),
+) -> None:
+    """Make the cache layers ``first..`` compact: they will store only the slots of ``record``. In a ``DynamicCache``,
+    cache layer ``first - 1`` (full, holding every position) becomes the :class:`ArmingLayer` that prepares the later
+    forwards' masks; a list cache becomes a :class:`HaltedListCache`, armed by its last attention layer below
+    ``first`` (``recurrent``: the recurrent layers' indices)."""
+    if is_list_cache(cache):
+        attention = [index for index in range(len(decoder_layers)) if index not in recurrent]
+        cache.__class__ = _halted_list_class(type(cache))
+        cache.halt_record, cache.arming_layer = record, max(index for index in attention if index < first)
+        cache.rewrite_chain = [(index, weakref.ref(decoder_layers[index])) for index in attention if index >= first]
+        return
     while len(cache.layers) < len(decoder_layers):
         cache.layers.append(DynamicLayer())
     arming, full = ArmingLayer(record, list(decoder_layers[first:]), first), cache.layers[first - 1]
@@ -187,3 +251,22 @@ def attach_halted_layers(cache: DynamicCache, decoder_layers: nn.ModuleList, rec
     cache.layers[first - 1] = arming
     for layer_idx in range(first, len(decoder_layers)):
         cache.layers[layer_idx] = HaltedLayer(record, layer_idx, leader=layer_idx == first)
+
+
+def key_value_bytes(cache: object, num_layers: int) -> list[int]:
+    """Per decoder layer, the bytes of the keys and values of one position of one sample in ``cache`` (0 for a layer
+    that holds none: a recurrent layer, or one not filled)."""
+    if is_list_cache(cache):
+        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    else:
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    sizes = []
+    for keys, values in pairs[:num_layers]:
+        if keys is None or keys.ndim != 4:
+            sizes.append(0)
+        else:
+            sizes.append(
+                keys.shape[1] * keys.shape[-1] * keys.element_size()
+                + values.shape[1] * values.shape[-1] * values.element_size()
+            )
+    return sizes + [0] * (num_layers - len(sizes))

@@ -83,7 +83,7 @@ def decision_scores(vlm: DashVLM, conversations: list[list[dict]]) -> list[list[
         raise _Stop
 
     decision = layers[press.decision_layer(len(layers))]
-    handles = read_decision_layer(decision, decision.self_attn, ("attention_output",), keep)
+    handles = read_decision_layer(decision, adapter.token_mixer(decision), ("attention_output",), keep)
     try:
         with torch.inference_mode(), press(model):
             model(**inputs, use_cache=False)

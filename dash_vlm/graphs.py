@@ -32,10 +32,10 @@ from dash_vlm.attention import FLASH_ATTENTION_4
 from dash_vlm.cache import HaltedLayer, attach_halted_layers
 from dash_vlm.compact import additive_mask
 from dash_vlm.halting import selection_rule
-from dash_vlm.models import DecoderAdditions, adapter_for
+from dash_vlm.models import DecoderAdditions, ModelAdapter, adapter_for
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.press import DeltaPress, Timer, executor_of
-from dash_vlm.scorers import Reading, Rotate, Scorer, read_decision_layer
+from dash_vlm.scorers import Reading, Scorer, read_decision_layer
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +305,10 @@ class _PrefillGraph:
     it neither halts nor is kept, and each row may always attend to itself, so that no row is fully masked.
     """
 
-    def __init__(self, layers: nn.ModuleList, shape: PrefillShape, hidden: torch.Tensor, rotary: tuple, rotate: Rotate):
-        self.layers, self.shape, self.rotate = layers, shape, rotate
+    def __init__(
+        self, layers: nn.ModuleList, shape: PrefillShape, hidden: torch.Tensor, rotary: tuple, family: ModelAdapter
+    ):
+        self.layers, self.shape, self.family = layers, shape, family
         self.decision = shape.scorer.layer(len(layers)) if shape.slots else len(layers) - 1
         batch, length, device = shape.batch, shape.length, hidden.device
         self.hidden = hidden.new_zeros(batch, length, hidden.shape[-1])
@@ -392,7 +394,7 @@ class _PrefillGraph:
         scorer, reading = shape.scorer, {"input_ids": self.input_ids}
         layer = self.layers[decision]
         handles = read_decision_layer(
-            layer, layer.self_attn, scorer.reads, reading.__setitem__, lambda: self.real, self.rotate
+            layer, self.family.token_mixer(layer), scorer.reads, reading.__setitem__, lambda: self.real, self.family
         )
         try:
             hidden = self._run_layers(decision, decision + 1, hidden, mask, self.rotary, shape.length)
@@ -598,7 +600,7 @@ class StaticDecoder:
                 self.prefill_graphs.popitem(last=False)
         with self._counting_memory(hidden.device) if new and self.capture else nullcontext():
             if new:  # kept only once it has run (and been captured): a failed capture leaves no half-made graph
-                graph = _PrefillGraph(layers, shape, hidden, rotary, self.adapter.rotate)
+                graph = _PrefillGraph(layers, shape, hidden, rotary, self.adapter)
             if halting:
                 halting_inputs = {
                     "n_halt": prefill.halt_counts_tensor,

@@ -49,13 +49,17 @@ class HaltPlan:
         """The kept tokens' states: ``[batch, tokens, hidden] -> [batch, slots, hidden]``."""
         return self._take(hidden_states)
 
-    def compact_inputs(self, layer_kwargs: dict, flash: bool) -> dict:
+    def compact_inputs(self, layer_kwargs: dict, flash: bool, recurrent: bool = False) -> dict:
         """The attention mask, position embeddings and position ids of the compact sequence, from a layer's keyword
-        arguments for the full prompt; ``flash``: whether the layers run FlashAttention (2-D masks)."""
+        arguments for the full prompt; ``flash``: whether the layers run FlashAttention (2-D masks). A ``recurrent``
+        layer (DESIGN.md section 11 item 2) gets the valid slots as its 2-D padding mask, which zeroes the filler
+        before it mixes; none without filler."""
         mask, position_ids = layer_kwargs.get("attention_mask"), layer_kwargs.get("position_ids")
         device = self.index.device if mask is None else mask.device  # a layer's inputs may sit on another device
         index, valid = self.index.to(device), self.valid.to(device)
-        if mask is None and self.filler_last and not flash:  # causal attention keeps the trailing filler out
+        if recurrent:
+            compact_mask = valid if self.has_filler else None
+        elif mask is None and self.filler_last and not flash:  # causal attention keeps the trailing filler out
             compact_mask = None
         else:
             compact_mask = restrict_attention_mask(

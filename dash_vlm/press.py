@@ -18,6 +18,7 @@ vision tower's passes halt patches too (``vision.py``, DESIGN.md section 6). The
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import time
@@ -32,7 +33,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from dash_vlm.attention import FLASH_ATTENTION_4
-from dash_vlm.cache import attach_halted_layers, check_cache
+from dash_vlm.cache import attach_halted_layers, check_cache, is_list_cache, key_value_bytes
 from dash_vlm.compact import computed_once
 from dash_vlm.halting import (
     SCOPES,
@@ -223,20 +224,8 @@ class DeltaPress(BasePress):
                 f"start_ratio={self.start_ratio} puts the decision layer at the last of {layers} decoder layers, so no "
                 f"token would skip anything; start_ratio must be below {(layers - 1) / layers:.4g} for this model"
             )
-        first = adapter.first_decision_layer(model_config)
-        if self.compression_ratio > 0 and self.decision_layer(layers) < first:
-            setting = self.scorer().setting_for_layer(first, layers)
-            below = "decoder layer 0" if first == 1 else f"decoder layers 0..{first - 1}"
-            name, fix = (
-                (f"method={self.method!r}", f"its decision layer must be at least {first}")
-                if setting is None
-                else (f"{setting[0]}={getattr(self, setting[0])}", f"{setting[0]} must be at least {setting[1]:g}")
-            )
-            raise ValueError(
-                f"{name} puts the decision layer at layer {self.decision_layer(layers)}, but {model_type!r} adds "
-                f"vision features to the hidden states of {below}, so halting must start above them; {fix} for this "
-                "model"
-            )
+        if self.compression_ratio > 0:
+            self._check_decision_layer(adapter, model_config, layers)
         if self.vision_compression_ratio > 0:
             blocks = adapter.vision_depth(model_config)
             if self.vision_scorer().layer(blocks) >= blocks - 1:
@@ -244,6 +233,45 @@ class DeltaPress(BasePress):
                     f"vision_start_ratio={self.vision_start_ratio} puts the tower's decision block at the last of "
                     f"{blocks} blocks, so no patch would skip anything; vision_start_ratio must be below "
                     f"{(blocks - 1) / blocks:.4g} for this model"
+                )
+
+    def _check_decision_layer(self, adapter: ModelAdapter, model_config: PretrainedConfig, layers: int) -> None:
+        """Rule 13's floors on the decision layer (DeepStack's layers, a hybrid decoder's first attention layer) and
+        rule 16's attention layer for FastV."""
+        model_type, decision, scorer = model_config.model_type, self.decision_layer(layers), self.scorer()
+        recurrent = adapter.recurrent_layers(model_config)
+        if "last_token_attention" in scorer.reads and decision in recurrent:
+            attention = [index + 1 for index in range(layers - 1) if index not in recurrent]
+            raise ValueError(
+                f"fastv_layer={self.fastv_layer} reads attention weights at decoder layer {decision}, a recurrent "
+                f"(linear-attention) layer of {model_type!r}, which has none; fastv_layer - 1 must be an attention "
+                f"layer: fastv_layer in {attention} for this model"
+            )
+        deepstack = adapter.first_decision_layer(model_config)
+        below = "decoder layer 0" if deepstack == 1 else f"decoder layers 0..{deepstack - 1}"
+        floors = [
+            (deepstack, f"adds vision features to the hidden states of {below}, so halting must start above them")
+        ]
+        if recurrent:
+            first_attention = min(set(range(layers)) - recurrent)
+            floors.append(
+                (
+                    first_attention,
+                    "is hybrid, and a halted cache learns of later forwards from an attention layer at or below the "
+                    f"decision layer (its first is decoder layer {first_attention})",
+                )
+            )
+        for first, reason in floors:
+            if decision < first:
+                setting = scorer.setting_for_layer(first, layers)
+                name, fix = (
+                    (f"method={self.method!r}", f"its decision layer must be at least {first}")
+                    if setting is None
+                    else (f"{setting[0]}={getattr(self, setting[0])}", f"{setting[0]} must be at least {setting[1]:g}")
+                )
+                raise ValueError(
+                    f"{name} puts the decision layer at layer {decision}, but {model_type!r} {reason}; {fix} for this "
+                    "model"
                 )
 
     def scorer(self) -> Scorer:
@@ -357,7 +385,7 @@ class _Prefill:
     scores: torch.Tensor | None = None
     plan: HaltPlan | None = None
     decision_output: torch.Tensor | None = None  # output of the decision layer, the halted tokens' final state
-    compact_kwargs: dict = field(default_factory=dict)  # compact inputs per full-layout mask (``computed_once``)
+    compact_kwargs: dict = field(default_factory=dict)  # per kind of layer, compact inputs per mask (``computed_once``)
     _masks: tuple[torch.Tensor, torch.Tensor] | None = None
     _counts: torch.Tensor | None = None
     _host_counts: list[list[int]] | None = None
@@ -498,8 +526,8 @@ class _Executor:
         self.scorer = self.config.scorer()
         self.layers: nn.ModuleList = adapter.decoder_layers(model)
         self.final_norm = adapter.final_norm(model)
-        self.rotate = adapter.rotate
         self.decision_layer = self.scorer.layer(len(self.layers))
+        self.recurrent = adapter.recurrent_layers(model.config)
         self.prefill: _Prefill | None = None
         self.vision: VisionHalting | None = None
         if self.config.vision_compression_ratio > 0:
@@ -540,10 +568,16 @@ class _Executor:
         run the model's own forward, with no Python hook per layer."""
         decision = self.layers[self.decision_layer]
         handles = read_decision_layer(
-            decision, decision.self_attn, self.scorer.reads, self._read, self._real_on_layer, self.rotate
+            decision,
+            self.adapter.token_mixer(decision),
+            self.scorer.reads,
+            self._read,
+            self._real_on_layer,
+            self.adapter,
         )
-        for layer in self.layers[self.decision_layer + 1 :]:
-            handles.append(layer.register_forward_pre_hook(self._on_compact_layer, with_kwargs=True))
+        for index in range(self.decision_layer + 1, len(self.layers)):
+            hook = functools.partial(self._on_compact_layer, recurrent=index in self.recurrent)
+            handles.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         handles.append(self.final_norm.register_forward_pre_hook(self._on_final_norm))
         self.halting_handles = handles
 
@@ -565,7 +599,7 @@ class _Executor:
         self.prefill = None
         self._remove_halting_hooks()  # left by a prefill that failed
         cache = kwargs.get("past_key_values")
-        if cache is not None and not isinstance(cache, DynamicCache):
+        if cache is not None and not isinstance(cache, DynamicCache) and not is_list_cache(cache):
             raise NotImplementedError(
                 f"the press needs transformers' DynamicCache, got {type(cache).__name__} (for example from "
                 "generate(..., cache_implementation='static')); for a static-cache decode use DashVLM(cuda_graphs=True)"
@@ -652,7 +686,7 @@ class _Executor:
         )
         return prefill.plan
 
-    def _on_compact_layer(self, module: nn.Module, args: tuple, kwargs: dict):
+    def _on_compact_layer(self, module: nn.Module, args: tuple, kwargs: dict, recurrent: bool):
         prefill = self.prefill
         if prefill.plan is None:  # the first layer above the decision layer: decide, gather the kept tokens once
             hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -661,13 +695,15 @@ class _Executor:
             cache = kwargs.get("past_key_values")
             if cache is not None:
                 check_cache(cache, self.decision_layer + 1)
-                attach_halted_layers(cache, self.layers, plan.cache_record(self.flash), self.decision_layer + 1)
+                record = plan.cache_record(self.flash)
+                attach_halted_layers(cache, self.layers, record, self.decision_layer + 1, self.recurrent)
             args = (plan.gather(hidden), *args[1:])
-        # Layers of different attention types (full and sliding window) get different masks: compact each mask once.
+        # Layers of different attention types (full and sliding window) get different masks, and recurrent layers a
+        # padding mask: compact each mask once per kind of layer.
         compact = computed_once(
-            prefill.compact_kwargs,
+            prefill.compact_kwargs.setdefault(recurrent, {}),
             kwargs.get("attention_mask"),
-            lambda mask: prefill.plan.compact_inputs(kwargs, self.flash),
+            lambda mask: prefill.plan.compact_inputs(kwargs, self.flash, recurrent),
         )
         kwargs.update(compact)
         return args, kwargs
@@ -689,14 +725,7 @@ class _Executor:
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = getattr(output, "past_key_values", None)
-        bytes_per_token = []
-        for layer in [] if cache is None else cache.layers:
-            if getattr(layer, "keys", None) is not None:
-                keys, values = layer.keys, layer.values
-                bytes_per_token.append(
-                    keys.shape[1] * keys.shape[-1] * keys.element_size()
-                    + values.shape[1] * values.shape[-1] * values.element_size()
-                )
+        bytes_per_token = [] if cache is None else key_value_bytes(cache, len(self.layers))
         self.press._last_prefill = _PrefillRecord(
             prefill, self.decision_layer, bytes_per_token, self.vision_token_ids, self.patches_per_token
         )

@@ -15,7 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -24,9 +24,8 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from dash_vlm.compact import take_tokens
 from dash_vlm.halting import decision_layer, random_scores, token_scores
 
-# (attention module, queries or keys [batch, heads, tokens, head_dim], (cos, sin)) -> the same, rotated; the family's
-# rotary embedding (``ModelAdapter.rotate``)
-Rotate = Callable[[nn.Module, torch.Tensor, tuple], torch.Tensor]
+if TYPE_CHECKING:
+    from dash_vlm.models import ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -172,23 +171,18 @@ SCORERS: dict[str, type[Scorer]] = {
 
 
 def last_token_attention(
-    attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, real: torch.Tensor, rotate: Rotate
+    attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, real: torch.Tensor, family: ModelAdapter
 ) -> torch.Tensor:
     """The attention row of each sample's last real token in ``attention`` (a decoder layer's self-attention, given
     its input ``hidden``, ``[batch, tokens, hidden]``), averaged over heads, in float32: computed from the layer's own
-    projections, rotary embedding and scaling, one query per sample, so it needs no attention matrix and works
-    whatever attention kernel the model runs. Keys after the last real token and padding get no attention."""
+    projections, rotary embedding and scaling (``family``'s ``attention_queries``, ``attention_keys`` and ``rotate``),
+    one query per sample, so it needs no attention matrix and works whatever attention kernel the model runs. Keys
+    after the last real token and padding get no attention."""
     positions = torch.arange(real.shape[-1], device=real.device)
     last = (positions * real).argmax(-1, keepdim=True)  # [batch, 1]
-    head_dim = attention.head_dim
-
-    def heads(projection: nn.Module, norm: nn.Module | None, states: torch.Tensor) -> torch.Tensor:
-        projected = projection(states).view(*states.shape[:2], -1, head_dim)
-        return (projected if norm is None else norm(projected)).transpose(1, 2)
-
-    query = heads(attention.q_proj, getattr(attention, "q_norm", None), take_tokens(hidden, last))
-    query = rotate(attention, query, tuple(take_tokens(part, last) for part in position_embeddings))
-    key = rotate(attention, heads(attention.k_proj, getattr(attention, "k_norm", None), hidden), position_embeddings)
+    query = family.attention_queries(attention, take_tokens(hidden, last))
+    query = family.rotate(attention, query, tuple(take_tokens(part, last) for part in position_embeddings))
+    key = family.rotate(attention, family.attention_keys(attention, hidden), position_embeddings)
     key = repeat_kv(key, query.shape[1] // key.shape[1])
     logits = (query.float() @ key.float().transpose(-1, -2))[:, :, 0] * attention.scaling  # [batch, heads, tokens]
     allowed = real & (positions <= last)
@@ -201,11 +195,12 @@ def read_decision_layer(
     reads: tuple[str, ...],
     record: Callable[[str, torch.Tensor], None],
     real: Callable[[], torch.Tensor] | None = None,
-    rotate: Rotate | None = None,
+    family: ModelAdapter | None = None,
 ) -> list:
-    """Hooks on a decoder layer or vision block and its ``attention`` sublayer that hand ``record(name, tensor)``
-    each reading in ``reads`` (``last_token_attention`` also needs ``real()``, the ``[batch, tokens]`` real tokens of
-    the forward, and ``rotate``); returns their handles, for the caller to remove."""
+    """Hooks on a decoder layer or vision block and its ``attention`` sublayer (a decoder layer's token mixer) that
+    hand ``record(name, tensor)`` each reading in ``reads`` (``last_token_attention`` also needs ``real()``, the
+    ``[batch, tokens]`` real tokens of the forward, and the model's ``family`` adapter); returns their handles, for the
+    caller to remove."""
     handles = []
     if "layer_input" in reads:
         handles.append(
@@ -218,7 +213,7 @@ def read_decision_layer(
 
         def read_attention_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            value = last_token_attention(module, hidden, kwargs["position_embeddings"], real(), rotate)
+            value = last_token_attention(module, hidden, kwargs["position_embeddings"], real(), family)
             record("last_token_attention", value)
 
         handles.append(attention.register_forward_pre_hook(read_attention_input, with_kwargs=True))

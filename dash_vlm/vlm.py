@@ -951,6 +951,12 @@ def _check_settings(
     for name, value in (("allow_urls", allow_urls), ("cuda_graphs", cuda_graphs)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
+    if cuda_graphs and adapter.recurrent_layers(config):
+        raise ValueError(
+            f"cuda_graphs=True does not support {config.model_type!r}: its hybrid decoder's recurrent layers would run "
+            "the fast path's right padding and trailing filler through their states (DESIGN.md section 11); use "
+            "cuda_graphs=False"
+        )
     if (min_pixels is not None or max_pixels is not None) and not adapter.pixel_limits:
         raise ValueError(
             f"min_pixels / max_pixels apply to model types {', '.join(model_types_with('pixel_limits'))}, "

@@ -24,10 +24,12 @@ class MaskedReference:
         protect_first: int = 0,
         protect: torch.Tensor | None = None,
         rows: list[list[list[int]]] | None = None,
+        chosen: list[list[int]] | None = None,
     ):
         """``rows``: per sample, the positions of each image token row; given, the selection is per row (DESIGN.md
-        section 1) and a vision token in no row never halts."""
-        self.model, self.ratio, self.scope, self.rows = model, compression_ratio, scope, rows
+        section 1) and a vision token in no row never halts. ``chosen``: per sample, the positions that halt, instead
+        of DASH's selection (another method's choice, to hold its execution to the reference)."""
+        self.model, self.ratio, self.scope, self.rows, self.chosen = model, compression_ratio, scope, rows, chosen
         self.protect_last, self.protect_first, self.protect = protect_last, protect_first, protect
         base = model.model
         self.base = base
@@ -67,13 +69,15 @@ class MaskedReference:
     def _on_decision(self, module, args, kwargs, output):
         if not self.in_prefill:
             return
-        scores = output[0].float().norm(dim=-1)
+        scores = (output[0] if isinstance(output, tuple) else output).float().norm(dim=-1)
         batch, length = scores.shape
         self.halted = torch.zeros(batch, length, dtype=torch.bool, device=scores.device)
         self.halted_per_sample = []
         for b, eligible in enumerate(self.eligible):
             n_drop = round(self.ratio * len(eligible))
-            if self.rows is None:
+            if self.chosen is not None:
+                chosen = self.chosen[b]
+            elif self.rows is None:
                 chosen = sorted(eligible, key=lambda t: (scores[b, t].item(), t))[:n_drop]
             else:
                 chosen = self._per_row(eligible, self.rows[b], n_drop, scores[b])
@@ -129,21 +133,97 @@ class MaskedReference:
         hidden = torch.where(self.halted[..., None], self.layer_s_output, hidden)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    @contextmanager
-    def __call__(self):
-        handles = [
-            self.base.register_forward_pre_hook(self._on_prefill_start, with_kwargs=True),
-            self.layers[self.s].self_attn.register_forward_hook(self._on_decision, with_kwargs=True),
-            self.layers[self.s].register_forward_hook(self._on_decision_layer_output, with_kwargs=True),
-        ]
+    def _execution_hooks(self) -> list:
+        handles = []
         for layer in self.layers[self.s + 1 :]:
             handles.append(layer.register_forward_pre_hook(self._mask_halted_keys, with_kwargs=True))
             handles.append(layer.register_forward_hook(self._reset_halted_rows, with_kwargs=True))
+        return handles
+
+    @contextmanager
+    def __call__(self):
+        decision = self.layers[self.s]
+        mixer = decision.self_attn if hasattr(decision, "self_attn") else decision.linear_attn
+        handles = [
+            self.base.register_forward_pre_hook(self._on_prefill_start, with_kwargs=True),
+            mixer.register_forward_hook(self._on_decision, with_kwargs=True),
+            decision.register_forward_hook(self._on_decision_layer_output, with_kwargs=True),
+            *self._execution_hooks(),
+        ]
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class SubsequenceReference(MaskedReference):
+    """DESIGN.md section 1 rule 16, for a hybrid decoder, one sample at a time: the eligibility and selection of
+    :class:`MaskedReference`, but above the decision layer every layer runs on the explicit list of the sample's kept
+    positions (no mask can stand for a recurrence): the hidden states, rotary embeddings and position ids at those
+    positions, causal attention among them; the final norm sees the kept tokens' states at their positions and the
+    halted tokens' decision-layer states. Later forwards run the model's own layers on the cache that leaves; the
+    deeper attention layers' masks are written here over the cache's compact keys. Batches of one only."""
+
+    def _on_prefill_start(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids.shape[0] != 1:
+            raise ValueError("SubsequenceReference runs one sample at a time")
+        super()._on_prefill_start(module, args, kwargs)
+
+    def _compact(self, layer, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        recurrent = not hasattr(layer, "self_attn")
+        if not self.in_prefill:
+            if not recurrent:
+                cached = kwargs["past_key_values"].get_seq_length(layer.self_attn.layer_idx)  # this layer's own keys
+                kwargs["attention_mask"] = causal_mask(hidden.shape[1], cached, kwargs.get("attention_mask"))
+            return (hidden, *args[1:]), kwargs
+        if layer is self.layers[self.s + 1]:
+            self.kept = [t for t in range(hidden.shape[1]) if not self.halted[0, t]]
+            hidden = hidden[:, self.kept]
+        kwargs["position_embeddings"] = tuple(part[..., self.kept, :] for part in kwargs["position_embeddings"])
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., self.kept]
+        kwargs["attention_mask"] = None if recurrent else causal_mask(len(self.kept), 0, kwargs.get("attention_mask"))
+        return (hidden, *args[1:]), kwargs
+
+    def _restore(self, module, args):
+        if not self.in_prefill or not self.halted.any():
+            return None
+        full = self.layer_s_output.clone()
+        full[:, self.kept] = args[0]
+        return (full, *args[1:])
+
+    def _execution_hooks(self) -> list:
+        handles = [
+            layer.register_forward_pre_hook(self._compact, with_kwargs=True) for layer in self.layers[self.s + 1 :]
+        ]
+        handles.append(self.decoder.norm.register_forward_pre_hook(self._restore))
+        return handles
+
+
+def causal_mask(queries: int, cached: int, like: torch.Tensor | None) -> torch.Tensor | None:
+    """Causal attention of ``queries`` new tokens over ``cached`` earlier keys and themselves, in the form of the
+    model's own mask ``like`` (bool for SDPA, additive for eager; ``None`` stays ``None`` for a prompt, where SDPA is
+    causal by itself, and for one query, which sees every key)."""
+    if like is None and (cached == 0 or queries == 1):
+        return None
+    keys = torch.arange(cached + queries)
+    allowed = (keys[None, :] <= (cached + torch.arange(queries))[:, None])[None, None]
+    if like is None or like.dtype == torch.bool:
+        return allowed.to(None if like is None else like.device)
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+        ~allowed, torch.finfo(like.dtype).min
+    )
+
+
+def decoder_reference(model, compression_ratio: float, **options) -> MaskedReference:
+    """The reference of a model's decoder: the masked one, or for a hybrid decoder (recurrent layers among its attention
+    layers) the subsequence one."""
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+    hybrid = "linear_attention" in kinds
+    return (SubsequenceReference if hybrid else MaskedReference)(model, compression_ratio, **options)
 
 
 class MaskedVisionReference:

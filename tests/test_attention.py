@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from reference import relative_error
-from test_press_vlm import FAMILIES, batch_and_singles, generate, samples
-from transformers import DynamicCache
+from test_press_vlm import FAMILIES, batch_and_singles, cache_keys, generate, samples
 
 from dash_vlm import DashVLM, DeltaPress, attention
 from dash_vlm.attention import FLASH_ATTENTION_4, VARLEN_SDPA, attention_of, load_implementation, use_attention
@@ -123,8 +122,9 @@ def test_flash_attention_4_equals_sdpa_in_a_padded_batch(family, reference_kerne
         assert_close_generations(actual, expected)
         if press is not None:  # the same tokens halted
             assert [s.halted_positions for s in press.last_stats] == [s.halted_positions for s in stats]
-        # padded prefill and decode steps go through the unpadding varlen call, every decoder layer
-        layers = len(adapter_for(family).decoder_layers(model))
+        # padded prefill and decode steps go through the unpadding varlen call, every attention layer
+        adapter = adapter_for(family)
+        layers = len(adapter.decoder_layers(model)) - len(adapter.recurrent_layers(model.config))
         assert CALLS["varlen"] >= 5 * layers
 
 
@@ -136,10 +136,12 @@ def test_flash_attention_4_next_turn_on_the_halted_cache(family, reference_kerne
     turn = torch.tensor([[5, 17, 29, 41, 53, 65]])
 
     def converse(chat_model):
-        press, cache, logits = DeltaPress(compression_ratio=0.667), DynamicCache(), []
+        press, logits = DeltaPress(compression_ratio=0.667), []
         with torch.no_grad():
             with press(chat_model):
-                logits.append(chat_model(**inputs, past_key_values=cache).logits)
+                prefill = chat_model(**inputs, use_cache=True)  # the family's own cache
+                logits.append(prefill.logits)
+                cache = prefill.past_key_values
             logits.append(chat_model(input_ids=turn, past_key_values=cache).logits)
             token = logits[-1][:, -1:].argmax(-1)
             for _ in range(3):
@@ -152,8 +154,9 @@ def test_flash_attention_4_next_turn_on_the_halted_cache(family, reference_kerne
     assert flash_stats.halted_positions == stats.halted_positions and stats.kept < stats.tokens
     for step, (a, b) in enumerate(zip(actual, expected, strict=True)):
         assert relative_error(a[:, -1], b[:, -1]) <= 1e-4, f"forward {step}"
-    assert cache.layers[-1].keys.shape == expected_cache.layers[-1].keys.shape
-    assert cache.layers[-1].keys.shape[-2] == stats.kept + turn.shape[1] + 3
+    last_keys = [keys for keys in cache_keys(cache) if keys is not None][-1]
+    assert last_keys.shape == [keys for keys in cache_keys(expected_cache) if keys is not None][-1].shape
+    assert last_keys.shape[-2] == stats.kept + turn.shape[1] + 3
     assert CALLS["dense"] > 0  # one sample, no padding: the dense kernel, causal bottom-right for the next turn
 
 
@@ -173,10 +176,11 @@ def test_flash_attention_4_next_turn_of_a_padded_batch(family, reference_kernels
         positions = positions.expand(3, -1, -1)
 
     def converse(chat_model):
-        press, cache = DeltaPress(compression_ratio=0.667), DynamicCache()
+        press = DeltaPress(compression_ratio=0.667)
         with torch.no_grad():
             with press(chat_model):
-                first = chat_model(**batch, past_key_values=cache).logits[:, -1]
+                prefill = chat_model(**batch, use_cache=True)
+            first, cache = prefill.logits[:, -1], prefill.past_key_values
             later = chat_model(input_ids=turn, attention_mask=mask, position_ids=positions, past_key_values=cache)
             return first, later.logits
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dash_vlm import DeltaPress
-from dash_vlm.bench import BenchConfig, TokenTimer, batch_inputs, ideal_speedup
+from dash_vlm.bench import BenchConfig, TokenTimer, batch_inputs, decoder_ideal_speedup, ideal_speedup
 from dash_vlm.cli import main as cli_main
 from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS
@@ -174,6 +174,41 @@ def test_ideal_speedup_formula():
     assert ideal_speedup(10, 3, 2.0, 2.1) == pytest.approx(1.0)  # noise never makes the ideal a loss
 
 
+def test_decoder_ideal_speedup_counts_each_layer_at_its_kinds_time():
+    one_kind = ["attention"] * 10
+    assert decoder_ideal_speedup(one_kind, 3, {"attention": 2.0}, {"attention": 1.0}) == ideal_speedup(10, 3, 2.0, 1.0)
+    kinds = ["recurrent", "recurrent", "recurrent", "attention"] * 2  # Qwen3.5's layout, 8 layers
+    full, kept = {"recurrent": 1.0, "attention": 3.0}, {"recurrent": 0.5, "attention": 1.0}
+    # layers 0..3 at T: 3 + 3; layers 4..6 recurrent at K: 1.5; layer 7 attention at K: 1
+    assert decoder_ideal_speedup(kinds, 3, full, kept) == pytest.approx(12 / (6 + 1.5 + 1))
+    assert decoder_ideal_speedup(kinds, 3, full, {"recurrent": 1.2, "attention": 1.0}) == pytest.approx(12 / 10)
+
+
+def test_bench_times_each_kind_of_layer_of_a_hybrid_decoder(tmp_path):
+    """The tiny Qwen3.5 (recurrent layers 0, 2, 4; attention 1, 3): one layer of each kind timed at T and K, and the
+    ideal from them."""
+    output = tmp_path / "bench.json"
+    cli_main(
+        ["bench", "--preset", "tiny-qwen3.5", "--image-size", "64", "--ratios", "0,0.667", "--repeats", "2",
+         "--warmup", "0", "--new-tokens", "3", "--batch-size", "2", "--output", str(output)]
+    )  # fmt: skip
+    document = json.loads(output.read_text())
+    assert document["linear_attention_kernels"] == "torch"  # fla's kernels need a GPU
+    rows = document["rows"]
+    assert [row["ratio"] for row in rows] == [0, 0.667]
+    for row in rows:
+        layer_ms = row["layer_ms"]
+        assert {kind: (figures["layers"], figures["deeper"]) for kind, figures in layer_ms.items()} == {
+            "recurrent": (3, 1),  # the decision layer is 2 of 5
+            "attention": (2, 1),
+        }
+        kinds = ["recurrent", "attention", "recurrent", "attention", "recurrent"]
+        full = {kind: figures["T"] for kind, figures in layer_ms.items()}
+        kept = {kind: figures["K"] for kind, figures in layer_ms.items()}
+        assert row["ideal_decoder_speedup"] == pytest.approx(decoder_ideal_speedup(kinds, 2, full, kept))
+    assert rows[1]["kept"] < rows[1]["tokens"] and rows[0]["ideal_decoder_speedup"] == pytest.approx(1)
+
+
 @pytest.mark.parametrize(
     "preset, size, tokens",
     [
@@ -185,6 +220,8 @@ def test_ideal_speedup_formula():
         ("qwen3-vl-8b", 1344, 1830),
         ("qwen3-vl-8b", 2016, 4035),
         ("qwen3-vl-30b-a3b", 1344, 1830),
+        ("qwen3.5-9b", 1344, 1830),  # Qwen3-VL's processor and geometry
+        ("qwen3.5-35b-a3b", 2016, 4035),
     ],
 )
 def test_presets_have_the_real_shapes(preset, size, tokens):
@@ -287,3 +324,23 @@ def test_two_gpu_script_verdict_on_the_published_runs():
         "qwen2-vl-7b, ratio 0.667, batch 1: statistics differ",
         "qwen2-vl-7b, ratio 0.667, padded batch 3: decode logits differ beyond the noise floor (2.07%)",
     ]
+
+
+@pytest.mark.parametrize(
+    "preset, layers, hidden, experts", [("qwen3.5-9b", 32, 4096, 0), ("qwen3.5-35b-a3b", 40, 2048, 256)]
+)
+def test_qwen3_5_presets_are_hybrid_as_published(preset, layers, hidden, experts):
+    """Every fourth layer attention, the rest Gated DeltaNet; the press's default decision layer (12 of 32, 16 of 40)
+    lies above the first attention layer (3) and is itself a recurrent layer in both."""
+    model = PRESETS[preset].build("meta", torch.bfloat16)
+    config = model.config.text_config
+    assert (config.num_hidden_layers, config.hidden_size, getattr(config, "num_experts", 0)) == (
+        layers,
+        hidden,
+        experts,
+    )
+    recurrent = adapter_for(model).recurrent_layers(model.config)
+    assert sorted(set(range(layers)) - recurrent) == list(range(3, layers, 4))
+    decision = DeltaPress().decision_layer(layers)
+    assert decision in recurrent and decision > 3
+    DeltaPress().check_model(model.config)

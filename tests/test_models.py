@@ -16,7 +16,13 @@ def test_adapters_name_the_insertion_points(model_type):
     model = adapter.tiny_model(model_type)
     assert model.config.model_type == model_type
     layers = adapter.decoder_layers(model)
-    assert len(layers) == TEXT["num_hidden_layers"] and all(hasattr(layer, "self_attn") for layer in layers)
+    assert len(layers) == TEXT["num_hidden_layers"]
+    recurrent = adapter.recurrent_layers(model.config)  # a hybrid decoder's linear-attention layers
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"] * len(layers)
+    assert recurrent == {index for index, kind in enumerate(kinds) if kind == "linear_attention"}
+    for index, layer in enumerate(layers):
+        mixer = adapter.token_mixer(layer)
+        assert mixer is (layer.linear_attn if index in recurrent else layer.self_attn)
     assert adapter.final_norm(model) is adapter.decoder(model).norm
     blocks = adapter.vision_blocks(model)
     if adapter.is_vision_language:

@@ -7,8 +7,15 @@ import math
 
 import pytest
 import torch
-from reference import MaskedReference
-from test_press_vlm import assert_same_generation, batch_and_singles, generate, model_for, samples
+from reference import decoder_reference
+from test_press_vlm import (
+    assert_batch_matches_reference,
+    assert_same_generation,
+    batch_and_singles,
+    generate,
+    model_for,
+    samples,
+)
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from dash_vlm import DeltaPress
@@ -107,7 +114,7 @@ FAMILY_KINDS = [(family, kind) for family in FAMILIES for kind in samples(family
 def test_per_row_matches_masked_reference(family, kind, scope, ratio):
     model, inputs = model_for(family), samples(family)[kind]
     rows = independent_rows(family, model, inputs)
-    reference = MaskedReference(model, ratio, scope=scope, rows=rows)
+    reference = decoder_reference(model, ratio, scope=scope, rows=rows)
     with reference():
         expected = generate(model, inputs)
     press = DeltaPress(compression_ratio=ratio, scope=scope, selection="per_row")
@@ -129,15 +136,14 @@ def test_per_row_padded_batch_equals_samples_alone_and_reference(family):
     model = model_for(family)
     batch, singles = batch_and_singles(family)
     press = DeltaPress(compression_ratio=0.5, selection="per_row")
-    reference = MaskedReference(model, 0.5, rows=independent_rows(family, model, batch))
-    with reference():
-        expected = generate(model, batch)
-    assert_same_generation(generate(model, batch, press), expected, 1e-4)
+    assert_batch_matches_reference(
+        model,
+        batch,
+        singles,
+        press,
+        lambda inputs: decoder_reference(model, 0.5, rows=independent_rows(family, model, inputs)),
+    )
     batch_stats = press.last_stats
-    assert [s.halted_positions for s in batch_stats] == [
-        [t - int((~batch["attention_mask"][b].bool()).sum()) for t in halted]
-        for b, halted in enumerate(reference.halted_per_sample)
-    ]
     for b, sample in enumerate(singles):
         generate(model, sample, press)
         assert press.last_stats[0].halted_positions == batch_stats[b].halted_positions

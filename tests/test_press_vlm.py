@@ -1,12 +1,12 @@
-"""DeltaPress on tiny Qwen2-VL, Qwen2.5-VL, LLaVA-1.5 and LLaVA-NeXT: against the unmodified model, the masked
-reference, and each sample alone."""
+"""DeltaPress on every tiny vision-language family: against the unmodified model, the reference of its decoder (the
+masked one; the subsequence one for a hybrid decoder), and each sample alone."""
 
 import copy
 from functools import cache
 
 import pytest
 import torch
-from reference import MaskedReference, relative_error
+from reference import MaskedReference, SubsequenceReference, decoder_reference, relative_error
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from dash_vlm import DeltaPress
@@ -81,7 +81,7 @@ def test_ratio_zero_equals_unmodified_model(family, kind, method):
 @pytest.mark.parametrize("ratio", [0.3, 0.667, 0.9])
 def test_matches_masked_reference(family, kind, attention, scope, ratio):
     model, inputs = model_for(family, attention), samples(family)[kind]
-    reference = MaskedReference(model, ratio, scope=scope)
+    reference = decoder_reference(model, ratio, scope=scope)
     with reference():
         expected = generate(model, inputs)
     press = DeltaPress(compression_ratio=ratio, scope=scope)
@@ -119,22 +119,49 @@ def test_padded_batch_sample_equals_sample_alone(family, attention, method):
             assert getattr(batch_stats[b], field) == getattr(single, field), field
 
 
+def assert_batch_matches_reference(model, batch, singles, press, reference_for) -> None:
+    """``press`` on a left-padded ``batch`` against ``reference_for(inputs)`` (a decoder reference of those inputs):
+    the masked reference takes the batch whole, the subsequence one each sample alone (``singles``). Tokens, logits
+    of every step, and halted positions (unpadded)."""
+    actual = generate(model, batch, press)
+    pads = [int((batch["attention_mask"][b] == 0).sum()) for b in range(len(singles))]
+    reference = reference_for(batch)
+    if not isinstance(reference, SubsequenceReference):
+        with reference():
+            expected = generate(model, batch)
+        assert_same_generation(actual, expected, 1e-4)
+        halted = [
+            [t - pad for t in positions] for positions, pad in zip(reference.halted_per_sample, pads, strict=True)
+        ]
+        assert [stats.halted_positions for stats in press.last_stats] == halted
+        return
+    length = batch["input_ids"].shape[1]
+    for b, sample in enumerate(singles):
+        reference = reference_for(sample)
+        with reference():
+            expected = generate(model, sample)
+        assert torch.equal(actual.sequences[b, length:], expected.sequences[0, -len(expected.logits) :])
+        for step, (x, y) in enumerate(zip(actual.logits, expected.logits, strict=True)):
+            assert relative_error(x[b], y[0]) <= 1e-4, f"sample {b} step {step}"
+        assert press.last_stats[b].halted_positions == reference.halted_per_sample[0]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_padded_batch_matches_masked_reference(family):
+def test_padded_batch_matches_reference(family):
     model = model_for(family, "sdpa")
-    batch, _ = batch_and_singles(family)
-    reference = MaskedReference(model, 0.5)
-    with reference():
-        expected = generate(model, batch)
-    assert_same_generation(generate(model, batch, DeltaPress(compression_ratio=0.5)), expected, 1e-4)
+    batch, singles = batch_and_singles(family)
+    press = DeltaPress(compression_ratio=0.5)
+    assert_batch_matches_reference(model, batch, singles, press, lambda inputs: decoder_reference(model, 0.5))
 
 
 def record_token_counts(model):
-    """Hooks recording how many tokens each layer's attention and FFN receive."""
+    """Hooks recording how many tokens each layer's token mixer (attention, or a recurrent layer's linear attention)
+    and FFN receive."""
     seen = {"attention": [], "mlp": []}
     handles = []
     for i, layer in enumerate(model.model.language_model.layers):
-        for name, module in (("attention", layer.self_attn), ("mlp", layer.mlp)):
+        mixer = layer.self_attn if hasattr(layer, "self_attn") else layer.linear_attn
+        for name, module in (("attention", mixer), ("mlp", layer.mlp)):
 
             def hook(module, args, kwargs, name=name, i=i):
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -168,14 +195,30 @@ def test_deeper_layers_run_on_kept_tokens_and_cache_is_compact(family, batched, 
         prefill = seen[name][:num_layers]
         assert prefill == [(i, length if i <= s else slots) for i in range(num_layers)], name
         assert all(tokens == 1 for _, tokens in seen[name][num_layers:])  # decode steps
-    cache_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    keys = cache_keys(out.past_key_values)
     decoded = new_tokens - 1  # the last generated token is never fed back
-    assert cache_lengths == [length + decoded if i <= s else slots + decoded for i in range(num_layers)]
-    per_token = [2 * layer.keys.shape[1] * layer.keys.shape[-1] * 4 for layer in out.past_key_values.layers]
+    assert [None if k is None else k.shape[-2] for k in keys] == [
+        None if keys[i] is None else length + decoded if i <= s else slots + decoded for i in range(num_layers)
+    ]
+    assert sum(k is not None for k in keys) == num_layers - len(recurrent_layers(model))
+    per_token = [0 if k is None else 2 * k.shape[1] * k.shape[-1] * 4 for k in keys]
     for stat in stats:
         expected = sum(size * (stat.tokens if i <= s else stat.kept) for i, size in enumerate(per_token))
         assert stat.kv_cache_bytes == expected
         assert stat.prefill_ms > 0
+
+
+def recurrent_layers(model) -> list[int]:
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+    return [index for index, kind in enumerate(kinds) if kind == "linear_attention"]
+
+
+def cache_keys(cache) -> list[torch.Tensor | None]:
+    """Each decoder layer's cached keys (``None`` for a recurrent layer): a ``DynamicCache``'s layers, or a hybrid
+    cache's lists."""
+    if hasattr(cache, "layers"):
+        return [layer.keys for layer in cache.layers]
+    return [keys if keys is not None and keys.ndim == 4 else None for keys in cache.key_cache]
 
 
 def forward_logits(model, family):
@@ -258,10 +301,12 @@ def test_next_turn_on_halted_cache_matches_reference(family, attention, inside_b
     turn = torch.tensor([[5, 17, 29, 41, 53, 65]])
 
     def converse(prefill_context, outer_context):
-        cache, logits = DynamicCache(), []
+        logits = []
         with torch.no_grad(), outer_context():
             with prefill_context():
-                logits.append(model(**inputs, past_key_values=cache).logits)
+                prefill = model(**inputs, use_cache=True)  # the family's own cache (a hybrid decoder has its own)
+                logits.append(prefill.logits)
+                cache = prefill.past_key_values
                 if inside_block:
                     logits.append(model(input_ids=turn, past_key_values=cache).logits)
             if not inside_block:
@@ -272,7 +317,7 @@ def test_next_turn_on_halted_cache_matches_reference(family, attention, inside_b
                 token = logits[-1][:, -1:].argmax(-1)
         return logits, cache
 
-    reference = MaskedReference(model, 0.667)  # it has no cache to carry its decision: it wraps the whole chat
+    reference = decoder_reference(model, 0.667)  # it has no cache to carry its decision: it wraps the whole chat
     expected, _ = converse(_null, reference)
     press = DeltaPress(compression_ratio=0.667)
     actual, cache = converse(lambda: press(model), _null)
@@ -282,7 +327,7 @@ def test_next_turn_on_halted_cache_matches_reference(family, attention, inside_b
     assert relative_error(actual[0], expected[0]) <= 1e-4  # every prompt position, halted ones included
     assert torch.equal(actual[1].argmax(-1), expected[1].argmax(-1))
     kept = press.last_stats[0].kept
-    assert cache.layers[-1].keys.shape[-2] == kept + turn.shape[1] + 4
+    assert [k for k in cache_keys(cache) if k is not None][-1].shape[-2] == kept + turn.shape[1] + 4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -290,7 +335,7 @@ def test_protect_mask_keeps_positions(family):
     model, inputs = model_for(family), samples(family)["image"]
     protect = inputs["input_ids"] == IMAGE_TOKEN
     protect[:, : protect.shape[1] // 2] = False  # protect the image tokens of the second half
-    reference = MaskedReference(model, 0.667, protect=protect)
+    reference = decoder_reference(model, 0.667, protect=protect)
     with reference():
         expected = generate(model, inputs)
     press = DeltaPress(compression_ratio=0.667)

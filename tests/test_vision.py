@@ -7,7 +7,7 @@ from functools import cache
 
 import pytest
 import torch
-from reference import MaskedReference, MaskedVisionReference, relative_error
+from reference import MaskedVisionReference, decoder_reference, relative_error
 
 from dash_vlm import DeltaPress
 from dash_vlm.models import adapter_for, model_types_with
@@ -84,7 +84,7 @@ def test_vision_ratio_zero_equals_unmodified_tower(family, kind):
 def test_matches_masked_reference(family, attention, kind, decoder_ratio):
     model, inputs = model_for(family, attention), SAMPLES[kind](family)
     vision = MaskedVisionReference(model, 0.5)
-    decoder = MaskedReference(model, decoder_ratio)
+    decoder = decoder_reference(model, decoder_ratio)
     with vision(), decoder():
         expected = generate(model, inputs)
     press = DeltaPress(compression_ratio=decoder_ratio, vision_compression_ratio=0.5)

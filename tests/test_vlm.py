@@ -100,8 +100,10 @@ def test_statistics(checkpoints, image_files, family):
     assert set(stats.halted_positions) <= set(image_positions)
     assert stats.halted_positions == sorted(stats.halted_positions)
     per_position = 2 * TEXT["num_key_value_heads"] * TEXT["head_dim"] * 4  # keys and values, float32
-    deep = layers - stats.decision_layer - 1
-    assert stats.kv_cache_bytes == per_position * (stats.tokens * (layers - deep) + stats.kept * deep)
+    kinds = getattr(vlm.model.config.get_text_config(), "layer_types", None) or ["full_attention"] * layers
+    attention = [index for index, kind in enumerate(kinds) if kind == "full_attention"]  # recurrent ones hold none
+    deep = sum(index > stats.decision_layer for index in attention)
+    assert stats.kv_cache_bytes == per_position * (stats.tokens * (len(attention) - deep) + stats.kept * deep)
     assert stats.prefill_ms > 0
 
 

@@ -4,7 +4,8 @@ For every image size, vanilla (no press) and DASH at every pair of a decoder com
 compression ratio run in the same process, in turns, after warm-up; each run is one ``generate`` call timed by CUDA
 events on a GPU (``perf_counter`` on a CPU) through hooks on the vision tower, the decoder and the prefill module,
 plus a stopping criterion that marks the first token. The ideal decoder gain comes from timing one decoder layer at
-the prompt length ``T`` and at the kept length ``K``: ``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))``; the ideal
+the prompt length ``T`` and at the kept length ``K``: ``L t(T) / ((s + 1) t(T) + (L - s - 1) t(K))`` (a hybrid
+decoder: one layer of each kind, each layer counted at its kind's time, ``decoder_ideal_speedup``); the ideal
 tower gain likewise from one vision block at every patch and at the kept patches (the block's arguments in a vanilla
 and in a halting pass): ``B t(N) / ((s_v + 1) t(N) + (B - s_v - 1) t(K_v))``. Medians of the repeats are reported.
 
@@ -395,25 +396,42 @@ def run_once(
     return figures
 
 
-def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repeats: int) -> dict[int, float]:
-    """Time of one decoder layer (a middle one; all have the same shape) at each sequence length, replaying the
-    arguments the first layer receives in a vanilla prefill, cut to the first ``length`` positions (moved to the timed
-    layer's device first, when the model is split over several GPUs); :func:`replay_milliseconds` times it."""
+def layer_kinds(model: nn.Module) -> list[str]:
+    """Each decoder layer's kind: "recurrent" (a hybrid decoder's linear-attention layers) or "attention"."""
     adapter = adapter_for(model)
-    layers = adapter.decoder(model).layers
+    recurrent = adapter.recurrent_layers(model.config)
+    return ["recurrent" if index in recurrent else "attention" for index in range(len(adapter.decoder(model).layers))]
+
+
+def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repeats: int) -> dict[str, dict[int, float]]:
+    """Time of one decoder layer of each kind (:func:`layer_kinds`; a middle one of the kind, all have the same shape)
+    at each sequence length, replaying the arguments the first layer of its kind receives in a vanilla prefill, cut to
+    the first ``length`` positions (moved to the timed layer's device first, when the model is split over several
+    GPUs); :func:`replay_milliseconds` times it."""
+    layers = adapter_for(model).decoder(model).layers
+    kinds = layer_kinds(model)
     captured = {}
-
-    def capture(module, args, kwargs):
-        captured.setdefault("call", (args, kwargs))
-
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    handles = [
+        layers[kinds.index(kind)].register_forward_pre_hook(
+            lambda module, args, kwargs, kind=kind: captured.setdefault(kind, (args, kwargs)), with_kwargs=True
+        )
+        for kind in dict.fromkeys(kinds)
+    ]
     try:
         with torch.inference_mode():
             model(**inputs, use_cache=False)
     finally:
-        handle.remove()
-    args, kwargs = captured["call"]
-    layer = layers[len(layers) // 2]
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for kind, (args, kwargs) in captured.items():
+        of_kind = [index for index, other in enumerate(kinds) if other == kind]
+        layer = layers[of_kind[len(of_kind) // 2]]
+        result[kind] = _replay_layer(layer, args, kwargs, lengths, repeats)
+    return result
+
+
+def _replay_layer(layer: nn.Module, args: tuple, kwargs: dict, lengths: list[int], repeats: int) -> dict[int, float]:
     device = next(layer.parameters()).device  # in a split model the inputs move to it once, before any timing
 
     def to_layer(value):
@@ -435,8 +453,10 @@ def layer_milliseconds(model: nn.Module, inputs: dict, lengths: list[int], repea
         layer_kwargs["position_embeddings"] = tuple(take_tokens(part, index) for part in kwargs["position_embeddings"])
         if kwargs.get("position_ids") is not None:
             layer_kwargs["position_ids"] = take_tokens(kwargs["position_ids"], index, trailing_dims=0)
-        mask = kwargs.get("attention_mask")
-        layer_kwargs["attention_mask"] = None if mask is None else mask[..., :length, :length]
+        mask = kwargs.get("attention_mask")  # 4-D for attention, 2-D padding for a recurrent layer
+        layer_kwargs["attention_mask"] = (
+            None if mask is None else mask[:, :length] if mask.ndim == 2 else mask[..., :length, :length]
+        )
         layer_kwargs["use_cache"] = False
         result[length] = replay_milliseconds(layer, (hidden[:, :length],), layer_kwargs, repeats, captured=True)
     return result
@@ -492,6 +512,18 @@ def vision_block_milliseconds(
             handle.remove()
         result[vision_ratio] = replay_milliseconds(blocks[index], *captured["call"], repeats)
     return index, result
+
+
+def decoder_ideal_speedup(
+    kinds: list[str], decision_layer: int, full_ms: dict[str, float], kept_ms: dict[str, float]
+) -> float:
+    """The decoder's ideal gain from the time of a layer of each kind at ``T`` (``full_ms``) and at ``K``
+    (``kept_ms``): every layer's time at ``T`` over layers ``0..s`` at ``T`` plus the deeper ones at ``K``; a layer
+    cannot take longer on fewer tokens (see :func:`ideal_speedup`). One kind: ``ideal_speedup``'s formula."""
+    kept_ms = {kind: min(kept_ms[kind], full_ms[kind]) for kind in full_ms}
+    whole = sum(full_ms[kind] for kind in kinds)
+    halting = sum((full_ms if index <= decision_layer else kept_ms)[kind] for index, kind in enumerate(kinds))
+    return whole / halting
 
 
 def ideal_speedup(num_layers: int, decision_layer: int, full_ms: float, kept_ms: float) -> float:
@@ -564,6 +596,7 @@ def run_bench(config: BenchConfig) -> dict:
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "attention": attention_of(model),
+        "linear_attention_kernels": linear_attention_kernels(model),
         "graph_captures": {path: decoder.captures for path, decoder in decoders.items()},
         "graph_memory_bytes": {path: decoder.graph_memory_bytes for path, decoder in decoders.items()},
         "rows": rows,
@@ -606,7 +639,7 @@ def size_rows(
     with the ideal gains of the decoder and the vision tower from per-layer and per-block timings (taken once, on the
     eager path's modules)."""
     adapter = adapter_for(model)
-    num_layers = len(adapter.decoder(model).layers)
+    kinds = layer_kinds(model)
     stats = {variant: press.last_stats[0] for variant, press in presses.items()}
     lengths = sorted({length for s in stats.values() for length in (s.tokens, s.kept)})
     layer_ms = layer_milliseconds(model, inputs, lengths, config.repeats)
@@ -625,9 +658,10 @@ def size_rows(
             continue
         for (ratio, vision_ratio, method), press in presses.items():
             variant_stats = stats[(ratio, vision_ratio, method)]
-            ideal = ideal_speedup(
-                num_layers, variant_stats.decision_layer, layer_ms[variant_stats.tokens], layer_ms[variant_stats.kept]
-            )
+            tokens, kept = variant_stats.tokens, variant_stats.kept
+            at_tokens = {kind: times[tokens] for kind, times in layer_ms.items()}
+            at_kept = {kind: times[kept] for kind, times in layer_ms.items()}
+            ideal = decoder_ideal_speedup(kinds, variant_stats.decision_layer, at_tokens, at_kept)
             row = {"path": path, "method": method, "noisy": path in noisy}
             row |= summarize(
                 size, ratio, config.batch_size, runs[(path, None)], runs[(path, (ratio, vision_ratio, method))]
@@ -635,6 +669,16 @@ def size_rows(
             row |= {"tokens": variant_stats.tokens, "kept": variant_stats.kept}
             row |= {"kv_cache_bytes": variant_stats.kv_cache_bytes * config.batch_size}
             row |= {"ideal_decoder_speedup": ideal, "fraction_of_ideal": row["decoder_speedup"] / ideal}
+            deeper = kinds[variant_stats.decision_layer + 1 :]
+            row["layer_ms"] = {  # one layer of each kind at T and K; how many layers of the kind, how many above s
+                kind: {
+                    "T": at_tokens[kind],
+                    "K": at_kept[kind],
+                    "layers": kinds.count(kind),
+                    "deeper": deeper.count(kind),
+                }
+                for kind in layer_ms
+            }
             if path == "graphs" and runs.get((UNPADDED, None)):
                 unpadded = median_figures(runs[(UNPADDED, None)])
                 row["vs_unpadded"] = {key: unpadded[key] / row["dash"][key] for key in ("decoder_ms", "ttft_ms")}
@@ -654,6 +698,19 @@ def size_rows(
             }
             rows.append(row)
     return rows
+
+
+def linear_attention_kernels(model: nn.Module) -> str | None:
+    """What a hybrid decoder's recurrent layers run on: flash-linear-attention's Triton kernels ("fla", where
+    transformers found the ``fla`` package on a GPU) or transformers' PyTorch loops ("torch"); ``None`` for a decoder
+    without recurrent layers."""
+    adapter = adapter_for(model)
+    recurrent = adapter.recurrent_layers(model.config)
+    if not recurrent:
+        return None
+    mixer = adapter.token_mixer(adapter.decoder(model).layers[min(recurrent)])
+    module = getattr(mixer.chunk_gated_delta_rule, "__module__", "") or ""
+    return "fla" if module.startswith("fla") else "torch"
 
 
 def device_name(model: nn.Module) -> str:

@@ -7,6 +7,7 @@ MODELS = {
     "dash_qwen2vl": "dash_vlm.lmms.models.DashQwen2VL",
     "dash_qwen2_5_vl": "dash_vlm.lmms.models.DashQwen2_5_VL",
     "dash_qwen3_vl": "dash_vlm.lmms.models.DashQwen3VL",
+    "dash_qwen3_5": "dash_vlm.lmms.models.DashQwen3_5",
     "dash_llava": "dash_vlm.lmms.models.DashLlava",
 }
 

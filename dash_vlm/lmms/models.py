@@ -1,11 +1,11 @@
-"""lmms-eval models ``dash_qwen2vl``, ``dash_qwen2_5_vl``, ``dash_qwen3_vl`` and ``dash_llava``: DashVLM behind
-lmms-eval's interface.
+"""lmms-eval models ``dash_qwen2vl``, ``dash_qwen2_5_vl``, ``dash_qwen3_vl``, ``dash_qwen3_5`` and ``dash_llava``:
+DashVLM behind lmms-eval's interface.
 
 ``DashLMM`` holds the request loop, batching, timing and the figures; the prompt rule (how lmms-eval's own model of
 the family turns a request into a prompt, so that ratio-0 scores are comparable with published lmms-eval numbers)
 is the family adapter's ``lmms_conversation``. A family subclass only names its default checkpoint and its own
 settings. Images are passed as they are (no JPEG re-encoding); video files (Qwen families) are read as lmms-eval's
-``qwen2_vl`` (Qwen2-VL, Qwen2.5-VL) or ``qwen3_vl`` (Qwen3-VL) reads them.
+``qwen2_vl`` (Qwen2-VL, Qwen2.5-VL), ``qwen3_vl`` (Qwen3-VL) or ``qwen3_5`` (Qwen3.5) reads them.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ from dash_vlm.press import DeltaPress
 from dash_vlm.vlm import DashVLM
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+# lmms-eval's qwen3_5 defaults (lmms_eval/models/simple/qwen3_5.py): the pixel budget of every image, the total budget
+# of a video's frames, and the frame cap.
+QWEN3_5_MIN_PIXELS, QWEN3_5_MAX_PIXELS = 64 * 32 * 32, 128 * 32 * 32
+QWEN3_5_TOTAL_PIXELS, QWEN3_5_MAX_FRAMES = 224 * 1024 * 32 * 32, 768
 
 
 class DashLMM(lmms):
@@ -153,6 +157,11 @@ class DashLMM(lmms):
         """Settings of the family's prompt rule (``ModelAdapter.lmms_conversation``); none by default."""
         return {}
 
+    def answer(self, text: str) -> str:
+        """A generated text, already cut at the task's stop strings, as the family's lmms-eval model post-processes
+        it into the answer; unchanged by default."""
+        return text
+
     def conversation(self, context: str, visuals: list) -> tuple[list[dict], str | None]:
         """The chat conversation of a request (images as loaded ``PIL`` images) and, when the family's lmms-eval
         model renders the prompt in its own way, that prompt text: the family adapter's prompt rule."""
@@ -246,6 +255,7 @@ class DashLMM(lmms):
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
+                text = self.answer(text)
                 stats = result.stats
                 figures.record(
                     task,
@@ -344,6 +354,47 @@ class DashQwen3VL(DashQwen2VL):
         self, min_pixels: int = LMMS_MIN_PIXELS, max_pixels: int = LMMS_MAX_PIXELS, **model_args
     ) -> dict:
         return super().family_model_args(min_pixels, max_pixels, **model_args)
+
+
+class DashQwen3_5(DashQwen3VL):  # noqa: N801 - named like lmms-eval's Qwen3_5
+    """Prompts as lmms-eval's ``qwen3_5``, whose defaults are these: the system prompt, the pixel budget of every
+    image (``min_pixels`` / ``max_pixels``), a video's frames (2 a second, at least 4, at most ``max_num_frames``, or
+    its alias ``max_frames``; each at least ``min_pixels``, together within ``total_pixels``; ``total_pixels=None``
+    or ``none`` reads videos as ``qwen3_vl`` does), the chat template's thinking switch (``enable_thinking``) and a
+    default generation length of 1,024 tokens. With thinking on, an answer is the text after ``</think>``, stripped
+    (``""`` where the thinking did not end). Serves Qwen3.5 and Qwen3.5-MoE."""
+
+    family = "qwen3_5"
+
+    def __init__(
+        self,
+        pretrained: str = "Qwen/Qwen3.5-4B",
+        max_num_frames: int | str = QWEN3_5_MAX_FRAMES,
+        max_frames: int | str | None = None,
+        total_pixels: int | str | None = QWEN3_5_TOTAL_PIXELS,
+        enable_thinking: bool | str = True,
+        max_new_tokens: int = 1024,
+        **kwargs,
+    ):
+        unset = total_pixels is None or str(total_pixels).strip().lower() == "none"
+        self.total_pixels = None if unset else _model_arg("total_pixels", total_pixels, int, minimum=1)
+        self.enable_thinking = _model_arg("enable_thinking", enable_thinking, bool)
+        if max_frames is not None:  # lmms-eval's alias of max_num_frames
+            max_num_frames = check_max_frames(_model_arg("max_frames", max_frames, int), "max_frames")
+        super().__init__(pretrained, max_num_frames=max_num_frames, max_new_tokens=max_new_tokens, **kwargs)
+
+    def family_model_args(
+        self, min_pixels: int = QWEN3_5_MIN_PIXELS, max_pixels: int = QWEN3_5_MAX_PIXELS, **model_args
+    ) -> dict:
+        return super().family_model_args(min_pixels, max_pixels, **model_args)
+
+    def prompt_options(self) -> dict:
+        return super().prompt_options() | {"total_pixels": self.total_pixels, "enable_thinking": self.enable_thinking}
+
+    def answer(self, text: str) -> str:
+        """As lmms-eval's ``qwen3_5`` (``_strip_thinking``): with thinking on, the text after ``</think>``, stripped;
+        ``""`` where there is none."""
+        return text.partition("</think>")[2].strip() if self.enable_thinking else text
 
 
 class DashLlava(DashLMM):

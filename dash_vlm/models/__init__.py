@@ -121,6 +121,9 @@ class ModelAdapter:
     vision_packs_segments : bool
         Whether the vision tower packs its segments (images, windows) into one sequence with ``cu_seqlens``, so that
         its attention can run them in one call (``attention.VARLEN_SDPA``).
+    hybrid_decoder : bool
+        Whether the decoder has recurrent (linear-attention) layers among its attention layers (DESIGN.md section 1
+        rule 16; :meth:`recurrent_layers` says which).
     presets : tuple of Preset
         Real model shapes with random weights, for the speed harness (``dash_vlm.models.presets.PRESETS``).
     """
@@ -134,6 +137,7 @@ class ModelAdapter:
     halts_in_vision_tower: bool = False
     vision_attention_attribute: str = "attn"
     vision_packs_segments: bool = False
+    hybrid_decoder: bool = False
     presets: tuple[Preset, ...] = ()
 
     @property
@@ -145,17 +149,41 @@ class ModelAdapter:
         return getattr(model, "model", model)
 
     def decoder(self, model: nn.Module) -> nn.Module:
-        """The decoder stack: it has ``layers`` (each with ``self_attn``) and the final ``norm``."""
+        """The decoder stack: it has ``layers`` and the final ``norm``."""
         base = self.prefill_module(model)
         return getattr(base, "language_model", base)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        """The decoder layers, each with ``self_attn``: the decision layer and the compact layers are among them."""
+        """The decoder layers, each with a token mixer (:meth:`token_mixer`): the decision layer and the compact layers
+        are among them."""
         return self.decoder(model).layers
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         """The norm after the last decoder layer, where the halted tokens' states rejoin the kept ones."""
         return self.decoder(model).norm
+
+    def token_mixer(self, layer: nn.Module) -> nn.Module:
+        """The sublayer of a decoder layer whose output (before the residual add) DASH scores: its self-attention, or
+        the linear-attention mixer of a hybrid decoder's recurrent layer (DESIGN.md section 1 rules 2 and 16)."""
+        return layer.self_attn
+
+    def recurrent_layers(self, config: PretrainedConfig) -> frozenset[int]:
+        """The decoder layers of a model of ``config`` that carry a recurrent state instead of keys and values (a hybrid
+        decoder's linear-attention layers, DESIGN.md section 1 rule 16); none by default."""
+        return frozenset()
+
+    def attention_queries(self, attention: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """The queries of a decoder attention module for ``states`` (``[batch, tokens, hidden]``), as
+        ``[batch, heads, tokens, head_dim]`` before the rotary embedding, its query norm applied if it has one."""
+        queries = attention.q_proj(states).view(*states.shape[:2], -1, attention.head_dim)
+        norm = getattr(attention, "q_norm", None)
+        return (queries if norm is None else norm(queries)).transpose(1, 2)
+
+    def attention_keys(self, attention: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """The keys of a decoder attention module for ``states``, as :meth:`attention_queries` gives its queries."""
+        keys = attention.k_proj(states).view(*states.shape[:2], -1, attention.head_dim)
+        norm = getattr(attention, "k_norm", None)
+        return (keys if norm is None else norm(keys)).transpose(1, 2)
 
     def decoder_depth(self, config: PretrainedConfig) -> int:
         """The number of decoder layers of a model of ``config``."""
@@ -386,4 +414,4 @@ def adapter_for(model: nn.Module | PretrainedConfig | str) -> ModelAdapter:
 
 
 # Imported for their registrations.
-from dash_vlm.models import llava, qwen2_vl, qwen3_vl, text  # noqa: E402, F401
+from dash_vlm.models import llava, qwen2_vl, qwen3_5, qwen3_vl, text  # noqa: E402, F401

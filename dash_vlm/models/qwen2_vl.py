@@ -519,6 +519,16 @@ class QwenVLPreset(Preset):
         return pixels, [ids["vision_start_token_id"], *[ids[f"{kind}_token_id"]] * count, ids["vision_end_token_id"]]
 
 
+# What a tiny Qwen preset's inputs need of its config: the patch geometry and the vision token ids.
+TINY_PRESET_CONFIG = dict(
+    vision_config=dict(patch_size=PATCH, spatial_merge_size=MERGE),
+    image_token_id=IMAGE_TOKEN,
+    video_token_id=VIDEO_TOKEN,
+    vision_start_token_id=VISION_START,
+    vision_end_token_id=VISION_END,
+)
+
+
 @dataclass(frozen=True)
 class TinyQwenVLPreset(QwenVLPreset):
     """The tests' tiny Qwen2-VL (``tiny_qwen_vl``); ``config`` holds only what its inputs need, ``vision_layers`` is
@@ -581,17 +591,7 @@ PRESETS = (
         ),
         model_type="qwen2_5_vl",
     ),
-    TinyQwenVLPreset(
-        "tiny",
-        dict(
-            vision_config=dict(patch_size=PATCH, spatial_merge_size=MERGE),
-            image_token_id=IMAGE_TOKEN,
-            video_token_id=VIDEO_TOKEN,
-            vision_start_token_id=VISION_START,
-            vision_end_token_id=VISION_END,
-        ),
-        text_ids=(2, 100),
-    ),
+    TinyQwenVLPreset("tiny", TINY_PRESET_CONFIG, text_ids=(2, 100)),
 )
 
 QWEN2_VL = register_adapter(QwenVLAdapter(model_types=tuple(MODEL_CLASSES), presets=PRESETS))

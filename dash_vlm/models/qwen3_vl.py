@@ -153,6 +153,33 @@ def tiny_deepstack(vision_layers: int) -> list[int]:
     return [vision_layers // 2]
 
 
+def tiny_vision_ids(text_overrides: dict) -> dict:
+    """The tiny models' vision token ids, those given among ``text_overrides`` taken out of it."""
+    ids = dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    return ids | {key: text_overrides.pop(key) for key in list(ids) if key in text_overrides}
+
+
+def tiny_qwen3_tower(vision_layers: int, vision_width: int, out_hidden_size: int) -> dict:
+    """The config of a tiny Qwen3-VL / Qwen3.5 tower (4 px patches, 2x2 merge, 2 frames a temporal patch)."""
+    return dict(
+        depth=vision_layers,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_heads=2,
+        in_channels=3,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
+        temporal_patch_size=TEMPORAL_PATCH,
+        out_hidden_size=out_hidden_size,
+        num_position_embeddings=64,  # an 8x8 grid of learned positions, interpolated to each image
+    )
+
+
 def tiny_qwen3_vl(
     model_type: str = "qwen3_vl",
     attn_implementation: str = "sdpa",
@@ -169,13 +196,7 @@ def tiny_qwen3_vl(
     ``text_overrides`` replace entries of the decoder config ``TEXT`` (vision token ids too).
     """
     torch.manual_seed(seed)
-    ids = dict(
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-    )
-    ids.update({key: text_overrides.pop(key) for key in list(ids) if key in text_overrides})
+    ids = tiny_vision_ids(text_overrides)
     text = TEXT | text_overrides
     # Interleaved M-RoPE over the head_dim / 2 = 8 rotary pairs: 4 temporal, 2 height, 2 width.
     text["rope_parameters"] = {
@@ -186,19 +207,8 @@ def tiny_qwen3_vl(
     }
     if model_type == "qwen3_vl_moe":
         text |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
-    vision = dict(
-        depth=vision_layers,
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_heads=2,
-        in_channels=3,
-        patch_size=PATCH,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=TEMPORAL_PATCH,
-        out_hidden_size=text["hidden_size"],
-        num_position_embeddings=64,  # an 8x8 grid of learned positions, interpolated to each image
-        deepstack_visual_indexes=tiny_deepstack(vision_layers) if deepstack is None else list(deepstack),
-    )
+    vision = tiny_qwen3_tower(vision_layers, vision_width, text["hidden_size"])
+    vision["deepstack_visual_indexes"] = tiny_deepstack(vision_layers) if deepstack is None else list(deepstack)
     config_class, model_class = MODEL_CLASSES[model_type]
     config = config_class(text_config=text, vision_config=vision, **ids)
     config._attn_implementation = attn_implementation
