@@ -3,14 +3,17 @@
 A forward that continues a halted cache (a decode step, a question chunk, a chat's next turn) needs, in those
 layers, an attention mask over the compact keys instead of the model's full-layout mask. That knowledge travels
 with the cache, not with the press, and the model carries no hook between forwards: the cache layer of the decision
-layer (:class:`ArmingLayer`) is updated in every such forward before any deeper layer runs, and only then gives the
-first deeper decoder layer a one-shot pre-hook that rewrites its mask, arms the next layer's and removes itself. So
+layer (:class:`ArmingLayer`; in a hybrid decoder's list cache, the last attention layer at or below it,
+:class:`HaltedListCache`) is updated in every such forward before any deeper layer runs, and only then gives the
+first deeper attention layer a one-shot pre-hook that rewrites its mask, arms the next one's and removes itself. So
 such forwards work inside or outside ``with press(model)``, as kvpress's pipeline needs, and after any forward the
-model can be saved or copied as it was.
+model can be saved or copied as it was. A halted cache deep-copies; it refers weakly to its model's layers, so it
+does not pickle (a clear ``TypeError``).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 import weakref
@@ -108,7 +111,24 @@ class HaltedLayer(DynamicLayer):
             self.record.select_batch(indices)
 
 
-class ArmingLayer(DynamicLayer):
+class _RefusesPickling:
+    """A halted cache's part that refers weakly to the model's layers: deep copies share those references (the copy
+    serves the same model), pickling is refused with a clear error instead of failing on a weak reference."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a halted cache ({type(self).__name__}) refers to its model's decoder layers and cannot be pickled; "
+            "pickle the model, or a cache filled without a halting press"
+        )
+
+    def __deepcopy__(self, memo: dict):
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
+class ArmingLayer(_RefusesPickling, DynamicLayer):
     """The decision layer's ``DynamicLayer`` in a halted cache (every prompt position). Its ``update`` runs in each
     forward that continues the cache, after the model has built its masks and before any deeper layer runs: it arms
     the first deeper layer's one-shot mask rewrite (:class:`MaskRewrite`), which arms the next one as it runs."""
@@ -127,7 +147,7 @@ class ArmingLayer(DynamicLayer):
         return super().update(key_states, value_states, cache_kwargs)
 
 
-class HaltedListCache:
+class HaltedListCache(_RefusesPickling):
     """What a halted cache that keeps plain per-layer lists (``key_cache``, ``value_cache``; a hybrid decoder's
     recurrent layers' ``conv_states`` and ``recurrent_states``: Qwen3.5's ``Qwen3_5DynamicCache``) adds to its own
     class (:func:`attach_halted_layers` gives the instance a subclass of both). Updating ``arming_layer``, the last
@@ -138,10 +158,11 @@ class HaltedListCache:
     halt_record: HaltRecord
     arming_layer: int
     rewrite_chain: list[tuple[int, weakref.ref]]
+    one_mask: bool  # the deeper attention layers share one mask (ArmingLayer's rule)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
         if layer_idx == self.arming_layer and self.rewrite_chain and self.key_cache[layer_idx] is not None:
-            MaskRewrite(self.rewrite_chain, self.halt_record, may_stop=True)
+            MaskRewrite(self.rewrite_chain, self.halt_record, may_stop=self.one_mask)
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -240,7 +261,9 @@ def attach_halted_layers(
         attention = [index for index in range(len(decoder_layers)) if index not in recurrent]
         cache.__class__ = _halted_list_class(type(cache))
         cache.halt_record, cache.arming_layer = record, max(index for index in attention if index < first)
-        cache.rewrite_chain = [(index, weakref.ref(decoder_layers[index])) for index in attention if index >= first]
+        deeper = [index for index in attention if index >= first]
+        cache.rewrite_chain = [(index, weakref.ref(decoder_layers[index])) for index in deeper]
+        cache.one_mask = len({getattr(decoder_layers[index], "attention_type", None) for index in deeper}) <= 1
         return
     while len(cache.layers) < len(decoder_layers):
         cache.layers.append(DynamicLayer())

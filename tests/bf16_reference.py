@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import MaskedReference, relative_error  # noqa: E402
+from reference import decoder_reference, relative_error  # noqa: E402
 
 from dash_vlm import DeltaPress  # noqa: E402
 from dash_vlm.bench import batch_inputs  # noqa: E402
@@ -35,7 +35,7 @@ def compare(preset: str, layers: int, vision_layers: int, image_size: int, ratio
     press = DeltaPress(compression_ratio=ratio, scope="vision")
     with torch.inference_mode(), press(model):
         dash = model.generate(**inputs, **settings)
-    reference = MaskedReference(model, ratio, scope="vision")
+    reference = decoder_reference(model, ratio, scope="vision")  # the subsequence one for a hybrid decoder
     with torch.inference_mode(), reference():
         expected = model.generate(**inputs, **settings)
     errors = [relative_error(x, y) for x, y in zip(dash.logits, expected.logits, strict=True)]

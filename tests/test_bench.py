@@ -207,6 +207,9 @@ def test_bench_times_each_kind_of_layer_of_a_hybrid_decoder(tmp_path):
         kept = {kind: figures["K"] for kind, figures in layer_ms.items()}
         assert row["ideal_decoder_speedup"] == pytest.approx(decoder_ideal_speedup(kinds, 2, full, kept))
     assert rows[1]["kept"] < rows[1]["tokens"] and rows[0]["ideal_decoder_speedup"] == pytest.approx(1)
+    for paths in (["eager", "static"], ["graphs"]):
+        with pytest.raises(ValueError, match="hybrid decoder, which runs on the 'eager' path only"):
+            BenchConfig("tiny-qwen3.5", [64], [0.5], paths=paths)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from dash_vlm.graphs import BUCKET, GROUPED_DECODE, StaticDecoder, bucket, group
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.text import tiny_text_model
 
-HYBRID = model_types_with("hybrid_decoder")  # refused by the fast path (DESIGN.md section 11 item 5)
+HYBRID = model_types_with("hybrid_decoder")  # refused by the fast path (DESIGN.md section 11 item 6)
 FAMILIES = [family for family in model_types_with("is_vision_language") if family not in HYBRID]
 STEPS = 6
 PRESSES = {

@@ -20,6 +20,7 @@ def test_adapters_name_the_insertion_points(model_type):
     recurrent = adapter.recurrent_layers(model.config)  # a hybrid decoder's linear-attention layers
     kinds = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"] * len(layers)
     assert recurrent == {index for index, kind in enumerate(kinds) if kind == "linear_attention"}
+    assert adapter.hybrid_decoder == bool(recurrent)  # the capability the tests and docs select families by
     for index, layer in enumerate(layers):
         mixer = adapter.token_mixer(layer)
         assert mixer is (layer.linear_attn if index in recurrent else layer.self_attn)

@@ -7,6 +7,10 @@ types through everything else."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+from types import SimpleNamespace
+
 import pytest
 import torch
 from reference import SubsequenceReference, relative_error
@@ -17,7 +21,17 @@ from dash_vlm.models.qwen3_5 import DECISION_AT_ATTENTION, TINY_LAYER_TYPES, tin
 from dash_vlm.scorers import SCORERS
 
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
-LAYOUTS = {"recurrent decision": TINY_LAYER_TYPES, "attention decision": DECISION_AT_ATTENTION}
+# A 7-layer layout puts two attention layers above the decision layer (2), recurrent ones between them: the mask
+# rewrite of a later forward hands over across recurrent layers.
+TWO_DEEPER_ATTENTION = ("linear_attention", "full_attention", "linear_attention") + (
+    "full_attention",
+    "linear_attention",
+) * 2
+LAYOUTS = {
+    "recurrent decision": TINY_LAYER_TYPES,
+    "attention decision": DECISION_AT_ATTENTION,
+    "two deeper attention layers": TWO_DEEPER_ATTENTION,
+}
 NEW_TOKENS = 5
 
 
@@ -50,9 +64,10 @@ def test_padded_batch_equals_the_subsequence_reference(model_type, layout, scope
     """A left-padded batch under the press against each sample alone under the reference: DASH's own selection for
     ``method="dash"``; for the other methods the reference takes the press's choice (their selections are held to
     brute force in test_scorers.py) and holds the execution to rule 16."""
-    model = tiny_qwen3_5(model_type, layer_types=LAYOUTS[layout])
+    layer_types = LAYOUTS[layout]
+    model = tiny_qwen3_5(model_type, layer_types=layer_types, num_hidden_layers=len(layer_types))
     batch, singles = batch_and_singles(model_type)
-    fastv_layer = 2 if layout == "recurrent decision" else 3  # FastV reads attention: layer 1, or layer 2
+    fastv_layer = 3 if layout == "attention decision" else 2  # FastV reads attention: layer 2, or layer 1
     press = DeltaPress(compression_ratio=0.667, scope=scope, method=method, fastv_layer=fastv_layer)
     actual = generate(model, batch, press(model))
     stats = press.last_stats
@@ -60,7 +75,7 @@ def test_padded_batch_equals_the_subsequence_reference(model_type, layout, scope
     length = batch["input_ids"].shape[1]
     for b, sample in enumerate(singles):
         chosen = None if method == "dash" else [stats[b].halted_positions]
-        start_ratio = stats[b].decision_layer / len(LAYOUTS[layout])  # FastV decides below DASH's layer
+        start_ratio = stats[b].decision_layer / len(layer_types)  # FastV decides below DASH's layer
         reference = SubsequenceReference(model, 0.667, start_ratio, scope=scope, chosen=chosen)
         with reference():
             expected = generate(model, sample)
@@ -70,7 +85,7 @@ def test_padded_batch_equals_the_subsequence_reference(model_type, layout, scope
             assert relative_error(x[b], y[0]) <= 1e-4, f"sample {b} step {step}"
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["recurrent decision", "attention decision"])
 def test_deeper_recurrent_layers_take_the_kept_rows_and_leave_the_references_states(layout):
     """After a padded prefill, every recurrent layer's convolution and recurrent state, per sample, equals the
     reference's for that sample alone (the deeper ones: over its kept tokens only); the first deeper layer receives
@@ -132,17 +147,67 @@ def test_decision_layer_below_the_first_attention_layer_and_fastv_on_a_recurrent
         pass
 
 
-def test_the_fast_path_is_refused_before_any_weights_load(tmp_path):
+def test_the_fast_path_is_refused_before_any_weights_load(tmp_path, monkeypatch):
     model, processor = adapter_for("qwen3_5").tiny_checkpoint("qwen3_5", ["red", "blue"], 0, 2, 32, 32)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForImageTextToText.from_pretrained", no_weights)
     with pytest.raises(ValueError, match=r"cuda_graphs=True does not support 'qwen3_5'"):
         DashVLM.from_pretrained(tmp_path, cuda_graphs=True)
 
 
-def test_beam_search_reorders_the_halted_hybrid_cache():
-    """Beam search expands each prompt and reorders the cache every step: the halted cache's record follows; each
-    prompt alone gives the same beams."""
+def halted_prefill(model, inputs: dict):
+    """The prefill under DASH 0.5, and the halted cache it leaves."""
+    with torch.no_grad(), DeltaPress(compression_ratio=0.5)(model):
+        output = model(**inputs, use_cache=True)
+    return output, output.past_key_values
+
+
+def decode_step(model, inputs: dict, output, cache) -> torch.Tensor:
+    """One greedy decode step of a padded batch on ``cache``, positions as generate gives them."""
+    token = output.logits[:, -1:].argmax(-1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], -1)
+    step = model.prepare_inputs_for_generation(
+        token, past_key_values=cache, attention_mask=mask, cache_position=torch.tensor([mask.shape[1] - 1])
+    )
+    with torch.no_grad():
+        return model(**step).logits
+
+
+def test_a_reordered_halted_cache_decodes_as_its_samples_reordered():
+    """``reorder_cache`` across samples (what beam search does within a prompt's beams, made visible by mixing
+    prompts): the cache's record follows its rows, so a decode step on the reordered cache equals the original
+    step's rows in the new order."""
+    model = tiny_qwen3_5()
+    batch, _ = batch_and_singles("qwen3_5")
+    output, cache = halted_prefill(model, batch)
+    order = torch.tensor([2, 0, 1])
+    expected = decode_step(model, batch, output, copy.deepcopy(cache))[order]
+    cache.reorder_cache(order)
+    model.model.rope_deltas = model.model.rope_deltas[order]  # the positions of the reordered rows
+    reordered = {key: value[order] for key, value in batch.items() if key in ("input_ids", "attention_mask")}
+    logits = decode_step(model, reordered, SimpleNamespace(logits=output.logits[order]), cache)
+    assert relative_error(logits, expected) <= 1e-5
+
+
+def test_the_halted_hybrid_cache_deep_copies_and_refuses_pickling():
+    model = tiny_qwen3_5()
+    batch, _ = batch_and_singles("qwen3_5")
+    output, cache = halted_prefill(model, batch)
+    copied = copy.deepcopy(cache)
+    assert type(copied) is type(cache) and copied.halt_record is not cache.halt_record
+    assert torch.equal(decode_step(model, batch, output, copied), decode_step(model, batch, output, cache))
+    with pytest.raises(TypeError, match="halted cache .* cannot be pickled"):
+        pickle.dumps(cache)
+    pickle.dumps(model)  # the model itself carries nothing of the press
+
+
+def test_beam_search_on_the_halted_hybrid_cache():
+    """Beam search expands each prompt and reorders the cache every step; each prompt alone gives the same beams."""
     model = tiny_qwen3_5()
     batch, singles = batch_and_singles("qwen3_5")
     beams = dict(num_beams=3, max_new_tokens=5, min_new_tokens=5, do_sample=False)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from dash_vlm import DeltaPress
 from dash_vlm.bench import StageTimers, batch_inputs, device_name, run_once
+from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS
 
 VARIANTS = {
@@ -44,10 +45,12 @@ VARIANTS = {
 
 
 def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Keys and values of one token in every decoder layer."""
+    """Keys and values of one token in every attention layer of the decoder (a hybrid decoder's recurrent layers hold
+    states of a fixed size instead)."""
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
+    layers = text.num_hidden_layers - len(adapter_for(config).recurrent_layers(config))
+    return 2 * layers * text.num_key_value_heads * head_dim * dtype.itemsize
 
 
 def measure(args) -> dict:

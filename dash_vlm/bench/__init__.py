@@ -184,6 +184,13 @@ class BenchConfig:
                 f"{self.image_sizes}"
             )
         model_type = PRESETS[self.preset].model_classes()[0].model_type
+        if adapter_for(model_type).hybrid_decoder and {"static", "graphs"} & set(self.paths):
+            # transformers 5.2 ignores cache_implementation for a model with its own cache class (Qwen3.5's); the
+            # fast path refuses a hybrid decoder (DESIGN.md section 11)
+            raise ValueError(
+                f"paths {self.paths}: preset {self.preset!r} has a hybrid decoder, which runs on the 'eager' path only "
+                "(transformers keeps its own cache class, no static cache; cuda_graphs refuses it)"
+            )
         if self.video_frames:
             if not adapter_for(model_type).video:
                 raise ValueError(
@@ -596,7 +603,7 @@ def run_bench(config: BenchConfig) -> dict:
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "attention": attention_of(model),
-        "linear_attention_kernels": linear_attention_kernels(model),
+        "linear_attention_kernels": adapter_for(model).recurrent_kernels(model),
         "graph_captures": {path: decoder.captures for path, decoder in decoders.items()},
         "graph_memory_bytes": {path: decoder.graph_memory_bytes for path, decoder in decoders.items()},
         "rows": rows,
@@ -698,19 +705,6 @@ def size_rows(
             }
             rows.append(row)
     return rows
-
-
-def linear_attention_kernels(model: nn.Module) -> str | None:
-    """What a hybrid decoder's recurrent layers run on: flash-linear-attention's Triton kernels ("fla", where
-    transformers found the ``fla`` package on a GPU) or transformers' PyTorch loops ("torch"); ``None`` for a decoder
-    without recurrent layers."""
-    adapter = adapter_for(model)
-    recurrent = adapter.recurrent_layers(model.config)
-    if not recurrent:
-        return None
-    mixer = adapter.token_mixer(adapter.decoder(model).layers[min(recurrent)])
-    module = getattr(mixer.chunk_gated_delta_rule, "__module__", "") or ""
-    return "fla" if module.startswith("fla") else "torch"
 
 
 def device_name(model: nn.Module) -> str:

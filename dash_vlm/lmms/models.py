@@ -362,7 +362,9 @@ class DashQwen3_5(DashQwen3VL):  # noqa: N801 - named like lmms-eval's Qwen3_5
     its alias ``max_frames``; each at least ``min_pixels``, together within ``total_pixels``; ``total_pixels=None``
     or ``none`` reads videos as ``qwen3_vl`` does), the chat template's thinking switch (``enable_thinking``) and a
     default generation length of 1,024 tokens. With thinking on, an answer is the text after ``</think>``, stripped
-    (``""`` where the thinking did not end). Serves Qwen3.5 and Qwen3.5-MoE."""
+    (``""`` where the thinking did not end). Serves Qwen3.5 and Qwen3.5-MoE. Unlike lmms-eval's ``qwen3_5``, which
+    samples (temperature 0.7, top_p 0.8, top_k 20) where a task sets no temperature, it decodes greedily there, as
+    every ``dash_*`` model does: ratio-0 scores of such tasks are deterministic, and may differ from published ones."""
 
     family = "qwen3_5"
 

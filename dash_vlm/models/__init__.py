@@ -172,6 +172,10 @@ class ModelAdapter:
         decoder's linear-attention layers, DESIGN.md section 1 rule 16); none by default."""
         return frozenset()
 
+    def recurrent_kernels(self, model: nn.Module) -> str | None:
+        """What the recurrent layers of a model run on (the bench reports it), or ``None`` without recurrent layers."""
+        return None
+
     def attention_queries(self, attention: nn.Module, states: torch.Tensor) -> torch.Tensor:
         """The queries of a decoder attention module for ``states`` (``[batch, tokens, hidden]``), as
         ``[batch, heads, tokens, head_dim]`` before the rotary embedding, its query norm applied if it has one."""

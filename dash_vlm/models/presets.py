@@ -43,7 +43,7 @@ class Preset:
         settings = {**self.config, "text_config": dict(self.config["text_config"])}
         settings["vision_config"] = dict(self.config["vision_config"])
         if layers:
-            settings["text_config"]["num_hidden_layers"] = layers
+            self.shorten_decoder(settings["text_config"], layers)
         if vision_layers:
             self.shorten_vision(settings["vision_config"], vision_layers)
         config_class, model_class = self.model_classes()
@@ -96,6 +96,12 @@ class Preset:
     def processor(self, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
         """The family's real processor class at this shape's image sizes, around ``tokenizer``."""
         raise NotImplementedError
+
+    def shorten_decoder(self, text_config: dict, layers: int) -> None:
+        """Keep the first ``layers`` decoder layers (``build(layers=...)``)."""
+        text_config["num_hidden_layers"] = layers
+        if "layer_types" in text_config:  # a hybrid or sliding-window layout: the first layers' kinds
+            text_config["layer_types"] = text_config["layer_types"][:layers]
 
     def shorten_vision(self, vision_config: dict, blocks: int) -> None:
         """Make ``vision_config`` a tower of ``blocks`` blocks."""

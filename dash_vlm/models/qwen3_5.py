@@ -62,6 +62,12 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     def token_mixer(self, layer: nn.Module) -> nn.Module:
         return layer.linear_attn if layer.layer_type == RECURRENT else layer.self_attn
 
+    def recurrent_kernels(self, model: nn.Module) -> str:
+        """ "fla" where transformers found flash-linear-attention's Triton kernels (the ``fla`` package, on a GPU),
+        else "torch" (its PyTorch loops)."""
+        layer = self.decoder_layers(model)[min(self.recurrent_layers(model.config))]
+        return "fla" if layer.linear_attn.chunk_gated_delta_rule.__module__.startswith("fla") else "torch"
+
     def attention_queries(self, attention: nn.Module, states: torch.Tensor) -> torch.Tensor:
         """The queries without the output gate that the same projection yields beside them."""
         projected = attention.q_proj(states).view(*states.shape[:2], -1, 2 * attention.head_dim)
@@ -223,7 +229,7 @@ class TinyQwen3_5Preset(Qwen3_5Preset):
         layers: int | None = None,
         vision_layers: int | None = None,
     ) -> nn.Module:
-        overrides = {"num_hidden_layers": layers} if layers else {}
+        overrides = {"num_hidden_layers": layers, "layer_types": TINY_LAYER_TYPES[:layers]} if layers else {}
         return tiny_qwen3_5(attn_implementation=attn_implementation, **overrides).to(device, dtype)
 
 
