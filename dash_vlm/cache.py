@@ -138,8 +138,7 @@ class ArmingLayer(_RefusesPickling, DynamicLayer):
         self.record = record
         # Weak: the cache must not keep the model alive; copied as they are by deepcopy (weak references are atomic).
         self.chain = [(first_halted + offset, weakref.ref(layer)) for offset, layer in enumerate(decoder_layers)]
-        # Deeper layers of one attention type receive one mask: when the first needs no rewrite, none does.
-        self.one_mask = len({getattr(layer, "attention_type", None) for layer in decoder_layers}) == 1
+        self.one_mask = share_one_mask(decoder_layers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None):
         if self.get_seq_length() > 0:  # a later forward; the prefill and a cache being filled arm nothing
@@ -158,7 +157,7 @@ class HaltedListCache(_RefusesPickling):
     halt_record: HaltRecord
     arming_layer: int
     rewrite_chain: list[tuple[int, weakref.ref]]
-    one_mask: bool  # the deeper attention layers share one mask (ArmingLayer's rule)
+    one_mask: bool  # the deeper attention layers share one mask (share_one_mask)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
         if layer_idx == self.arming_layer and self.rewrite_chain and self.key_cache[layer_idx] is not None:
@@ -192,6 +191,11 @@ def halted_state(cache: object, layer_idx: int) -> tuple[HaltRecord, int] | None
     layer = layers[layer_idx] if layer_idx < len(layers) else None
     record = getattr(layer, "record", None)
     return None if record is None else (record, layer.get_seq_length())
+
+
+def share_one_mask(layers: list[nn.Module]) -> bool:
+    """Whether decoder layers of one attention type receive one mask: when the first needs no rewrite, none does."""
+    return len({getattr(layer, "attention_type", None) for layer in layers}) <= 1
 
 
 class MaskRewrite:
@@ -263,7 +267,7 @@ def attach_halted_layers(
         cache.halt_record, cache.arming_layer = record, max(index for index in attention if index < first)
         deeper = [index for index in attention if index >= first]
         cache.rewrite_chain = [(index, weakref.ref(decoder_layers[index])) for index in deeper]
-        cache.one_mask = len({getattr(decoder_layers[index], "attention_type", None) for index in deeper}) <= 1
+        cache.one_mask = share_one_mask([decoder_layers[index] for index in deeper])
         return
     while len(cache.layers) < len(decoder_layers):
         cache.layers.append(DynamicLayer())

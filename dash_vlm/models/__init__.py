@@ -179,15 +179,11 @@ class ModelAdapter:
     def attention_queries(self, attention: nn.Module, states: torch.Tensor) -> torch.Tensor:
         """The queries of a decoder attention module for ``states`` (``[batch, tokens, hidden]``), as
         ``[batch, heads, tokens, head_dim]`` before the rotary embedding, its query norm applied if it has one."""
-        queries = attention.q_proj(states).view(*states.shape[:2], -1, attention.head_dim)
-        norm = getattr(attention, "q_norm", None)
-        return (queries if norm is None else norm(queries)).transpose(1, 2)
+        return _heads(attention, "q", states)
 
     def attention_keys(self, attention: nn.Module, states: torch.Tensor) -> torch.Tensor:
         """The keys of a decoder attention module for ``states``, as :meth:`attention_queries` gives its queries."""
-        keys = attention.k_proj(states).view(*states.shape[:2], -1, attention.head_dim)
-        norm = getattr(attention, "k_norm", None)
-        return (keys if norm is None else norm(keys)).transpose(1, 2)
+        return _heads(attention, "k", states)
 
     def decoder_depth(self, config: PretrainedConfig) -> int:
         """The number of decoder layers of a model of ``config``."""
@@ -343,6 +339,14 @@ class ModelAdapter:
         """``batch`` (processor outputs on the host) completed for a training step, and the names of the entries that
         must stay on the host when the rest moves to the GPU. By default nothing is added and everything moves."""
         return batch, ()
+
+
+def _heads(attention: nn.Module, kind: str, states: torch.Tensor) -> torch.Tensor:
+    """``states`` through an attention module's ``{kind}_proj`` (and ``{kind}_norm`` if it has one), split into
+    heads: ``[batch, heads, tokens, head_dim]``."""
+    projected = getattr(attention, f"{kind}_proj")(states).view(*states.shape[:2], -1, attention.head_dim)
+    norm = getattr(attention, f"{kind}_norm", None)
+    return (projected if norm is None else norm(projected)).transpose(1, 2)
 
 
 DEFAULT_MAX_FRAMES = 32  # lmms-eval's qwen2_vl default

@@ -107,9 +107,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         content = [
             item | limits if item["type"] == "image" else item | {"min_pixels": limits["min_pixels"]} for item in items
         ]
-        images, videos, video_kwargs = self.read_vision(processor, content, limits, return_video_metadata=True)
-        frames, metadata = map(list, zip(*videos, strict=True))
-        return {"images": images, "do_resize": False, "videos": frames, "video_metadata": metadata, **video_kwargs}
+        return self.processor_vision(processor, content, limits)
 
     def lmms_conversation(
         self,

@@ -115,6 +115,11 @@ class Qwen3VLAdapter(QwenVLAdapter):
                 frames = min(item.get("max_frames") or DEFAULT_MAX_FRAMES, video_frame_count(item["video"]))
                 entry["nframes"] = max(2, frames // 2 * 2)
             content.append(entry)
+        return self.processor_vision(processor, content, limits)
+
+    def processor_vision(self, processor: ProcessorMixin, content: list[dict], limits: dict) -> dict:
+        """The processor's vision arguments from qwen-vl-utils' reading of ``content``: images, and videos with their
+        metadata (frame indices and rate, for the timestamps); the processor does not resize again."""
         images, videos, video_kwargs = self.read_vision(processor, content, limits, return_video_metadata=True)
         vision = {"images": images, "do_resize": False}
         if videos:
