@@ -1,16 +1,16 @@
 """The fast path (DESIGN.md section 8): the decoder prefill and greedy decode steps, replayed as CUDA graphs.
 
-A prefill runs as ``generate`` would run it (the model's own input preparation, the vision tower, under the press
-when one is given), except for its decoder layers: for that call the decoder's layer list holds one
-``_DecoderStack``, which replays a ``_PrefillGraph`` of every layer, the press's halting decision included, on the
-prompt and the kept slots padded to ``PREFILL_BUCKET``. The prefill's cache, full-length or halted, is copied into
-static buffers: transformers' ``StaticLayer``s, one per decoder layer, each as long as that layer's prompt part
-(``T`` below the decision layer, the kept slots ``K`` above it), rounded up to ``BUCKET``, plus one slot per new
-token. One decode step (embedding, every decoder layer, final norm, LM head, greedy choice) runs on those buffers
-with no host sync: its masks, cache positions and rotary positions are computed on the device from a step counter,
-so the step can be captured once as a CUDA graph and replayed for every token. Graphs are kept per shape in small
-LRUs that share one memory pool. With ``capture=False`` the same work runs eagerly, which is how the tests check it
-on a CPU.
+A prefill runs as ``generate`` would run it (the model's own input preparation, the vision tower, under the press when
+one is given), except for the tower's grid work, made once per grid (``dash_vlm.tower``), and its decoder layers: for
+that call the decoder's layer list holds one ``_DecoderStack``, which replays a ``_PrefillGraph`` of every layer, the
+press's halting decision included, on the prompt and the kept slots padded to ``PREFILL_BUCKET``. The prefill's cache,
+full-length or halted, is copied into static buffers: transformers' ``StaticLayer``s, one per decoder layer, each as
+long as that layer's prompt part (``T`` below the decision layer, the kept slots ``K`` above it), rounded up to
+``BUCKET``, plus one slot per new token. One decode step (embedding, every decoder layer, final norm, LM head, greedy
+choice) runs on those buffers with no host sync: its masks, cache positions and rotary positions are computed on the
+device from a step counter, so the step can be captured once as a CUDA graph and replayed for every token. Graphs are
+kept per shape in small LRUs that share one memory pool. With ``capture=False`` the same work runs eagerly, which is how
+the tests check it on a CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dash_vlm.models import DecoderAdditions, ModelAdapter, adapter_for
 from dash_vlm.plan import HaltPlan, plan_halting
 from dash_vlm.press import DeltaPress, Timer, executor_of
 from dash_vlm.scorers import Reading, Scorer, read_decision_layer
+from dash_vlm.tower import TowerTables
 
 logger = logging.getLogger(__name__)
 
@@ -514,6 +515,7 @@ class StaticDecoder:
         self.graphs: OrderedDict[DecodeShape, _DecodeGraph] = OrderedDict()
         self.prefill_graphs: OrderedDict[PrefillShape, _PrefillGraph] = OrderedDict()
         self.prefill_bucket = prefill_bucket
+        self.tower_tables = TowerTables(model, size=max_graphs)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
         self.graph_memory_bytes = 0  # GPU memory the graphs' buffers and captures took, as reserved by the allocator
@@ -567,7 +569,8 @@ class StaticDecoder:
             decoder.register_forward_pre_hook(take_additions, with_kwargs=True),
         ]
         try:
-            with press(model) if press is not None else nullcontext():  # the press hooks the real layers
+            # the press hooks the real layers and blocks; the tower runs on its tables (dash_vlm.tower)
+            with press(model) if press is not None else nullcontext(), self.tower_tables.installed(prepared):
                 decoder.layers = nn.ModuleList([_DecoderStack(lambda *args: self._run_stack(layers, *args))])
                 output = model(**prepared)
         finally:

@@ -13,7 +13,10 @@ Settings (vision tower / decoder): ``sdpa`` (transformers' SDPA, a call per imag
   and the share of steps whose greedy token agrees, for vanilla, DASH, and DASH with vision-tower halting; under
   halting also how far each sample's halted tokens and tower patches overlap SDPA's (Jaccard).
 - ``time``: one prefill (``logits_to_keep=1``) per (setting, variant), settings rotated every repeat; medians of the
-  vision tower, the decoder and the whole prefill (CUDA events), and each setting's gain against ``sdpa``.
+  vision tower, the decoder and the whole prefill (CUDA events), each setting's gain against ``sdpa``, and every
+  run's figures (``runs``). The variant ``control`` is the bench's ratio-0 control (a press that halts nothing): a
+  setting's rows are ``noisy`` when its control's prefill departs from its vanilla's by more than the bench's
+  ``NOISE``, and a gain of that size is then not told from noise.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from reference import relative_error  # noqa: E402
 
 from dash_vlm import DeltaPress  # noqa: E402
 from dash_vlm.attention import FLASH_ATTENTION_4, VARLEN_SDPA, register  # noqa: E402
-from dash_vlm.bench import StageTimers, batch_inputs, device_name  # noqa: E402
+from dash_vlm.bench import NOISE, StageTimers, batch_inputs, device_name  # noqa: E402
 from dash_vlm.models import adapter_for  # noqa: E402
 from dash_vlm.models.presets import PRESETS  # noqa: E402
 from dash_vlm.models.tiny import left_pad_batch  # noqa: E402
@@ -46,6 +49,7 @@ SETTINGS = {
 }
 VARIANTS = {
     "vanilla": None,
+    "control": dict(compression_ratio=0.0),
     "dash": dict(compression_ratio=0.667),
     "dash+vision": dict(compression_ratio=0.667, vision_compression_ratio=0.5),
 }
@@ -161,7 +165,12 @@ def time(args) -> dict:
                     for key in figures[runs[0]][0]
                 }
                 base = {key: statistics.median(run[key] for run in figures[("sdpa", variant)]) for key in medians}
+                vanilla, control = (
+                    statistics.median(run["prefill_ms"] for run in figures[(setting, name)])
+                    for name in ("vanilla", "control")
+                )
                 row = {"image_size": size, "batch_size": batch, "setting": setting, "variant": variant, **medians}
+                row |= {"noisy": abs(control / vanilla - 1) > NOISE, "runs": figures[(setting, variant)]}
                 row |= {f"{key.removesuffix('_ms')}_speedup_vs_sdpa": base[key] / medians[key] for key in medians}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

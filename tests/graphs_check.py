@@ -3,14 +3,17 @@
 
     python tests/graphs_check.py --preset qwen2-vl-7b --image-size 896 --output graphs.json
 
-For vanilla and DASH (``--ratio``), at each batch size:
+For vanilla, the ratio-0 control (a press that halts nothing: its times differ from vanilla's only by noise) and DASH
+(``--ratio``), at each batch size:
 
 - correctness: the eager ``generate`` (greedy, ``--steps`` tokens) is the reference. The fast path runs free (its
   own greedy tokens) and teacher-forced (fed the reference's tokens); reported are the relative error of every
   step's logits and the share of steps whose greedy choice agrees, as ``bf16_reference.py`` does, and the captured
   graph against the same static step run eagerly (``capture=False``), which must agree to bf16 rounding;
 - speed: time to first token, median decode step and answer latency (``--steps`` tokens), eager ``generate`` against
-  the fast path, medians of ``--repeats`` runs after warm-up (the run that captures a graph is warm-up).
+  the fast path, medians of ``--repeats`` runs after warm-up (the run that captures a graph is warm-up), every run's
+  figures kept (``runs``); a batch size is ``noisy`` when its control's TTFT or answer departs from vanilla's by more
+  than the bench's ``NOISE`` on either path, and a gain of that size is then not told from noise.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import relative_error  # noqa: E402
 
 from dash_vlm import DeltaPress  # noqa: E402
-from dash_vlm.bench import batch_inputs  # noqa: E402
+from dash_vlm.bench import NOISE, batch_inputs  # noqa: E402
 from dash_vlm.graphs import StaticDecoder  # noqa: E402
 from dash_vlm.models.presets import PRESETS  # noqa: E402
 from dash_vlm.press import Timer  # noqa: E402
@@ -94,9 +97,24 @@ def check(model, inputs: dict, press, steps: int, repeats: int) -> dict:
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         medians["decode_step_ms"] = (medians["answer_ms"] - medians["ttft_ms"]) / (steps - 1)
         result[path] = medians
+    result["runs"] = timings
     result["captures"] = captured.captures
     result["answer_speedup"] = result["eager"]["answer_ms"] / result["graphs"]["answer_ms"]
     return result
+
+
+CONTROL = "ratio-0 control"
+
+
+def noisy(cases: dict, batch_size: int) -> bool:
+    """Whether the ratio-0 control of ``batch_size`` departs from vanilla by more than ``NOISE`` (TTFT or answer, on
+    either path)."""
+    vanilla, control = cases[f"vanilla, batch {batch_size}"], cases[f"{CONTROL}, batch {batch_size}"]
+    return any(
+        abs(control[path][key] / vanilla[path][key] - 1) > NOISE
+        for path in ("eager", "graphs")
+        for key in ("ttft_ms", "answer_ms")
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,14 +138,21 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "cases": {},
+        "noisy": {},
     }
     for batch_size in map(int, args.batch_sizes.split(",")):
         inputs = batch_inputs(preset.inputs(args.image_size), batch_size, args.device, dtype)
-        for name, press in (("vanilla", None), (f"DASH {args.ratio:g}", DeltaPress(compression_ratio=args.ratio))):
+        cases = {
+            "vanilla": None,
+            CONTROL: DeltaPress(compression_ratio=0.0),
+            f"DASH {args.ratio:g}": DeltaPress(compression_ratio=args.ratio),
+        }
+        for name, press in cases.items():
             case = f"{name}, batch {batch_size}"
             document["cases"][case] = check(model, inputs, press, args.steps, args.repeats)
             summary = {k: v for k, v in document["cases"][case].items() if k in ("eager", "graphs", "answer_speedup")}
             print(case, json.dumps(summary), flush=True)
+        document["noisy"][batch_size] = noisy(document["cases"], batch_size)
     if args.output is not None:
         args.output.write_text(json.dumps(document, indent=1))
     return document

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -60,6 +61,17 @@ def test_bench_tiny_json(tmp_path, capsys):
             assert row["kept"] == row["tokens"] and row["ideal_decoder_speedup"] == pytest.approx(1)
         else:
             assert row["kept"] < row["tokens"]
+        floor = row["floor"]  # the same tower, fewer decoder FLOPs and a smaller cache where tokens halt
+        assert floor["dash"]["vision_tflop"] == floor["vanilla"]["vision_tflop"] > 0
+        assert (floor["dash"]["decoder_tflop"] < floor["vanilla"]["decoder_tflop"]) == (row["ratio"] > 0)
+        assert (floor["dash"]["step_gb"] < floor["vanilla"]["step_gb"]) == (row["ratio"] > 0)
+        for method in ("vanilla", "dash"):
+            for key, fraction in floor[method]["fraction"].items():
+                assert fraction == pytest.approx(floor[method]["floor_ms"][key] / row[method][key])
+    assert document["device_peak"]["matmul_tflops"] > 0 and document["device_peak"]["copy_gb_per_s"] > 0
+    assert document["attention_counted"] == {"decoder": True, "vision": True}  # SDPA and the towers' VARLEN_SDPA
+    for entry in document["latency"]:
+        assert set(entry["floor"]["fraction"]) == {"ttft_ms", "decode_step_ms", "answer_ms"}
     by_size = {size: [row for row in rows if row["image_size"] == size] for size in (48, 64)}
     for size_rows in by_size.values():  # more halting, fewer kept tokens and a smaller cache
         assert [r["kept"] for r in size_rows] == sorted((r["kept"] for r in size_rows), reverse=True)
@@ -297,6 +309,39 @@ def test_bf16_reference_script_runs_on_the_tiny_preset():
     assert result["same_halted_positions"] and result["kept"] < result["tokens"]
     assert result["max_logits_relative_error"] < 1e-4
     assert result["greedy_token_agreement"] == 1.0
+
+
+def test_graphs_check_script_keeps_a_ratio_0_control_and_every_run():
+    """The GPU fast-path script, uncaptured on a CPU: the control beside vanilla and DASH, and its noise verdict."""
+    from graphs_check import CONTROL
+    from graphs_check import main as graphs_main
+
+    document = graphs_main(["--preset", "tiny", "--image-size", "48", "--batch-sizes", "1", "--steps", "3",
+                            "--repeats", "2", "--device", "cpu"])  # fmt: skip
+    assert list(document["cases"]) == ["vanilla, batch 1", f"{CONTROL}, batch 1", "DASH 0.667, batch 1"]
+    assert document["noisy"][1] in (True, False)
+    for case in document["cases"].values():
+        assert len(case["runs"]["graphs"]) == len(case["runs"]["eager"]) == 2
+        assert case["teacher_forced"]["max_logits_relative_error"] < 1e-4
+
+
+def test_attention_bench_marks_settings_whose_control_is_off(tmp_path, monkeypatch):
+    import attention_bench
+
+    output = tmp_path / "times.json"
+    argv = ["attention_bench.py", "time", "--preset", "tiny", "--image-sizes", "48", "--settings", "sdpa,varlen_sdpa",
+            "--device", "cpu", "--repeats", "2", "--warmup", "1", "--output", str(output)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    attention_bench.main()
+    rows = json.loads(output.read_text())["rows"]
+    assert {(row["setting"], row["variant"]) for row in rows} == {
+        (setting, variant)
+        for setting in ("sdpa", "varlen_sdpa")
+        for variant in ("vanilla", "control", "dash", "dash+vision")
+    }
+    for row in rows:
+        assert row["noisy"] in (True, False) and len(row["runs"]) == 2
+        assert row["prefill_ms"] == pytest.approx(statistics.median(run["prefill_ms"] for run in row["runs"]))
 
 
 def test_token_timer_marks_every_generated_token():

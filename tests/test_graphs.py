@@ -65,6 +65,9 @@ def test_static_decode_equals_eager_generate(family, attention, press_name):
         if press is not None:
             stats = press.last_stats
             assert any(s.kept < s.tokens for s in stats), kind
+    tables = decoder.tower_tables
+    assert tables.grid_reads == 0  # every grid was read once, on the host, before the model ran
+    assert bool(tables.tables) == bool(adapter_for(family).vision_grid_keys)
 
 
 @pytest.mark.parametrize(
@@ -342,3 +345,72 @@ def test_generation_stops_once_every_sample_has_ended():
     assert output.tokens.shape[1] <= 1 + CHUNK  # the answers are a word and an end token: one chunk, not 64 steps
     eos = vlm.model.generation_config.eos_token_id
     assert all(torch.isin(row, torch.tensor(eos).flatten()).any() for row in output.tokens)
+
+
+TABLE_FAMILIES = [family for family in model_types_with("is_vision_language") if adapter_for(family).vision_grid_keys]
+
+
+def tower_outputs(model, sample: dict) -> list[torch.Tensor]:
+    """The tower's output for each kind of visual input of ``sample``: its merged tokens, last hidden state and
+    DeepStack features."""
+    tower = adapter_for(model).vision_tower(model)
+    outputs = []
+    for pixels_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if sample.get(grid_key) is not None:
+            with torch.inference_mode():
+                output = tower(sample[pixels_key], grid_thw=sample[grid_key])
+            outputs += [output.pooler_output, output.last_hidden_state, *getattr(output, "deepstack_features", [])]
+    return outputs
+
+
+@pytest.mark.parametrize("family", TABLE_FAMILIES)
+@pytest.mark.parametrize("vision_ratio", [0.0, 0.5])
+def test_tower_on_its_tables_equals_its_own_forward(family, vision_ratio):
+    """The fast path's tower (tables made once per grid from the host grid) against transformers' forward, with and
+    without halting inside the tower; the tables are made once per grid and the tower's forward is restored."""
+    from dash_vlm.tower import TowerTables
+
+    adapter = adapter_for(family)
+    model = adapter.tiny_model(family, vision_layers=4)
+    press = DeltaPress(compression_ratio=0.0, vision_compression_ratio=vision_ratio)
+    tables = TowerTables(model)
+    tower = adapter.vision_tower(model)
+    for kind, sample in adapter.tiny_inputs(family).items():
+        with press(model):
+            expected = tower_outputs(model, sample)
+            with tables.installed(sample):
+                assert "forward" in vars(tower)
+                got = tower_outputs(model, sample)
+                made = dict(tables.tables)
+                assert tower_outputs(model, sample) and all(tables.tables[grid] is made[grid] for grid in made)
+        assert "forward" not in vars(tower), kind
+        assert len(got) == len(expected) and tables.grid_reads == 0
+        for a, b in zip(got, expected, strict=True):
+            assert a.shape == b.shape and relative_error(a, b) <= 1e-5, kind
+        halted = not torch.equal(tower_outputs(model, sample)[0], expected[0])  # against the tower without the press
+        assert halted == (vision_ratio > 0), kind
+
+
+def test_tower_forward_is_restored_when_the_tower_fails():
+    from dash_vlm.tower import TowerTables
+
+    family = TABLE_FAMILIES[0]
+    adapter = adapter_for(family)
+    model = adapter.tiny_model(family)
+    sample = adapter.tiny_inputs(family)["image"]
+    tables = TowerTables(model)
+    tower = adapter.vision_tower(model)
+    with pytest.raises(RuntimeError), tables.installed(sample):
+        tower(sample["pixel_values"][:-1], sample["image_grid_thw"])  # one patch short of its grid
+    assert "forward" not in vars(tower) and not tower._forward_pre_hooks
+    with tables.installed(sample):  # the grid given by position
+        by_position = tower(sample["pixel_values"], sample["image_grid_thw"]).pooler_output
+    assert torch.equal(by_position, tower_outputs(model, sample)[0])
+    asked = dict(output_hidden_states=True, return_dict=True)  # only transformers' own forward records these
+    with tables.installed(sample):
+        recorded = tower(sample["pixel_values"], grid_thw=sample["image_grid_thw"], **asked)
+    assert len(recorded.hidden_states) == len(adapter.vision_blocks(model)) + 1
+    assert torch.equal(recorded.pooler_output, by_position) and tables.grid_reads == 0
+    with tables.installed({}):  # a grid the tables were not given is read, and counted
+        tower(sample["pixel_values"], grid_thw=sample["image_grid_thw"])
+    assert tables.grid_reads == 1

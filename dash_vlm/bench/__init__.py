@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dash_vlm.attention import ATTENTION_CHOICES, attention_of, load_implementation, use_attention
+from dash_vlm.bench.floor import COUNTED_ATTENTION, DevicePeak, Work, count_prefill, measure_peak
 from dash_vlm.compact import take_tokens
 from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import MAX_FRAMES_LIMIT, adapter_for, model_types_with
@@ -562,6 +563,7 @@ def run_bench(config: BenchConfig) -> dict:
     # (side, frames) of each prompt measured: an image of each side, or a video of each frame count (frames 0: image)
     shapes = [(sizes[0], frames) for frames in config.video_frames] or [(size, 0) for size in sizes]
     timers = StageTimers(model)
+    peak = measure_peak(model_devices(model)[0], dtype)
     decoders = {}
     if "graphs" in config.paths:  # on a CPU its static steps run uncaptured
         capture, max_graphs = config.device.startswith("cuda"), len(config.variants()) + 1
@@ -576,6 +578,10 @@ def run_bench(config: BenchConfig) -> dict:
             for size, frames in shapes:
                 prompt = preset.inputs(size, config.text_tokens, frames=frames)
                 inputs = batch_inputs(prompt, config.batch_size, config.device, dtype)
+                # counted before the timed runs, whose halting statistics the rows then report
+                works = {None: count_prefill(model, inputs, None)}
+                works |= {variant: count_prefill(model, inputs, press) for variant, press in presses.items()}
+                floors = Floors(works, peak, config.new_tokens)
                 runs = {run: [] for run in measured}
                 for repeat in range(config.warmup + config.repeats):
                     shift = repeat % len(measured)
@@ -585,8 +591,8 @@ def run_bench(config: BenchConfig) -> dict:
                         if repeat >= config.warmup and not figures.pop("captured"):
                             runs[(path, variant)].append(figures)
                         progress.update()
-                shape_latency = latency_entries(size, runs)
-                shape_rows = size_rows(model, inputs, size, config, presses, runs, shape_latency)
+                shape_latency = latency_entries(size, runs, floors)
+                shape_rows = size_rows(model, inputs, size, config, presses, runs, shape_latency, floors)
                 if frames:
                     for entry in [*shape_latency, *shape_rows]:
                         entry["video_frames"] = frames
@@ -600,6 +606,8 @@ def run_bench(config: BenchConfig) -> dict:
         "device": device_name(model),
         "device_map": device_map,
         "dtype": str(dtype).removeprefix("torch."),
+        "device_peak": peak.as_dict(),
+        "attention_counted": {part: name in COUNTED_ATTENTION for part, name in attention_of(model).items()},
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "attention": attention_of(model),
@@ -611,10 +619,24 @@ def run_bench(config: BenchConfig) -> dict:
     }
 
 
-def latency_entries(size: int, runs: dict) -> list[dict]:
-    """What users wait for, per (path, variant): median TTFT, decode step and answer time, and their gains against
-    eager vanilla when it was measured. ``noisy``: the path's ratio-0 control departs from its vanilla by more than
-    ``NOISE`` in prefill or TTFT."""
+@dataclass(frozen=True)
+class Floors:
+    """The work of each variant's prefill (``None``: vanilla) of one prompt shape and the device's measured peak: the
+    floor beside every row (``bench.floor``)."""
+
+    works: dict[tuple[float, float, str] | None, Work]
+    peak: DevicePeak
+    new_tokens: int
+
+    def figures(self, variant: tuple[float, float, str] | None, measured: dict[str, float]) -> dict:
+        return self.works[variant].figures(self.peak, self.new_tokens, measured)
+
+
+def latency_entries(size: int, runs: dict, floors: Floors) -> list[dict]:
+    """What users wait for, per (path, variant): median TTFT, decode step and answer time, their gains against eager
+    vanilla when it was measured, and the floor (``floor``: the variant's work, its floor and the fraction of it
+    reached). ``noisy``: the path's ratio-0 control departs from its vanilla by more than ``NOISE`` in prefill or
+    TTFT."""
     medians = {run: median_figures(figures) for run, figures in runs.items() if figures}
     reference = medians.get(("eager", None))
     control_of = {path: variant for path, variant in runs if variant is not None and not any(variant[:2])}
@@ -629,6 +651,7 @@ def latency_entries(size: int, runs: dict) -> list[dict]:
         if reference is not None:
             entry["ttft_speedup_vs_eager"] = reference["ttft_ms"] / figures["ttft_ms"]
             entry["answer_speedup_vs_eager"] = reference["answer_ms"] / figures["answer_ms"]
+        entry["floor"] = floors.figures(variant, figures)
         entries.append(entry)
     return entries
 
@@ -641,10 +664,11 @@ def size_rows(
     presses: dict[tuple[float, float, str], DeltaPress],
     runs: dict,
     latency: list[dict],
+    floors: Floors,
 ) -> list[dict]:
     """The rows of one prompt shape (image size, or video), one per path with halting and variant, from its runs,
     with the ideal gains of the decoder and the vision tower from per-layer and per-block timings (taken once, on the
-    eager path's modules)."""
+    eager path's modules) and the floor of vanilla and of the variant (``floor``)."""
     adapter = adapter_for(model)
     kinds = layer_kinds(model)
     stats = {variant: press.last_stats[0] for variant, press in presses.items()}
@@ -675,6 +699,10 @@ def size_rows(
             )
             row |= {"tokens": variant_stats.tokens, "kept": variant_stats.kept}
             row |= {"kv_cache_bytes": variant_stats.kv_cache_bytes * config.batch_size}
+            row["floor"] = {
+                "vanilla": floors.figures(None, row["vanilla"]),
+                "dash": floors.figures((ratio, vision_ratio, method), row["dash"]),
+            }
             row |= {"ideal_decoder_speedup": ideal, "fraction_of_ideal": row["decoder_speedup"] / ideal}
             deeper = kinds[variant_stats.decision_layer + 1 :]
             row["layer_ms"] = {  # one layer of each kind at T and K; how many layers of the kind, how many above s
@@ -773,16 +801,26 @@ def table(document: dict) -> str:
                 else ""
             )
         )
-    header = f"{'shape':>5} path      variant                      ttft  decode   answer  ttft x answer x"
-    lines += ["", "what users wait for (ms); gains against eager vanilla", header]
+    header = (
+        f"{'shape':>5} path      variant                      ttft  decode   answer  ttft x answer x"
+        "   floor: ttft  decode  answer  reached: ttft decode answer"
+    )
+    lines += [
+        "",
+        "what users wait for (ms); gains against eager vanilla; the floor and the fraction of it reached",
+        header,
+    ]
     for entry in document["latency"]:
         variant = "vanilla" if entry["variant"] is None else "{2} {0:g}, vision {1:g}".format(*entry["variant"])
         gains = "".join(
             f" {entry[key]:>7.2f}" for key in ("ttft_speedup_vs_eager", "answer_speedup_vs_eager") if key in entry
         )
+        floor, reached = entry["floor"]["floor_ms"], entry["floor"]["fraction"]
         lines.append(
             f"{shape_label(entry)} {entry['path']:<8}{'*' if entry['noisy'] else ' '} {variant:<24}"
             f" {entry['ttft_ms']:>6.1f} {entry['decode_step_ms']:>7.2f} {entry['answer_ms']:>8.1f}{gains}"
+            f"   {floor['ttft_ms']:>11.1f} {floor['decode_step_ms']:>7.2f} {floor['answer_ms']:>7.1f}"
+            f"  {reached['ttft_ms']:>13.0%} {reached['decode_step_ms']:>6.0%} {reached['answer_ms']:>6.0%}"
         )
     return "\n".join(lines)
 

@@ -121,6 +121,9 @@ class ModelAdapter:
     vision_packs_segments : bool
         Whether the vision tower packs its segments (images, windows) into one sequence with ``cu_seqlens``, so that
         its attention can run them in one call (``attention.VARLEN_SDPA``).
+    vision_grid_keys : tuple of str
+        The inputs holding the grids the vision tower derives its tables from (:meth:`vision_tables`), read on the
+        host once per prefill on the fast path; empty: the tower has no tables.
     hybrid_decoder : bool
         Whether the decoder has recurrent (linear-attention) layers among its attention layers (DESIGN.md section 1
         rule 16; :meth:`recurrent_layers` says which).
@@ -137,6 +140,7 @@ class ModelAdapter:
     halts_in_vision_tower: bool = False
     vision_attention_attribute: str = "attn"
     vision_packs_segments: bool = False
+    vision_grid_keys: tuple[str, ...] = ()
     hybrid_decoder: bool = False
     presets: tuple[Preset, ...] = ()
 
@@ -235,6 +239,17 @@ class ModelAdapter:
         """For a tower that runs its patches in another order than the processor gives them: the processor index of
         the patch at each place of the tower's sequence (``None``: the same order)."""
         return None
+
+    def vision_tables(self, tower: nn.Module, grid: tuple[tuple[int, ...], ...]) -> dict:
+        """What the tower computes from the grid of its inputs alone (rotary tables, segment boundaries, a window
+        order), made from the grid on the host: the fast path computes them once per grid (``dash_vlm.tower``) for a
+        family that names ``vision_grid_keys``."""
+        raise NotImplementedError(f"{self.model_types} has no vision tables")
+
+    def vision_forward(self, tower: nn.Module, pixels: torch.Tensor, tables: dict):
+        """The tower's forward on ``tables`` (:meth:`vision_tables`): the same output as the tower's own, with no
+        read of the grid."""
+        raise NotImplementedError(f"{self.model_types} has no vision tables")
 
     def vision_patches_per_token(self, config: PretrainedConfig) -> int | None:
         """How many tower patches one vision placeholder token stands for, or ``None`` when that is not fixed."""

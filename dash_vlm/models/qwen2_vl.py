@@ -26,6 +26,7 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel, apply_multimodal_rotary_pos_emb
 
@@ -53,8 +54,26 @@ from dash_vlm.models.tiny import (
 
 
 def _grid_thw(tower_args: tuple, tower_kwargs: dict) -> torch.Tensor:
-    """The ``grid_thw`` a vision tower is called with."""
+    """The ``grid_thw`` a vision tower is called with (on the host on the fast path: ``dash_vlm.tower``)."""
     return tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+
+
+def _pixels_device(tower_args: tuple, tower_kwargs: dict) -> torch.device:
+    """Where the tower's pixels, hence its work, are."""
+    return (tower_args[0] if tower_args else tower_kwargs["hidden_states"]).device
+
+
+def segment_boundaries(grid: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` of a Qwen tower's full-attention segments (each temporal patch of each item), as the tower
+    computes them, from a grid on the host."""
+    lengths = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def rotary_cos_sin(rotary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Qwen tower's rotary angles as the ``(cos, sin)`` its blocks take."""
+    angles = torch.cat((rotary, rotary), dim=-1)
+    return angles.cos(), angles.sin()
 
 
 def check_frame_size(size: tuple[int, int], patch_size: int, limits: dict) -> None:
@@ -91,6 +110,7 @@ class QwenVLAdapter(ModelAdapter):
     vision_blocks_path: str | None = "blocks"
     halts_in_vision_tower: bool = True
     vision_packs_segments: bool = True
+    vision_grid_keys: tuple[str, ...] = ("image_grid_thw", "video_grid_thw")
 
     def base_model_class(self, model_type: str) -> type:
         """The model class whose ``get_rope_index`` gives the M-RoPE positions of ``model_type``."""
@@ -157,10 +177,10 @@ class QwenVLAdapter(ModelAdapter):
     def vision_segments(self, tower_args: tuple, tower_kwargs: dict) -> tuple[list[int], torch.Tensor]:
         """One segment per temporal patch of each image or video: the full-attention segments of the tower."""
         grid = _grid_thw(tower_args, tower_kwargs)
-        rows = grid.tolist()  # the tower reads its grid on the host as well
+        rows = grid.tolist()  # the tower reads its grid on the host as well; free for a grid on the host
         lengths = [height * width for frames, height, width in rows for _ in range(frames)]
         on_device = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0], output_size=len(lengths))
-        return lengths, on_device
+        return lengths, on_device.to(_pixels_device(tower_args, tower_kwargs), non_blocking=True)  # no stream sync
 
     def rotate(self, attention: nn.Module, states: torch.Tensor, position_embeddings: tuple) -> torch.Tensor:
         cos, sin = position_embeddings
@@ -177,7 +197,47 @@ class QwenVLAdapter(ModelAdapter):
         grid = _grid_thw(tower_args, tower_kwargs)
         window_index, _ = tower.get_window_index(grid)
         unit = tower.spatial_merge_unit
-        return (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).flatten()
+        order = (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).flatten()
+        return order.to(_pixels_device(tower_args, tower_kwargs), non_blocking=True)
+
+    def vision_tables(self, tower: nn.Module, grid: tuple[tuple[int, ...], ...]) -> dict:
+        """The rotary tables (``cos`` and ``sin``, in the tower's order), the segments of its full-attention blocks
+        and, for Qwen2.5-VL, its window order, the window segments and the order back, all from the tower's own
+        helpers given the grid on the host (they then read nothing back from the device)."""
+        host = torch.tensor(grid)
+        device = next(tower.parameters()).device
+        rotary = tower.rot_pos_emb(host).to(device)
+        tables = {"segments": segment_boundaries(host).to(device)}
+        if hasattr(tower, "get_window_index"):
+            window_index, window_boundaries = tower.get_window_index(host)
+            unit = tower.spatial_merge_unit
+            rotary = rotary.reshape(-1, unit, rotary.shape[-1])[window_index.to(device)].reshape(rotary.shape)
+            tables |= {
+                "window_index": window_index.to(device),
+                "window_order_back": torch.argsort(window_index).to(device),
+                "window_segments": torch.unique_consecutive(torch.tensor(window_boundaries, dtype=torch.int32)).to(
+                    device
+                ),
+            }
+        return tables | {"position_embeddings": rotary_cos_sin(rotary)}
+
+    def vision_forward(self, tower: nn.Module, pixels: torch.Tensor, tables: dict) -> BaseModelOutputWithPooling:
+        """Qwen2-VL's and Qwen2.5-VL's tower forward on the tables (Qwen2.5-VL: merge units in window order, the
+        windowed blocks on the window segments, the merged tokens put back in order)."""
+        hidden = tower.patch_embed(pixels)
+        window = tables.get("window_index")
+        if window is not None:
+            unit = tower.spatial_merge_unit
+            hidden = hidden.reshape(-1, unit, hidden.shape[-1])[window].reshape(hidden.shape)
+        full_blocks = getattr(tower, "fullatt_block_indexes", None)
+        for index, block in enumerate(tower.blocks):
+            windowed = window is not None and index not in full_blocks
+            segments = tables["window_segments"] if windowed else tables["segments"]
+            hidden = block(hidden, cu_seqlens=segments, position_embeddings=tables["position_embeddings"])
+        merged = tower.merger(hidden)
+        if window is not None:
+            merged = merged[tables["window_order_back"]]
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=merged)
 
     def _vision_items(self, config, inputs: dict):
         """Per image, then per video: its sample, its token positions ``[frame groups, rows, cols]``, the key of its

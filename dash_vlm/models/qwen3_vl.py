@@ -34,7 +34,8 @@ from transformers import (
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
 )
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures, Qwen3VLModel
 
 from dash_vlm.models import DEFAULT_MAX_FRAMES, DecoderAdditions, ModelAdapter, register_adapter
 from dash_vlm.models.qwen2_vl import (
@@ -45,6 +46,8 @@ from dash_vlm.models.qwen2_vl import (
     QwenVLAdapter,
     QwenVLPreset,
     qwen_vl_sample,
+    rotary_cos_sin,
+    segment_boundaries,
 )
 from dash_vlm.models.tiny import (
     IMAGE_TOKEN,
@@ -78,6 +81,33 @@ def video_frame_count(path: str) -> int:
 
 @dataclass(frozen=True)
 class Qwen3VLAdapter(QwenVLAdapter):
+    def vision_tables(self, tower: nn.Module, grid: tuple[tuple[int, ...], ...]) -> dict:
+        """The rotary tables, the segments and the learned positions interpolated to each item (added to the patch
+        embeddings), from the tower's own helpers given the grid on the host."""
+        host = torch.tensor(grid)
+        device = next(tower.parameters()).device
+        return {
+            "segments": segment_boundaries(host).to(device),
+            "position_embeddings": rotary_cos_sin(tower.rot_pos_emb(host).to(device)),
+            "learned_positions": tower.fast_pos_embed_interpolate(host).to(device),
+        }
+
+    def vision_forward(self, tower: nn.Module, pixels: torch.Tensor, tables: dict) -> BaseModelOutputWithPooling:
+        """Qwen3-VL's tower forward on the tables, DeepStack features included (Qwen3.5's tower has none)."""
+        hidden = tower.patch_embed(pixels) + tables["learned_positions"]
+        taps = list(getattr(tower, "deepstack_visual_indexes", ()))
+        features = []
+        for index, block in enumerate(tower.blocks):
+            hidden = block(hidden, cu_seqlens=tables["segments"], position_embeddings=tables["position_embeddings"])
+            if index in taps:
+                features.append(tower.deepstack_merger_list[taps.index(index)](hidden))
+        merged = tower.merger(hidden)
+        if not hasattr(tower, "deepstack_merger_list"):
+            return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=merged)
+        return BaseModelOutputWithDeepstackFeatures(
+            last_hidden_state=hidden, pooler_output=merged, deepstack_features=features
+        )
+
     def base_model_class(self, model_type: str) -> type:
         return Qwen3VLModel  # the MoE model's get_rope_index is the same function of the config
 
@@ -203,11 +233,10 @@ def tiny_qwen3_vl(
     torch.manual_seed(seed)
     ids = tiny_vision_ids(text_overrides)
     text = TEXT | text_overrides
-    # Interleaved M-RoPE over the head_dim / 2 = 8 rotary pairs: 4 temporal, 2 height, 2 width.
     text["rope_parameters"] = {
         "rope_type": "default",
         "rope_theta": 10000.0,
-        "mrope_section": [4, 2, 2],
+        "mrope_section": interleaved_mrope_sections(text["head_dim"] // 2),
         "mrope_interleaved": True,
     }
     if model_type == "qwen3_vl_moe":
@@ -218,6 +247,16 @@ def tiny_qwen3_vl(
     config = config_class(text_config=text, vision_config=vision, **ids)
     config._attn_implementation = attn_implementation
     return model_class(config).eval()
+
+
+def interleaved_mrope_sections(pairs: int) -> list[int]:
+    """Temporal, height and width rotary pairs in the published proportion (24 / 20 / 20 of Qwen3-VL's 64 pairs), so
+    that height and width take frequencies across the whole range: ``[4, 2, 2]`` of 8 pairs, ``[6, 5, 5]`` of 16.
+    transformers gives every pair outside the height and width sections the temporal position, which all of an image's
+    tokens share: ``[4, 2, 2]`` over 16 pairs left height and width four fast pairs, and a dash-shapes model trained
+    so stayed at chance on left / right and above / below."""
+    spatial = pairs * 20 // 64
+    return [pairs - 2 * spatial, spatial, spatial]
 
 
 def qwen3_vl_sample(
