@@ -311,20 +311,6 @@ def test_bf16_reference_script_runs_on_the_tiny_preset():
     assert result["greedy_token_agreement"] == 1.0
 
 
-def test_graphs_check_script_keeps_a_ratio_0_control_and_every_run():
-    """The GPU fast-path script, uncaptured on a CPU: the control beside vanilla and DASH, and its noise verdict."""
-    from graphs_check import CONTROL
-    from graphs_check import main as graphs_main
-
-    document = graphs_main(["--preset", "tiny", "--image-size", "48", "--batch-sizes", "1", "--steps", "3",
-                            "--repeats", "2", "--device", "cpu"])  # fmt: skip
-    assert list(document["cases"]) == ["vanilla, batch 1", f"{CONTROL}, batch 1", "DASH 0.667, batch 1"]
-    assert document["noisy"][1] in (True, False)
-    for case in document["cases"].values():
-        assert len(case["runs"]["graphs"]) == len(case["runs"]["eager"]) == 2
-        assert case["teacher_forced"]["max_logits_relative_error"] < 1e-4
-
-
 def test_attention_bench_marks_settings_whose_control_is_off(tmp_path, monkeypatch):
     import attention_bench
 
