@@ -158,10 +158,12 @@ def check_device_flag(parser: argparse.ArgumentParser, device: str | None, maps:
             check_device(device, "--device", maps)
 
 
-def check_model(parser: argparse.ArgumentParser, model: str | Path, dash: DeltaPress, video: bool = False) -> None:
+def check_model(
+    parser: argparse.ArgumentParser, model: str | Path, dash: DeltaPress, video: bool = False
+) -> transformers.PretrainedConfig:
     """Usage error naming ``--model`` unless it is a checkpoint folder (or hub id) whose config reads, of a
     vision-language model, the halting flags apply to it and, with ``video``, it takes video; only the config is read,
-    no weights."""
+    no weights, and returned."""
     if Path(model).expanduser().is_file():
         parser.error(f"--model {model} is a file; give the checkpoint folder")
     with usage_errors(parser, "--model"):
@@ -182,6 +184,7 @@ def check_model(parser: argparse.ArgumentParser, model: str | Path, dash: DeltaP
             f"--video needs a model that takes video ({', '.join(model_types_with('video'))}); "
             f"--model {model} is {config.model_type!r}"
         )
+    return config
 
 
 def add_halting_arguments(parser: argparse.ArgumentParser, swept: Collection[str] = ()) -> None:
@@ -511,8 +514,7 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("--image-size goes with --preset; with --model the image is --image")
             check_prompt(parser, args.prompt)
             check_input_files(parser, "--image", [args.image], allow_urls=False)
-            check_model(parser, args.model, dash)
-            config = transformers.AutoConfig.from_pretrained(args.model)
+            config = check_model(parser, args.model, dash)
         else:
             if args.image is not None:
                 parser.error("--image goes with --model; a --preset measures a random image of --image-size px")

@@ -667,10 +667,7 @@ class StaticDecoder:
         ):
             first_token, answer = Timer(device), Timer(device)
             cache, logits, positions = self.prefill(inputs, press)
-            seen = None
-            if penalty != 1:
-                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, inputs["input_ids"], True)
-                logits = penalize_repetition(logits.float(), seen, penalty)
+            logits, seen = penalized_first_step(logits, inputs["input_ids"], penalty)
             first = logits.argmax(-1)
             first_token.stop()
             if seen is not None:
@@ -750,6 +747,17 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     """transformers' repetition penalty: the logit of every token seen so far divided by ``penalty`` when positive,
     multiplied when negative."""
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def penalized_first_step(
+    logits: torch.Tensor, prompt: torch.Tensor, penalty: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prefill's last logits under the repetition penalty, and the ``[batch, vocab]`` mask of the tokens seen (the
+    prompt's) that later steps extend; without a penalty, the logits as they are and no mask."""
+    if penalty == 1:
+        return logits, None
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, prompt, True)
+    return penalize_repetition(logits.float(), seen, penalty), seen
 
 
 def end_tokens(tokens: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dash_vlm import DeltaPress
-from dash_vlm.bench.floor import FORMULAS, DevicePeak, Work, cache_bytes, count_prefill, decode_weight_bytes
+from dash_vlm.bench.floor import FORMULAS, DevicePeak, Work, cache_bytes, count_prefill, decode_weights
 from dash_vlm.models import adapter_for
 from dash_vlm.models.qwen2_vl import qwen_vl_sample, tiny_qwen_vl
 from dash_vlm.models.qwen3_5 import tiny_qwen3_5
@@ -113,8 +113,9 @@ def test_a_decode_step_reads_top_k_experts_and_no_tower():
             continue
         expert = ".experts." in name
         by_hand += int(4 * parameter.numel() * (share if expert else 1.0))
-    assert decode_weight_bytes(model) == by_hand
-    assert decode_weight_bytes(model, as_elements=True) * 4 == pytest.approx(by_hand, abs=8)
+    size, count = decode_weights(model)
+    assert size == by_hand
+    assert count * 4 == pytest.approx(by_hand, abs=8)
 
 
 def test_floor_is_the_slower_of_compute_and_memory():

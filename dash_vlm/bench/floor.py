@@ -182,22 +182,22 @@ def count_prefill(model: nn.Module, inputs: dict, press: DeltaPress | None) -> W
     tower = adapter.vision_tower(model)
     layers = adapter.decoder(model).layers
     batch = inputs["input_ids"].shape[0]
+    weight_bytes, weight_count = decode_weights(model)
     return Work(
         vision_flops=0 if tower is None else counts.get(names[id(tower)], 0),
         decoder_flops=sum(counts.get(names[id(layer)], 0) for layer in layers),
         prefill_flops=counts.get("Global", 0),
         weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         cache_bytes=cache_bytes(output.past_key_values),
-        step_weight_bytes=decode_weight_bytes(model),
-        step_flops=2 * batch * decode_weight_bytes(model, as_elements=True),
+        step_weight_bytes=weight_bytes,
+        step_flops=2 * batch * weight_count,
     )
 
 
-def decode_weight_bytes(model: nn.Module, as_elements: bool = False) -> int:
-    """The weights one decode step must read: every parameter outside the vision tower, but of the input embedding
-    only its rows (nothing, untied), and of each mixture-of-experts block only ``top_k`` of its ``num_experts``
-    experts (the least a step can read: every token of the batch routed alike). ``as_elements``: counted in
-    parameters, not bytes."""
+def decode_weights(model: nn.Module) -> tuple[int, int]:
+    """The weights one decode step must read, in bytes and in parameters: every parameter outside the vision tower,
+    but of the input embedding only its rows (nothing, untied), and of each mixture-of-experts block only ``top_k`` of
+    its ``num_experts`` experts (the least a step can read: every token of the batch routed alike)."""
     adapter = adapter_for(model)
     skipped = set()
     tower = adapter.vision_tower(model)
@@ -213,12 +213,13 @@ def decode_weight_bytes(model: nn.Module, as_elements: bool = False) -> int:
         for parameter in module.parameters(recurse=False):
             if top_k and experts and parameter.ndim == 3 and parameter.shape[0] == experts:
                 share[id(parameter)] = min(1.0, top_k / experts)
-    total = 0
+    size, count = 0, 0
     for parameter in model.parameters():
         if id(parameter) not in skipped:
-            size = parameter.numel() * (1 if as_elements else parameter.element_size())
-            total += int(size * share.get(id(parameter), 1.0))
-    return total
+            read = share.get(id(parameter), 1.0)
+            size += int(parameter.numel() * parameter.element_size() * read)
+            count += int(parameter.numel() * read)
+    return size, count
 
 
 def cache_bytes(cache: object) -> int:

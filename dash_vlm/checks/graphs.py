@@ -24,7 +24,7 @@ import torch
 
 from dash_vlm.bench import NOISE
 from dash_vlm.checks import Subject, relative_error
-from dash_vlm.graphs import StaticDecoder, penalize_repetition
+from dash_vlm.graphs import StaticDecoder, penalize_repetition, penalized_first_step
 from dash_vlm.press import DeltaPress, Timer
 from dash_vlm.vlm import FirstTokenTimer
 
@@ -55,10 +55,8 @@ def teacher_forced(decoder: StaticDecoder, inputs: dict, press, tokens: torch.Te
         cache, logits, positions = decoder.prefill(inputs, press)
         allowed = decoder._prompt_slots(cache, inputs.get("attention_mask"))
         penalty = float(decoder.model.generation_config.repetition_penalty or 1.0)
-        seen = None
-        if penalty != 1:  # as StaticDecoder.generate applies it
-            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, inputs["input_ids"], True)
-            logits = penalize_repetition(logits.float(), seen, penalty)
+        logits, seen = penalized_first_step(logits, inputs["input_ids"], penalty)  # as StaticDecoder.generate does
+        if seen is not None:
             seen.scatter_(1, tokens[:, :1], True)
         graph.load(cache, allowed, positions + 1, tokens[:, 0], seen)
         for step in range(steps - 1):

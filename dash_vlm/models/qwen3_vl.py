@@ -46,8 +46,6 @@ from dash_vlm.models.qwen2_vl import (
     QwenVLAdapter,
     QwenVLPreset,
     qwen_vl_sample,
-    rotary_cos_sin,
-    segment_boundaries,
 )
 from dash_vlm.models.tiny import (
     IMAGE_TOKEN,
@@ -82,15 +80,10 @@ def video_frame_count(path: str) -> int:
 @dataclass(frozen=True)
 class Qwen3VLAdapter(QwenVLAdapter):
     def vision_tables(self, tower: nn.Module, grid: tuple[tuple[int, ...], ...]) -> dict:
-        """The rotary tables, the segments and the learned positions interpolated to each item (added to the patch
-        embeddings), from the tower's own helpers given the grid on the host."""
-        host = torch.tensor(grid)
-        device = next(tower.parameters()).device
-        return {
-            "segments": segment_boundaries(host).to(device),
-            "position_embeddings": rotary_cos_sin(tower.rot_pos_emb(host).to(device)),
-            "learned_positions": tower.fast_pos_embed_interpolate(host).to(device),
-        }
+        """The Qwen tables (rotary, segments; no windows) and the learned positions interpolated to each item (added
+        to the patch embeddings), from the tower's own helpers given the grid on the host."""
+        learned = tower.fast_pos_embed_interpolate(torch.tensor(grid)).to(next(tower.parameters()).device)
+        return super().vision_tables(tower, grid) | {"learned_positions": learned}
 
     def vision_forward(self, tower: nn.Module, pixels: torch.Tensor, tables: dict) -> BaseModelOutputWithPooling:
         """Qwen3-VL's tower forward on the tables, DeepStack features included (Qwen3.5's tower has none)."""
