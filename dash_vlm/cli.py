@@ -19,6 +19,7 @@ from PIL import Image
 from dash_vlm.attention import ATTENTION_CHOICES, load_implementation
 from dash_vlm.bench import DEVICE_MAPS, MAX_IMAGE_SIDE, PATHS, check_device
 from dash_vlm.bench import preset_config as bench_preset_config
+from dash_vlm.checks import CHECKS
 from dash_vlm.models import MAX_FRAMES_LIMIT, adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
@@ -427,21 +428,38 @@ def main(argv: list[str] | None = None) -> None:
     check = commands.add_parser(
         "check", help="before trusting it on your model and GPU: a check's verdict table and JSON (exit 1 on FAIL)"
     )
-    check.add_argument("name", choices=CHECKS, help="graphs: the fast path (cuda_graphs=True) against eager generate")
+    check.add_argument(
+        "name",
+        choices=CHECKS,
+        help="graphs: the fast path (cuda_graphs=True) against eager generate; bf16: the press against the masked "
+        "reference in the model's dtype; split: device_map=auto over every GPU against one GPU; leaks: repeated "
+        "generate calls leave nothing behind",
+    )
     source = check.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS), help="real model shapes, random weights")
     source.add_argument("--model", help="hub id or local folder of a supported VLM, asked --prompt about --image")
     check.add_argument(
         "--image-size", type=at_least(28, MAX_IMAGE_SIDE), default=None, help="with --preset: image side (default 896)"
     )
+    check.add_argument("--layers", type=at_least(1), default=None, help="with --preset: decoder layers (graphs, bf16)")
+    check.add_argument(
+        "--vision-layers", type=at_least(1), default=None, help="with --preset: vision tower blocks (graphs, bf16)"
+    )
     check.add_argument("--image", default=None, help="with --model: an image file")
-    check.add_argument("--prompt", default="Describe the image.", help="with --model: the question about --image")
+    check.add_argument("--video", default=None, help="with --model: a video file, instead of --image")
+    check.add_argument("--prompt", default="Describe the image.", help="with --model: the question about the file")
     check.add_argument(
         "--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto", help="with --model"
     )
-    check.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, each checked (e.g. 1,8)")
-    check.add_argument("--steps", type=at_least(2), default=16, help="new tokens per generation")
-    check.add_argument("--repeats", type=at_least(1), default=5, help="timed runs per case, after 2 warm-up runs")
+    check.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes, each checked (graphs, bf16)")
+    check.add_argument("--steps", type=at_least(2), default=None, help="new tokens per generation (default 16)")
+    check.add_argument(
+        "--repeats", type=at_least(1), default=None, help="graphs: timed runs per case, after 2 warm-up runs"
+    )
+    check.add_argument("--calls", type=at_least(1), default=None, help="leaks: generate calls measured (default 200)")
+    check.add_argument(
+        "--cuda-graphs", action="store_const", const=True, default=None, help="leaks: the fast path's (a GPU)"
+    )
     check.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     add_halting_arguments(check)
     check.add_argument("--output", type=Path, required=True, help="results JSON")
@@ -507,31 +525,46 @@ def main(argv: list[str] | None = None) -> None:
         with usage_errors(parser, outputs={"--output": args.output, "--plot": args.plot}):
             run_diagnose(args, dash, *inputs)
     elif args.command == "check":
+        from dash_vlm import checks
+
+        with usage_errors(parser):
+            check_config = checks.CheckConfig(
+                check=args.name,
+                preset=args.preset,
+                model=args.model,
+                image_size=args.image_size,
+                image=None if args.image is None else Path(args.image),
+                video=None if args.video is None else Path(args.video),
+                prompt=args.prompt,
+                dtype=args.dtype,
+                device=args.device,
+                batch_sizes=None if args.batch_sizes is None else batch_sizes(args.batch_sizes),
+                steps=args.steps,
+                repeats=args.repeats,
+                layers=args.layers,
+                vision_layers=args.vision_layers,
+                calls=args.calls,
+                cuda_graphs=args.cuda_graphs,
+            )
         if args.model is not None:
-            if args.image is None:
-                parser.error("check --model needs --image, the image file to ask --prompt about")
-            if args.image_size is not None:
-                parser.error("--image-size goes with --preset; with --model the image is --image")
             check_prompt(parser, args.prompt)
-            check_input_files(parser, "--image", [args.image], allow_urls=False)
-            config = check_model(parser, args.model, dash)
+            check_input_files(parser, "--image", [args.image] if args.image else [], allow_urls=False)
+            check_input_files(parser, "--video", [args.video] if args.video else [], allow_urls=False)
+            config = check_model(parser, args.model, dash, video=args.video is not None)
         else:
-            if args.image is not None:
-                parser.error("--image goes with --model; a --preset measures a random image of --image-size px")
             config = bench_preset_config(args.preset)
             with usage_errors(parser):
                 dash.check_model(config)
-        if adapter_for(config).hybrid_decoder:
-            subject = f"--model {args.model}" if args.model else f"--preset {args.preset}"
-            parser.error(
-                f"check graphs: {subject} is {config.model_type!r}, a hybrid decoder, which the fast path does not run"
-            )
         check_output(parser, "--output", args.output)
         check_device_flag(parser, args.device, ())
         with usage_errors(parser):
-            sizes = batch_sizes(args.batch_sizes)
+            checks.validate(check_config, dash, config)
         with usage_errors(parser, outputs={"--output": args.output}):
-            run_check(args, dash, sizes)
+            document = checks.run(check_config, dash)
+        args.output.write_text(json.dumps(document, indent=1))
+        print(checks.verdict_table(document, checks.columns(args.name)))
+        if not document["passed"]:
+            raise SystemExit(1)
     elif args.command == "bench":
         from dash_vlm import bench
 
@@ -567,9 +600,6 @@ def main(argv: list[str] | None = None) -> None:
             bench.main(config, args.output, args.plot)
 
 
-CHECKS = ("graphs",)
-
-
 def batch_sizes(text: str) -> list[int]:
     """``--batch-sizes``: comma-separated whole numbers >= 1."""
     try:
@@ -579,24 +609,6 @@ def batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--batch-sizes must be comma-separated whole numbers >= 1, got {text!r}")
     return sizes
-
-
-def run_check(args: argparse.Namespace, dash: DeltaPress, sizes: list[int]) -> None:
-    """Build the check's subject (a preset, or a checkpoint with the user's image), run the check, write its JSON,
-    print its verdict table; exit status 1 when a case failed."""
-    from dash_vlm import checks
-    from dash_vlm.checks import graphs
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.preset is not None:
-        subject = checks.preset_subject(args.preset, args.image_size or 896, device)
-    else:
-        subject = checks.model_subject(args.model, Path(args.image), args.prompt, device, args.dtype)
-    document = graphs.run(subject, dash, sizes, args.steps, args.repeats)
-    args.output.write_text(json.dumps(document, indent=1))
-    print(checks.verdict_table(document, graphs.COLUMNS))
-    if not document["passed"]:
-        raise SystemExit(1)
 
 
 def swept_values(args: argparse.Namespace, name: str, text: str) -> list:

@@ -32,11 +32,10 @@ from tqdm import tqdm
 from transformers import LogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import relative_error  # noqa: E402
-
 from dash_vlm import DeltaPress  # noqa: E402
 from dash_vlm.attention import FLASH_ATTENTION_4, VARLEN_SDPA, register  # noqa: E402
 from dash_vlm.bench import NOISE, StageTimers, batch_inputs, device_name  # noqa: E402
+from dash_vlm.checks import relative_error
 from dash_vlm.models import adapter_for  # noqa: E402
 from dash_vlm.models.presets import PRESETS  # noqa: E402
 from dash_vlm.models.tiny import left_pad_batch  # noqa: E402

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from reference import relative_error
 from test_press_vlm import FAMILIES, batch_and_singles, cache_keys, generate, samples
 
 from dash_vlm import DashVLM, DeltaPress, attention
 from dash_vlm.attention import FLASH_ATTENTION_4, VARLEN_SDPA, attention_of, load_implementation, use_attention
 from dash_vlm.bench import BenchConfig, run_bench
+from dash_vlm.checks import relative_error
 from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models import adapter_for
 from dash_vlm.models.qwen2_vl import qwen_vl_sample, tiny_qwen_vl

@@ -301,16 +301,6 @@ def test_bad_bench_config(kwargs, match):
         BenchConfig(**(dict(preset="tiny", image_sizes=[32], ratios=[0.5]) | kwargs))
 
 
-def test_bf16_reference_script_runs_on_the_tiny_preset():
-    """The H200 correctness script, in float32 on a CPU: the press and the masked reference agree."""
-    from bf16_reference import main as reference_main
-
-    result = reference_main(["--preset", "tiny", "--layers", "6", "--image-size", "48", "--steps", "6"])
-    assert result["same_halted_positions"] and result["kept"] < result["tokens"]
-    assert result["max_logits_relative_error"] < 1e-4
-    assert result["greedy_token_agreement"] == 1.0
-
-
 def test_attention_bench_marks_settings_whose_control_is_off(tmp_path, monkeypatch):
     import attention_bench
 
@@ -341,23 +331,24 @@ def test_token_timer_marks_every_generated_token():
     assert len(timer.steps) == 4 and all(step.milliseconds() > 0 for step in timer.steps)
 
 
-def test_two_gpu_script_verdict_on_the_published_runs():
-    """The two-GPU script's verdict: the published H200 runs pass; a statistic or a DASH decode step out of line
-    fails."""
-    from two_gpu import find_failures
-
+def test_split_check_verdict_on_the_published_two_gpu_runs():
+    """``dash-vlm check split``'s verdict: the published H200 runs (of the script it replaced, same cases) pass; a
+    statistic or a DASH decode step out of line fails."""
+    from dash_vlm.checks.split import judge
     from dash_vlm.resources import bundled
 
     for name in ("two_gpu.json", "two_gpu-run3.json", "two_gpu-run2.json"):
         document = json.loads((bundled("assets") / "bench" / "two-gpu" / name).read_text())
-        assert find_failures(document) == []
+        for result in document["results"]:
+            assert all(failures == [] for failures in judge(result["cases"]).values())
     cases = document["results"][0]["cases"]
     cases["ratio 0.667, batch 1"]["split_against_one_gpu"]["same_statistics"] = False
     cases["ratio 0.667, padded batch 3"]["split_against_one_gpu"]["max_logits_relative_error_while_agreeing"] = 1
-    assert find_failures(document) == [
-        "qwen2-vl-7b, ratio 0.667, batch 1: statistics differ",
-        "qwen2-vl-7b, ratio 0.667, padded batch 3: decode logits differ beyond the noise floor (2.07%)",
-    ]
+    failures = {name: found for name, found in judge(cases).items() if found}
+    assert failures == {
+        "ratio 0.667, batch 1": ["statistics differ"],
+        "ratio 0.667, padded batch 3": ["decode logits differ beyond the noise floor (2.07%)"],
+    }
 
 
 @pytest.mark.parametrize(

@@ -4,15 +4,18 @@ fail, and command-line mistakes as usage errors before any model loads."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 from test_cli_errors import QWEN, usage_error
 
-from dash_vlm.checks import graphs
+from dash_vlm import DeltaPress
+from dash_vlm.checks import bf16, graphs, leaks, split
 from dash_vlm.cli import main as cli_main
 from dash_vlm.graphs import StaticDecoder
 from dash_vlm.resources import bundled
+from dash_vlm.scorers import DashScorer
 from dash_vlm.vlm import DashVLM
 
 SHAPES_IMAGE = str(bundled("assets") / "demo" / "shapes.png")
@@ -73,9 +76,13 @@ def test_graphs_check_on_a_checkpoint_with_the_users_image(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--model", QWEN], "check --model needs --image"),
-        (["--model", QWEN, "--image", SHAPES_IMAGE, "--image-size", "448"], "--image-size goes with --preset"),
-        (["--preset", "tiny", "--image", SHAPES_IMAGE], "--image goes with --model"),
+        (["--model", QWEN], "a check of a model needs one of image and video"),
+        (["--model", QWEN, "--image", SHAPES_IMAGE, "--video", SHAPES_IMAGE], "needs one of image and video"),
+        (["--model", QWEN, "--image", SHAPES_IMAGE, "--image-size", "448"], "image_size goes with a preset"),
+        (["--model", QWEN, "--image", SHAPES_IMAGE, "--layers", "2"], "layers goes with a preset"),
+        (["--preset", "tiny", "--image", SHAPES_IMAGE], "image and video go with a model"),
+        (["--preset", "tiny", "--calls", "5"], "calls does not apply to check graphs"),
+        (["--preset", "tiny", "--cuda-graphs"], "cuda_graphs does not apply to check graphs"),
         (["--preset", "tiny", "--batch-sizes", "1,0"], "--batch-sizes must be comma-separated whole numbers >= 1"),
         (["--preset", "tiny", "--batch-sizes", "one"], "--batch-sizes must be"),
         (["--model", QWEN, "--image", "missing.png"], "--image"),
@@ -102,16 +109,6 @@ def test_check_output_is_checked_before_any_model_loads(tmp_path, no_model, caps
     assert "--output" in line
 
 
-def test_relative_error_is_the_packages():
-    """tests/reference.py takes the package's ``relative_error``: the checks and the tests measure alike."""
-    from reference import relative_error
-
-    from dash_vlm.checks import relative_error as package_relative_error
-
-    assert relative_error is package_relative_error
-    assert relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == pytest.approx(1.0)
-
-
 def test_graphs_check_applies_the_checkpoints_repetition_penalty_on_both_sides():
     """Qwen2-VL's instruct checkpoints set a repetition penalty: the fast path applies it, so the eager reference's
     logits are compared after it too, and the check passes."""
@@ -130,3 +127,123 @@ def test_graphs_check_applies_the_checkpoints_repetition_penalty_on_both_sides()
     steps = graphs.penalized(model, prompt, generated, (torch.ones(1, 4), torch.ones(1, 4)))
     assert torch.allclose(steps[0], torch.tensor([[1 / 1.3, 1, 1, 1]]))
     assert torch.allclose(steps[1], torch.tensor([[1 / 1.3, 1 / 1.3, 1, 1]]))
+
+
+BF16 = ["check", "bf16", "--preset", "tiny", "--image-size", "48", "--steps", "4", "--device", "cpu"]
+
+
+def test_bf16_check_passes_on_the_tiny_preset(tmp_path, capsys):
+    output = tmp_path / "bf16.json"
+    cli_main([*BF16, "--batch-sizes", "1,2", "--vision-compression-ratio", "0.5", "--output", str(output)])
+    document = json.loads(output.read_text())
+    assert document["passed"] and document["dtype"] == "float32"
+    names = [f"{case}, batch {size}" for size in (1, 2) for case in (bf16.CONTROL, bf16.PRESS)]
+    assert list(document["cases"]) == names
+    press = document["cases"][f"{bf16.PRESS}, batch 2"]
+    assert press["same_halted_tokens"] and press["same_halted_patch_count"]
+    assert all(kept < tokens for kept, tokens in zip(press["kept"], press["tokens"], strict=True))
+    assert press["max_logits_relative_error_while_agreeing"] <= graphs.FULL_TOLERANCE
+    assert "bf16 on tiny, 48 px: PASS" in capsys.readouterr().out
+
+
+def test_bf16_check_fails_a_press_that_halts_the_wrong_tokens(tmp_path, monkeypatch, capsys):
+    """A DASH score turned upside down (the highest-scoring tokens halt): the press leaves the reference."""
+    score = DashScorer.score
+    monkeypatch.setattr(DashScorer, "score", lambda self, reading: -score(self, reading))
+    output = tmp_path / "bf16.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*BF16, "--output", str(output)])
+    assert exit_info.value.code == 1
+    cases = json.loads(output.read_text())["cases"]
+    assert cases[f"{bf16.CONTROL}, batch 1"]["verdict"] == "PASS"
+    assert cases[f"{bf16.PRESS}, batch 1"]["verdict"] == "FAIL"
+    assert not cases[f"{bf16.PRESS}, batch 1"]["same_halted_tokens"]
+
+
+def test_split_check_on_a_cpu_judges_every_case(tmp_path, monkeypatch):
+    """On a CPU (device_map="auto" keeps the model whole): every comparison passes and the placement fails; a split
+    load whose statistics are off fails its cases."""
+    folder = split.save_preset("tiny", tmp_path, "cpu")
+    requests = split.preset_requests(48, dynamic_resolution=True)
+    press = DeltaPress(compression_ratio=0.5)
+    document = split.run(folder, "tiny", press, requests, 3, one_device="cpu")
+    cases = document["cases"]
+    assert set(cases) == {split.PLACEMENT, *(f"{v}, {r}" for v in ("ratio 0", "press") for r in requests)}
+    assert cases[split.PLACEMENT] | {"verdict": "FAIL", "devices_split": ["cpu"]} == cases[split.PLACEMENT]
+    assert all(case["verdict"] == "PASS" for name, case in cases.items() if name != split.PLACEMENT)
+    assert cases["press, padded batch 3"]["kept"] < cases["ratio 0, padded batch 3"]["kept"]
+
+    answer = split.load_and_answer
+
+    def off_when_split(source, device_map, *args):
+        outcome, devices, dtype = answer(source, device_map, *args)
+        if device_map == "auto":
+            for case in outcome.values():
+                case["stats"][0]["kept"] += 1
+        return outcome, devices, dtype
+
+    monkeypatch.setattr(split, "load_and_answer", off_when_split)
+    cases = split.run(folder, "tiny", press, requests, 3, one_device="cpu")["cases"]
+    assert all("statistics differ" in case["failures"] for name, case in cases.items() if name != split.PLACEMENT)
+
+
+def test_split_check_needs_two_gpus(tmp_path, no_model, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    line = usage_error(["check", "split", "--preset", "tiny", "--output", str(tmp_path / "o.json")], capsys)
+    assert "check split needs two GPUs" in line
+
+
+LEAKS = ["check", "leaks", "--preset", "tiny", "--image-size", "48", "--steps", "3", "--calls", "4", "--device", "cpu"]
+
+
+def test_leaks_check_passes_on_the_tiny_preset(tmp_path, capsys):
+    output = tmp_path / "leaks.json"
+    cli_main([*LEAKS, "--vision-compression-ratio", "0.5", "--output", str(output)])
+    document = json.loads(output.read_text())
+    assert document["passed"] and set(document["cases"]) == {"hooks", "halted caches", "tensors", "python memory"}
+    assert document["cases"]["halted caches"]["value"] == 0
+    assert "leaks on tiny, 48 px: PASS" in capsys.readouterr().out
+
+
+def test_leaks_check_fails_a_press_that_leaves_a_hook(tmp_path, monkeypatch):
+    """A press whose prefill leaves one forward hook on the model per call, each holding a tensor."""
+    prefill = DeltaPress.__call__
+
+    @contextmanager
+    def leaving_a_hook(self, model):
+        kept = torch.zeros(4)
+
+        def hook(*args) -> None:
+            kept.add_(1)
+
+        model.register_forward_hook(hook)
+        with prefill(self, model) as result:
+            yield result
+
+    monkeypatch.setattr(DeltaPress, "__call__", leaving_a_hook)
+    output = tmp_path / "leaks.json"
+    with pytest.raises(SystemExit):
+        cli_main([*LEAKS, "--output", str(output)])
+    cases = json.loads(output.read_text())["cases"]
+    assert cases["hooks"]["verdict"] == "FAIL" and cases["tensors"]["verdict"] == "FAIL"
+    assert cases["hooks"]["value"] - cases["hooks"]["bound"] == 4 + leaks.WARMUP  # one per generate call
+
+
+def test_masked_reference_shares_no_code_with_the_press():
+    """The reference the checks and the tests hold the press to imports nothing of dash_vlm: no plan, no selection,
+    no gather of its own."""
+    import ast
+    import inspect
+
+    from dash_vlm.checks import reference
+
+    tree = ast.parse(inspect.getsource(reference))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "math", "contextlib", "torch"}
+    foreign = [
+        name
+        for name, value in vars(reference).items()
+        if getattr(value, "__module__", "").startswith("dash_vlm") and value.__module__ != reference.__name__
+    ]
+    assert foreign == []

@@ -259,11 +259,18 @@ def test_a_missing_local_checkpoint_is_named(tmp_path):
 
 
 def test_repeated_calls_leave_no_hooks_and_no_halted_caches():
-    """The leak script on a few calls (its 200-call memory figure is in the README)."""
-    from leak_check import main as leak_check
+    """``dash-vlm check leaks`` on the bundled checkpoint, decoder and vision halting, a few calls (its 200-call
+    figures are in the README)."""
+    from dash_vlm.checks import leaks
+    from dash_vlm.shapes.data import read_test_split
+    from dash_vlm.shapes.evaluate import model_folder
 
-    result = leak_check(["--calls", "5"])
-    assert result["hooks_left"] == 0 and result["halted_layers_alive"] == 0
+    sample = read_test_split()[0]
+    press = DeltaPress(compression_ratio=0.667, vision_compression_ratio=0.5)
+    request = {"image": sample.image, "prompt": sample.question}
+    document = leaks.run(model_folder("qwen2-vl"), "dash-shapes", press, request, calls=5, steps=4, device="cpu")
+    assert document["passed"], document["cases"]
+    assert document["cases"]["hooks"]["value"] == 0 and document["cases"]["halted caches"]["value"] == 0
 
 
 # Issue 30: consent, downloads, unbounded inputs, late failures (each case: a clear error before model work, or the

@@ -3,12 +3,12 @@
 
 import pytest
 import torch
-from reference import relative_error
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dash_vlm import DeltaPress
 from dash_vlm.cache import HaltedLayer
+from dash_vlm.checks import relative_error
 from dash_vlm.graphs import BUCKET, GROUPED_DECODE, StaticDecoder, bucket, grouped_decode_attention
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.text import tiny_text_model

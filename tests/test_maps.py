@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import MaskedVisionReference
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from dash_vlm import DashVLM, DeltaPress
+from dash_vlm.checks.reference import MaskedVisionReference
 from dash_vlm.maps import DECODER_SHADE, GAP, OPACITY, VISION_SHADE, halting_maps
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.tiny import tiny_checkpoint

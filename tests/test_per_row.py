@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from reference import decoder_reference
 from test_press_vlm import (
     assert_batch_matches_reference,
     assert_same_generation,
@@ -19,6 +18,7 @@ from test_press_vlm import (
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from dash_vlm import DeltaPress
+from dash_vlm.checks.reference import decoder_reference
 from dash_vlm.halting import select_halted_per_row
 from dash_vlm.models import model_types_with
 

@@ -5,10 +5,11 @@ from functools import cache
 
 import pytest
 import torch
-from reference import MaskedReference, relative_error
 from transformers import DynamicCache, pipeline
 
 from dash_vlm import DeltaPress, supported_model_types
+from dash_vlm.checks import relative_error
+from dash_vlm.checks.reference import MaskedReference
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.text import text_sample
 from dash_vlm.models.tiny import left_pad_batch, tiny_tokenizer

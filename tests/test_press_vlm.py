@@ -6,10 +6,11 @@ from functools import cache
 
 import pytest
 import torch
-from reference import MaskedReference, SubsequenceReference, decoder_reference, relative_error
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from dash_vlm import DeltaPress
+from dash_vlm.checks import relative_error
+from dash_vlm.checks.reference import MaskedReference, SubsequenceReference, decoder_reference
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.qwen2_vl import qwen_vl_sample, tiny_qwen_vl
 from dash_vlm.models.text import tiny_text_model

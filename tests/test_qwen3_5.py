@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from reference import SubsequenceReference, relative_error
 
 from dash_vlm import DashVLM, DeltaPress
+from dash_vlm.checks import relative_error
+from dash_vlm.checks.reference import SubsequenceReference
 from dash_vlm.models import adapter_for
 from dash_vlm.models.qwen3_5 import DECISION_AT_ATTENTION, TINY_LAYER_TYPES, tiny_qwen3_5
 from dash_vlm.scorers import SCORERS

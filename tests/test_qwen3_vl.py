@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import MaskedReference, MaskedVisionReference, relative_error
 
 from dash_vlm import DashVLM, DeltaPress
+from dash_vlm.checks import relative_error
+from dash_vlm.checks.reference import MaskedReference, MaskedVisionReference
 from dash_vlm.cli import main as cli_main
 from dash_vlm.graphs import StaticDecoder
 from dash_vlm.models.qwen3_vl import qwen3_vl_sample, tiny_qwen3_vl

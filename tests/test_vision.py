@@ -7,9 +7,10 @@ from functools import cache
 
 import pytest
 import torch
-from reference import MaskedVisionReference, decoder_reference, relative_error
 
 from dash_vlm import DeltaPress
+from dash_vlm.checks import relative_error
+from dash_vlm.checks.reference import MaskedVisionReference, decoder_reference
 from dash_vlm.models import adapter_for, model_types_with
 from dash_vlm.models.tiny import left_pad_batch
 from dash_vlm.scorers import SCORERS

@@ -23,8 +23,9 @@ import statistics
 import torch
 
 from dash_vlm.bench import NOISE
-from dash_vlm.checks import Subject, relative_error
+from dash_vlm.checks import CheckConfig, Subject, relative_error
 from dash_vlm.graphs import StaticDecoder, penalize_repetition, penalized_first_step
+from dash_vlm.models import adapter_for
 from dash_vlm.press import DeltaPress, Timer
 from dash_vlm.vlm import FirstTokenTimer
 
@@ -159,6 +160,21 @@ def run(subject: Subject, press: DeltaPress, batch_sizes: list[int], steps: int,
         document["noisy"][batch_size] = noisy(document["cases"], batch_size)
     document["passed"] = all(case["verdict"] == "PASS" for case in document["cases"].values())
     return document
+
+
+def validate(config: CheckConfig, press: DeltaPress, model_config) -> None:
+    """A hybrid decoder is refused before the model loads: the fast path does not run one."""
+    if adapter_for(model_config).hybrid_decoder:
+        raise ValueError(
+            f"check graphs: {config.subject_name} is {model_config.model_type!r}, a hybrid decoder, which the fast "
+            "path does not run"
+        )
+
+
+def check(config: CheckConfig, press: DeltaPress) -> dict:
+    """``dash-vlm check graphs`` on ``config``'s subject."""
+    options = config.options
+    return run(config.subject(), press, options["batch_sizes"], options["steps"], options["repeats"])
 
 
 COLUMNS = {
