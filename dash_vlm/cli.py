@@ -7,6 +7,8 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
+import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -17,15 +19,28 @@ import transformers
 from PIL import Image
 
 from dash_vlm.attention import ATTENTION_CHOICES, load_implementation
-from dash_vlm.bench import DEVICE_MAPS, MAX_IMAGE_SIDE, PATHS, check_device
+from dash_vlm.bench import DEVICE_MAPS, MAX_IMAGE_SIDE, PATHS, check_device, measures
 from dash_vlm.bench import preset_config as bench_preset_config
+from dash_vlm.bench.kernels import STAGES
 from dash_vlm.checks import CHECKS
+from dash_vlm.chunking import ALLOCATOR_SETTINGS, EXPANDABLE, prefer_expandable_segments
 from dash_vlm.models import MAX_FRAMES_LIMIT, adapter_for, model_types_with
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress, PrefillStats
 
 ALIASES = {"compression_ratio": "--ratio"}  # the short forms of earlier releases
-SWEPT_DEFAULTS = {"compression_ratio": "0,0.5,0.667,0.8", "vision_compression_ratio": "0", "method": "dash"}
+# The halting fields that dash-vlm bench sweeps (--compression-ratios 0,0.5), by the BenchConfig field each sets
+SWEPT = {"compression_ratio": "ratios", "vision_compression_ratio": "vision_ratios", "method": "methods"}
+# The other flags of dash-vlm bench, by dest (the BenchConfig field or measurement option each sets), and how their
+# text reads where it is a list
+BENCH_FLAGS = {
+    **dict.fromkeys(("preset", "image_sizes", "output", "plot", "batch_size", "new_tokens", "repeats", "warmup")),
+    **dict.fromkeys(("attn", "device", "device_map", "stage", "prefill_only", "merge", "decoder_layers")),
+    "video_frames": lambda text: frame_counts(text),  # defined below
+    **dict.fromkeys(("paths", "settings", "variants"), lambda text: text.split(",")),
+}
+FLAG_NAMES = {"image_sizes": "--image-size", "settings": "--attention-settings"}  # dests that are not their flag
+REQUIRED = {"preset": "--preset", "image_sizes": "--image-size", "output": "--output"}  # by every measurement
 DEVICE_MAP_NAMES = ("auto",)  # what --device takes besides cpu, cuda and cuda:N where it is a device map
 
 
@@ -392,39 +407,82 @@ def main(argv: list[str] | None = None) -> None:
     diagnose.add_argument("--output", type=Path, required=True, help="results JSON")
     diagnose.add_argument("--plot", type=Path, default=None, help="score and halted share by row band (PNG)")
 
-    bench = commands.add_parser("bench", help="measure vanilla against DASH on real model shapes, random weights")
-    bench.add_argument("--preset", required=True, choices=sorted(PRESETS), help="real model shapes, random weights")
+    bench = commands.add_parser(
+        "bench", help="measure vanilla against DASH on real model shapes, random weights (--measure: what)"
+    )
+    bench.add_argument(
+        "--measure",
+        choices=measures.MEASURES,
+        default="speed",
+        help="speed: stage times, TTFT, decode and gains (default); attention: the attention settings timed; "
+        "attention-check: the settings against SDPA; kernels: the fast path's GPU kernels; syncs: host "
+        "synchronisations; tower-blocks: each vision block's time; video-memory: peak memory against video frames",
+    )
+    bench.add_argument("--preset", choices=sorted(PRESETS), help="real model shapes, random weights (required)")
     bench.add_argument(
         "--image-size",
+        dest="image_sizes",
+        metavar="PX",
         type=at_least(28, MAX_IMAGE_SIDE),
         action="append",
-        required=True,
-        help=f"image side in px, 28 to {MAX_IMAGE_SIDE} (repeatable); with --video-frames, the one frame side",
+        help=f"image side in px, 28 to {MAX_IMAGE_SIDE} (required, repeatable); with --video-frames, the one frame "
+        "side",
     )
     bench.add_argument(
         "--video-frames",
-        default="",
         help="comma-separated even frame counts (e.g. 8,16,32): one random video of each, its frames of the single "
         "--image-size side, instead of an image (Qwen presets)",
     )
-    add_halting_arguments(bench, swept=SWEPT_DEFAULTS)
-    bench.add_argument("--attn", choices=ATTENTION_CHOICES, default="sdpa")
-    bench.add_argument("--batch-size", type=at_least(1), default=1)
-    bench.add_argument("--new-tokens", type=at_least(2), default=32)
-    bench.add_argument("--repeats", type=at_least(1), default=10)
-    bench.add_argument("--warmup", type=at_least(0), default=2)
-    bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    add_halting_arguments(bench, swept=SWEPT)
+    bench.add_argument("--attn", choices=ATTENTION_CHOICES, help="(default sdpa)")
+    bench.add_argument("--batch-size", type=at_least(1), help="(default 1)")
+    bench.add_argument(
+        "--new-tokens", type=at_least(2), help="(default 32; attention-check, video-memory 8; kernels 16)"
+    )
+    bench.add_argument("--repeats", type=at_least(1), help="(default 10; kernels: 5 prefills profiled)")
+    bench.add_argument("--warmup", type=at_least(0), help="(default 2)")
+    bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     bench.add_argument(
         "--device-map", choices=[m for m in DEVICE_MAPS if m], help="auto: build on GPU 0, then split over every GPU"
     )
     bench.add_argument(
         "--paths",
-        default="eager",
         help=f"comma-separated decode paths, each measured: {', '.join(PATHS)} (HF generate; HF generate over its "
-        "static cache, vanilla only, so with eager or graphs; DashVLM's CUDA-graph fast path)",
+        "static cache, vanilla only, so with eager or graphs; DashVLM's CUDA-graph fast path; default eager)",
     )
-    bench.add_argument("--output", type=Path, required=True, help="results JSON")
-    bench.add_argument("--plot", type=Path, default=None, help="prefill time against image size, or video frames (PNG)")
+    bench.add_argument("--output", type=Path, help="results JSON (required)")
+    bench.add_argument(
+        "--plot", type=Path, help="speed: prefill time against image size or video frames; video-memory: memory (PNG)"
+    )
+    own = bench.add_argument_group("the options of one measurement")
+    own.add_argument("--stage", choices=STAGES, help="kernels: the prefill or one decode step (default prefill)")
+    own.add_argument(
+        "--attention-settings",
+        dest="settings",
+        metavar="NAMES",
+        help="attention, attention-check: comma-separated settings among sdpa, varlen_sdpa, fa4, fa4_vision "
+        "(default all)",
+    )
+    own.add_argument(
+        "--prefill-only", action="store_const", const=True, help="video-memory: one prefill per run, no decoding"
+    )
+    own.add_argument(
+        "--variants",
+        help="video-memory: comma-separated among vanilla, control (ratio 0: --prefill-chunk alone), dash, dash+vision "
+        "(default vanilla,dash,dash+vision)",
+    )
+    own.add_argument(
+        "--decoder-layers",
+        type=at_least(1),
+        help="video-memory: a decoder of this many layers (the preset's widths), for a prefill too long to run whole",
+    )
+    own.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="video-memory: one --plot of these result files; measures nothing",
+    )
     check = commands.add_parser(
         "check", help="before trusting it on your model and GPU: a check's verdict table and JSON (exit 1 on FAIL)"
     )
@@ -468,21 +526,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
+    if prefer_expandable_segments():  # before any command touches CUDA; said here, the log shows warnings only
+        print(f"{ALLOCATOR_SETTINGS[0]}={EXPANDABLE} (set by dash-vlm: no allocator setting was given)")
     if args.command == "tasks":
         from dash_vlm.resources import tasks_folder
 
         print(tasks_folder())
         return
     options = halting_options(args)
-    swept = (
-        {name: options.pop(name, default) for name, default in SWEPT_DEFAULTS.items()}
-        if args.command == "bench"
-        else {}
-    )
+    if args.command == "bench":  # the swept flags are lists of values, read by run_bench_command
+        options = {name: value for name, value in options.items() if name not in SWEPT}
     with usage_errors(parser):
         dash = DeltaPress.from_options(**options)
-        sweeps = {name: swept_values(args, name, values) for name, values in swept.items()}
-        video_frames = frame_counts(getattr(args, "video_frames", ""))
     # Every command-line mistake below is a usage error raised before any model loads; what can only show while the
     # command runs (an unreadable image, a placeholder typed in the prompt, an output that cannot be written) ends as
     # a usage error too, without a traceback.
@@ -566,38 +621,95 @@ def main(argv: list[str] | None = None) -> None:
         if not document["passed"]:
             raise SystemExit(1)
     elif args.command == "bench":
-        from dash_vlm import bench
+        command = shlex.join(["dash-vlm", *(sys.argv[1:] if argv is None else argv)])
+        run_bench_command(parser, args, {name: getattr(dash, name) for name in options}, command)
 
+
+def bench_flags(args: argparse.Namespace, halting: Collection[str]) -> dict[str, str]:
+    """The flags given to ``dash-vlm bench`` (``--measure`` aside), as spelled, by the field or option each sets;
+    ``halting``: the given halting fields that are not swept, together under "halting"."""
+    spellings = vars(args).get("_spellings", {})
+    given = {
+        dest: FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
+        for dest in BENCH_FLAGS
+        if getattr(args, dest) is not None
+    }
+    given |= {field: spellings[name] for name, field in SWEPT.items() if getattr(args, name) is not None}
+    return given | ({"halting": spellings[next(iter(halting))]} if halting else {})
+
+
+def bench_values(args: argparse.Namespace) -> dict:
+    """The given flags of ``dash-vlm bench`` as the values of the fields and options they set; ``ValueError`` naming
+    a flag whose text does not read."""
+    values = {
+        field: swept_values(args, name, getattr(args, name))
+        for name, field in SWEPT.items()
+        if getattr(args, name) is not None
+    }
+    for dest, read in BENCH_FLAGS.items():
+        if getattr(args, dest) is not None:
+            values[dest] = getattr(args, dest) if read is None else read(getattr(args, dest))
+    return values
+
+
+def run_bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, halting: dict, command: str) -> None:
+    """``dash-vlm bench --measure NAME``: the measurement with the flags it reads and the defaults of the rest (a flag
+    it does not read is a usage error); every mistake a usage error before any model is built."""
+    flags = bench_flags(args, halting)
+    if args.merge is not None:
+        merge_video_memory(parser, args, flags)
+        return
+    for field, flag in flags.items():
+        if field not in REQUIRED and args.measure not in measures.readers(field):
+            others = " or ".join(measures.readers(field))
+            parser.error(f"{flag} does not apply to --measure {args.measure}; it goes with --measure {others}")
+    missing = [flag for field, flag in REQUIRED.items() if field not in flags]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    check_output(parser, "--output", args.output)
+    if args.plot is not None:
+        check_output(parser, "--plot", args.plot, plot_suffixes(parser))
+    check_device_flag(parser, args.device, ())
+    check_attention(parser, args.attn)
+    with usage_errors(parser):
+        config, options = measures.configure(args.measure, args.preset, args.image_sizes, bench_values(args), halting)
+        measures.validate(args.measure, config, options)
+    if "graphs" in config.paths and not config.device.startswith("cuda"):
+        logging.getLogger(__name__).warning(
+            "--paths graphs on %s: its decode steps run uncaptured, so the graphs rows measure no CUDA graph",
+            config.device,
+        )
+    with usage_errors(parser, outputs={"--output": args.output, "--plot": args.plot}):
+        measures.main(args.measure, config, options, args.output, args.plot, command)
+
+
+def merge_video_memory(parser: argparse.ArgumentParser, args: argparse.Namespace, flags: dict[str, str]) -> None:
+    """``dash-vlm bench --measure video-memory --merge FILES --plot PLOT``: one plot of the rows of earlier runs (and
+    with ``--output``, their merged document); measures nothing, so no other flag applies."""
+    from dash_vlm.bench import video_memory
+
+    if args.measure != "video-memory":
+        parser.error(f"--merge goes with --measure video-memory, not --measure {args.measure}")
+    extra = [flag for field, flag in flags.items() if field not in ("merge", "plot", "output")]
+    if extra:
+        parser.error(f"--merge measures nothing: {extra[0]} does not apply with it")
+    if args.plot is None:
+        parser.error("--merge needs --plot, the file to draw the merged runs in")
+    check_output(parser, "--plot", args.plot, plot_suffixes(parser))
+    if args.output is not None:
         check_output(parser, "--output", args.output)
-        if args.plot is not None:
-            check_output(parser, "--plot", args.plot, plot_suffixes(parser))
-        check_device_flag(parser, args.device, ())
-        check_attention(parser, args.attn)
-        with usage_errors(parser):
-            config = bench.BenchConfig(
-                preset=args.preset,
-                image_sizes=args.image_size,
-                ratios=sweeps["compression_ratio"],
-                vision_ratios=sweeps["vision_compression_ratio"],
-                methods=sweeps["method"],
-                halting={name: getattr(dash, name) for name in options},
-                batch_size=args.batch_size,
-                new_tokens=args.new_tokens,
-                repeats=args.repeats,
-                warmup=args.warmup,
-                attn=args.attn,
-                device_map=args.device_map,
-                paths=args.paths.split(","),
-                video_frames=video_frames,
-                **({"device": args.device} if args.device else {}),
-            )
-        if "graphs" in config.paths and not config.device.startswith("cuda"):
-            logging.getLogger(__name__).warning(
-                "--paths graphs on %s: its decode steps run uncaptured, so the graphs rows measure no CUDA graph",
-                config.device,
-            )
-        with usage_errors(parser, outputs={"--output": args.output, "--plot": args.plot}):
-            bench.main(config, args.output, args.plot)
+    documents = []
+    for path in args.merge:
+        try:
+            documents.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            parser.error(f"--merge {path}: cannot read it as JSON: {error}")
+    with usage_errors(parser, "--merge"):
+        merged = video_memory.merge(documents)
+    with usage_errors(parser, outputs={"--output": args.output, "--plot": args.plot}):
+        video_memory.plot(merged, args.plot)
+        if args.output is not None:
+            args.output.write_text(json.dumps(merged, indent=1))
 
 
 def batch_sizes(text: str) -> list[int]:

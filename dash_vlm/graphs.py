@@ -85,15 +85,15 @@ class PrefillShape:
     """What a captured prefill of the decoder layers is specialised to: the batch, the prompt length and the kept
     slots above the decision layer (0 when nothing halts), both padded to ``PREFILL_BUCKET``, whether the layers below
     need an explicit mask (padding in the batch, or eager attention), the scorer that decides, and the compression
-    ratio of ``selection="per_row"`` (``None``: the global selection); with decoder additions (Qwen3-VL's DeepStack),
-    the layers that get them and the rows they add to, padded to ``PREFILL_BUCKET``."""
+    ratio of ``selection="per_row"`` or ``"per_frame"`` (``None``: the global selection); with decoder additions
+    (Qwen3-VL's DeepStack), the layers that get them and the rows they add to, padded to ``PREFILL_BUCKET``."""
 
     batch: int
     length: int
     slots: int
     masked: bool
     scorer: Scorer | None
-    per_row_ratio: float | None = None
+    group_ratio: float | None = None
     additions: tuple[int, int] = (0, 0)
 
 
@@ -342,7 +342,7 @@ class _PrefillGraph:
         """Copy one prefill's inputs into the buffers (the padding zeroed): hidden states and position embeddings as
         the decoder hands them to its layers, the real and eligible tokens, the decoder additions, and with halting
         ``n_halt`` (``[batch]``), ``input_ids`` where the scorer reads them and ``groups`` under
-        ``selection="per_row"``."""
+        ``selection="per_row"`` or ``"per_frame"``."""
         length = hidden.shape[1]
         if additions is not None:
             rows = additions.values[0].shape[0]  # the bucketed buffers' other rows add zeros to position 0
@@ -403,7 +403,7 @@ class _PrefillGraph:
             for handle in handles:
                 handle.remove()
         scores = scorer.score(Reading(self.real, **{name: reading[name] for name in scorer.reads}))
-        select = selection_rule(None if shape.per_row_ratio is None else self.groups, shape.per_row_ratio)
+        select = selection_rule(None if shape.group_ratio is None else self.groups, shape.group_ratio)
         plan = plan_halting(
             scores, self.real, self.eligible, self.n_halt, [shape.slots], select, shape.slots, filler_last=True
         )
@@ -590,8 +590,8 @@ class StaticDecoder:
         batch, length = hidden.shape[:2]
         padded = bucket(length, self.prefill_bucket)
         slots = min(bucket(max(prefill.kept_counts), self.prefill_bucket), padded) if halting else 0
-        per_row = halting and prefill.groups is not None
-        ratio = executor.config.compression_ratio if per_row else None
+        in_groups = halting and prefill.groups is not None
+        ratio = executor.config.compression_ratio if in_groups else None
         additions = self._additions
         rows = 0 if additions is None else bucket(additions.values[0].shape[0], self.prefill_bucket)
         added = (0, 0) if additions is None else (len(additions.values), rows)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 SCOPES = ("auto", "vision", "all")
-SELECTIONS = ("global", "per_row")
+SELECTIONS = ("global", "per_row", "per_frame")
 
 Selection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """A selection rule, the step after scoring: ``(scores, eligible, n_halt) -> halted``, as :func:`select_halted`."""
@@ -107,15 +107,16 @@ def select_halted(scores: torch.Tensor, eligible: torch.Tensor, n_halt: torch.Te
     return eligible & (ranks < n_halt[:, None])
 
 
-def row_groups(rows: list[list[torch.Tensor]], vision: torch.Tensor) -> torch.Tensor:
-    """The groups of ``selection="per_row"`` (DESIGN.md section 1): each row of each token grid is a group, and so
-    are a sample's tokens that are not vision placeholders, together; a vision placeholder in no row (LLaVA-NeXT's
-    row-end newline tokens) is in no group and never halts.
+def token_groups(members: list[list[torch.Tensor]], vision: torch.Tensor) -> torch.Tensor:
+    """The groups of ``selection="per_row"`` and ``"per_frame"`` (DESIGN.md section 1): each member list is a group
+    (a row of a token grid, or a whole grid), and so are a sample's tokens that are not vision placeholders,
+    together; a vision placeholder in no member list (LLaVA-NeXT's row-end newline tokens) is in no group and never
+    halts.
 
     Parameters
     ----------
-    rows : list of list of torch.Tensor
-        Per sample, the positions of each grid row's tokens (``[cols]`` long each), rows in any order.
+    members : list of list of torch.Tensor
+        Per sample, the positions of each group's tokens, groups in any order.
     vision : torch.Tensor
         ``[batch, tokens]`` bool, the vision placeholders.
 
@@ -123,28 +124,29 @@ def row_groups(rows: list[list[torch.Tensor]], vision: torch.Tensor) -> torch.Te
     -------
     torch.Tensor
         ``[batch, tokens]`` long: the token's group, numbered from 0 within its sample, in the order of each group's
-        first position; -1 for a placeholder in no row.
+        first position; -1 for a placeholder in no group.
     """
     batch, length = vision.shape
     groups = torch.full((batch, length), -1, dtype=torch.long)
     text_tokens = (~vision).cpu()
-    for sample, sample_rows in enumerate(rows):
-        members = [row.cpu() for row in sample_rows]
+    for sample, sample_members in enumerate(members):
+        positions = [member.cpu().flatten() for member in sample_members]
         text = text_tokens[sample].nonzero()[:, 0]
         if len(text):
-            members.append(text)
-        for number, member in enumerate(sorted(members, key=lambda row: int(row.min()))):
+            positions.append(text)
+        for number, member in enumerate(sorted(positions, key=lambda group: int(group.min()))):
             groups[sample, member] = number
     return groups.to(vision.device)
 
 
-def select_halted_per_row(
+def select_halted_in_groups(
     scores: torch.Tensor, eligible: torch.Tensor, n_halt: torch.Tensor, groups: torch.Tensor, compression_ratio: float
 ) -> torch.Tensor:
-    """``selection="per_row"``: each group (:func:`row_groups`) halts ``floor(compression_ratio * n)`` of its ``n``
-    eligible tokens, those with the smallest scores (ties: the earlier position); the rest of each sample's
-    ``n_halt`` goes, one token each, to its groups with the largest fractional parts of ``compression_ratio * n``
-    (ties: the earlier group). Shapes are ``[batch, tokens]`` throughout, with no copy to or from the host.
+    """``selection="per_row"`` or ``"per_frame"``: each group (:func:`token_groups`) halts
+    ``floor(compression_ratio * n)`` of its ``n`` eligible tokens, those with the smallest scores (ties: the earlier
+    position); the rest of each sample's ``n_halt`` goes, one token each, to its groups with the largest fractional
+    parts of ``compression_ratio * n`` (ties: the earlier group). Shapes are ``[batch, tokens]`` throughout, with no
+    copy to or from the host.
     """
     batch, length = scores.shape
     flat = torch.arange(batch, device=scores.device)[:, None] * length + groups  # a group id unique in the batch
@@ -172,11 +174,11 @@ def select_halted_per_row(
 
 
 def selection_rule(groups: torch.Tensor | None, compression_ratio: float) -> Selection:
-    """The selection of a prefill: :func:`select_halted_per_row` over ``groups`` (``selection="per_row"``), or the
-    global :func:`select_halted` when there are none."""
+    """The selection of a prefill: :func:`select_halted_in_groups` over ``groups`` (``selection="per_row"`` or
+    ``"per_frame"``), or the global :func:`select_halted` when there are none."""
     if groups is None:
         return select_halted
-    return functools.partial(select_halted_per_row, groups=groups, compression_ratio=compression_ratio)
+    return functools.partial(select_halted_in_groups, groups=groups, compression_ratio=compression_ratio)
 
 
 def placeholders(input_ids: torch.Tensor, token_ids) -> torch.Tensor:

@@ -34,6 +34,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from dash_vlm.attention import FLASH_ATTENTION_4
 from dash_vlm.cache import attach_halted_layers, check_cache, is_list_cache, key_value_bytes
+from dash_vlm.chunking import TokenChunks
 from dash_vlm.compact import computed_once
 from dash_vlm.halting import (
     SCOPES,
@@ -42,8 +43,8 @@ from dash_vlm.halting import (
     halt_counts,
     halt_counts_on_device,
     placeholders,
-    row_groups,
     selection_rule,
+    token_groups,
 )
 from dash_vlm.models import ModelAdapter, adapter_for, model_types_with
 from dash_vlm.plan import HaltPlan, plan_halting
@@ -99,8 +100,8 @@ class DeltaPress(BasePress):
         model, all for a text-only model).
     selection : str
         How the halted tokens are chosen from the scores: "global" (the DASH rule: the lowest-scoring eligible
-        tokens of the sample) or "per_row" (each row of each image's token grid halts its share, DESIGN.md section
-        1; vision-language models).
+        tokens of the sample), "per_row" (each row of each image's token grid halts its share, DESIGN.md section
+        1; vision-language models) or "per_frame" (each video frame group, and each image, halts its share).
     protect_last, protect_first : int
         How many of the last (>= 1: the token that predicts the answer) and first (>= 0) real prompt tokens never
         halt.
@@ -119,6 +120,11 @@ class DeltaPress(BasePress):
         [0, 1); 0 (the default) leaves the tower untouched. Qwen2-VL and Qwen2.5-VL (DESIGN.md section 6).
     vision_start_ratio : float
         The tower's decision block is ``floor(vision_start_ratio * blocks)``, in [0, 1).
+    prefill_chunk : int or str
+        Tokens per chunk of the prefill's per-token work (the decoder's and the tower's MLPs; a Qwen tower's
+        attention on whole segments), which computes the same values in less memory for long videos
+        (``dash_vlm.chunking``, DESIGN.md section 1 rule 17): "auto" (the default: from the free GPU memory when the
+        block starts; none on a CPU), 0 (none) or a whole number >= 1 (text such as "8192" is read as one).
     """
 
     compression_ratio: float = 0.667
@@ -132,9 +138,12 @@ class DeltaPress(BasePress):
     fastv_layer: int = 2
     vision_compression_ratio: float = 0.0
     vision_start_ratio: float = 0.3
+    prefill_chunk: int | str = "auto"
     _last_prefill: _PrefillRecord | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.prefill_chunk, str) and self.prefill_chunk.strip().isdigit():  # command line, model args
+            self.prefill_chunk = int(self.prefill_chunk)
         self.validate()
         for parameter in fields(self):  # NumPy and other numeric scalars become Python numbers of the field's type
             if parameter.init and isinstance(parameter.default, (int, float)):
@@ -158,6 +167,11 @@ class DeltaPress(BasePress):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
+        chunk = self.prefill_chunk
+        if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 0):
+            raise ValueError(
+                f"prefill_chunk must be 'auto', 0 (no chunks) or a whole number of tokens >= 1, got {chunk!r}"
+            )
         if self.vision_compression_ratio > 0 and not SCORERS[self.method].vision_tower:
             raise ValueError(
                 f"method={self.method!r} cannot halt inside the vision tower; use vision_compression_ratio=0 or a "
@@ -208,10 +222,10 @@ class DeltaPress(BasePress):
         adapter, model_type = adapter_for(model_config), model_config.model_type
         if self.scope == "vision" and not adapter.is_vision_language:
             raise ValueError(f"scope='vision' needs a vision-language model; {model_type!r} is text-only")
-        if self.selection == "per_row" and not adapter.is_vision_language:
+        if self.selection != "global" and not adapter.is_vision_language:
             raise ValueError(
-                f"selection='per_row' needs a vision-language model (its rows are image token rows); "
-                f"{model_type!r} is text-only"
+                f"selection={self.selection!r} needs a vision-language model (its groups are image and video token "
+                f"grids); {model_type!r} is text-only"
             )
         if self.vision_compression_ratio > 0 and not adapter.halts_in_vision_tower:
             raise ValueError(
@@ -377,7 +391,7 @@ class _Prefill:
     token_masks: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # real and eligible, [batch, tokens] bool
     timer: Timer
     input_ids: torch.Tensor | None = None
-    groups: torch.Tensor | None = None  # selection="per_row": each token's group (``halting.row_groups``)
+    groups: torch.Tensor | None = None  # per_row and per_frame: each token's group (``halting.token_groups``)
     vision_passes: list[VisionPass] = field(default_factory=list)  # the vision tower's, when it halts
     halt_counts: list[int] = field(default_factory=list)
     halt_counts_tensor: torch.Tensor | None = None  # computed on the device: nothing is copied from the host
@@ -534,6 +548,7 @@ class _Executor:
             ratio, scorer = self.config.vision_compression_ratio, self.config.vision_scorer()
             self.vision = VisionHalting(model, adapter, ratio, scorer)
         prefill_module = adapter.prefill_module(model)
+        self.chunks = TokenChunks(model, adapter, self.config.prefill_chunk)
         self.handles = [
             prefill_module.register_forward_pre_hook(self._on_prefill_start, with_kwargs=True),
             prefill_module.register_forward_hook(self._on_prefill_end, with_kwargs=True),
@@ -551,6 +566,7 @@ class _Executor:
             _EXECUTORS.pop(model, None)
         for handle in self.handles:
             handle.remove()
+        self.chunks.remove()
         self._remove_halting_hooks()
         if self.vision is not None:
             self.vision.remove()
@@ -624,14 +640,15 @@ class _Executor:
             )
         attention_mask = kwargs.get("attention_mask")
         groups = None
-        if self.config.selection == "per_row" and self.config.compression_ratio > 0:  # read on the host, up front
+        selection = self.config.selection
+        if selection != "global" and self.config.compression_ratio > 0:  # read on the host, up front
             if input_ids is None:
-                raise ValueError("selection='per_row' needs input_ids to find the image token rows")
-            rows = [
-                [row for grid in grids for row in grid]
-                for grids in self.adapter.token_positions(self.model_config, dict(kwargs, input_ids=input_ids))
+                raise ValueError(f"selection={selection!r} needs input_ids to find the image and video token grids")
+            grids = self.adapter.token_positions(self.model_config, dict(kwargs, input_ids=input_ids))
+            members = [
+                [row for grid in sample for row in grid] if selection == "per_row" else list(sample) for sample in grids
             ]
-            groups = row_groups(rows, placeholders(input_ids, self.vision_token_ids))
+            groups = token_groups(members, placeholders(input_ids, self.vision_token_ids))
         # The statistics read these masks after the block: the closure holds what it needs, never the executor and
         # with it the model.
         vision_ids, config = self.vision_ids, self.config

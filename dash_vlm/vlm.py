@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from dash_vlm.attention import load_implementation, use_attention
+from dash_vlm.chunking import prefer_expandable_segments
 from dash_vlm.graphs import StaticDecoder, after_first_end
 from dash_vlm.maps import halting_maps
 from dash_vlm.models import (
@@ -205,6 +206,7 @@ class DashVLM:
             raise ValueError("cuda_graphs=True needs a CUDA GPU; this machine has none")
         if loaded_as is not None:
             model_kwargs["attn_implementation"] = loaded_as
+        prefer_expandable_segments()  # before the weights are the first CUDA allocation
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, dtype=dtype, device_map=device_map, **model_kwargs
         ).eval()

@@ -301,15 +301,13 @@ def test_bad_bench_config(kwargs, match):
         BenchConfig(**(dict(preset="tiny", image_sizes=[32], ratios=[0.5]) | kwargs))
 
 
-def test_attention_bench_marks_settings_whose_control_is_off(tmp_path, monkeypatch):
-    import attention_bench
-
+def test_attention_timings_mark_settings_whose_control_is_off(tmp_path):
     output = tmp_path / "times.json"
-    argv = ["attention_bench.py", "time", "--preset", "tiny", "--image-sizes", "48", "--settings", "sdpa,varlen_sdpa",
-            "--device", "cpu", "--repeats", "2", "--warmup", "1", "--output", str(output)]  # fmt: skip
-    monkeypatch.setattr("sys.argv", argv)
-    attention_bench.main()
-    rows = json.loads(output.read_text())["rows"]
+    cli_main(["bench", "--measure", "attention", "--preset", "tiny", "--image-size", "48", "--device", "cpu",
+              "--attention-settings", "sdpa,varlen_sdpa", "--repeats", "2", "--warmup", "1",
+              "--output", str(output)])  # fmt: skip
+    document = json.loads(output.read_text())
+    rows = document["rows"]
     assert {(row["setting"], row["variant"]) for row in rows} == {
         (setting, variant)
         for setting in ("sdpa", "varlen_sdpa")
@@ -318,6 +316,42 @@ def test_attention_bench_marks_settings_whose_control_is_off(tmp_path, monkeypat
     for row in rows:
         assert row["noisy"] in (True, False) and len(row["runs"]) == 2
         assert row["prefill_ms"] == pytest.approx(statistics.median(run["prefill_ms"] for run in row["runs"]))
+    assert document["variants"]["dash+vision"] == {"compression_ratio": 0.667, "vision_compression_ratio": 0.5}
+    assert document["command"].startswith("dash-vlm bench --measure attention --preset tiny")
+
+
+def test_attention_check_against_sdpa_at_the_swept_ratios(tmp_path):
+    """The settings' check on CPU in float32: the packed tower computes what SDPA does, so every variant agrees; the
+    ratios come from the sweep flags (their nonzero values)."""
+    output = tmp_path / "check.json"
+    cli_main(["bench", "--measure", "attention-check", "--preset", "tiny", "--image-size", "48", "--image-size", "56",
+              "--attention-settings", "sdpa,varlen_sdpa", "--ratios", "0,0.5", "--vision-compression-ratios", "0.4",
+              "--new-tokens", "3", "--device", "cpu", "--output", str(output)])  # fmt: skip
+    document = json.loads(output.read_text())
+    assert document["steps"] == 3
+    assert [(row["variant"], row["setting"]) for row in document["rows"]] == [
+        (variant, "varlen_sdpa") for variant in ("vanilla", "control", "dash", "dash+vision")
+    ]
+    for row in document["rows"]:
+        assert row["max_relative_error"] < 1e-5 and row["greedy_agreement"] == 1.0
+        assert ("halted_tokens_overlap" in row) == (row["variant"] != "vanilla")
+        if row["variant"] != "vanilla":  # two samples, halting the same tokens and patches as under SDPA
+            assert row["halted_tokens_overlap"] == row["halted_patches_overlap"] == [1.0, 1.0]
+
+
+def test_host_syncs_count_every_variant(tmp_path, capsys):
+    """On CPU the profiler records no CUDA call: every variant runs, nothing is counted; the variants are named after
+    the swept ratios."""
+    output = tmp_path / "syncs.json"
+    cli_main(["bench", "--measure", "syncs", "--preset", "tiny", "--image-size", "48", "--device", "cpu",
+              "--ratios", "0.5", "--output", str(output)])  # fmt: skip
+    document = json.loads(output.read_text())
+    assert (document["preset"], document["image_size"]) == ("tiny", 48)
+    assert (document["vision_blocks"], document["decoder_layers"]) == (2, 5)
+    assert list(document["counts"]) == ["vanilla", "decoder 0.5", "vision 0.5", "decoder 0.5 + vision 0.5"]
+    for counts in document["counts"].values():
+        assert counts == {"prefill": {}, "vision_tower": {}, "vision_tower_on_tables": {}}
+    assert "command" not in document and "decoder 0.5 + vision 0.5" in capsys.readouterr().out
 
 
 def test_token_timer_marks_every_generated_token():

@@ -18,6 +18,7 @@ from dash_vlm import diagnose
 from dash_vlm.bench import BenchConfig
 from dash_vlm.cli import main as cli_main
 from dash_vlm.models import MAX_FRAMES_LIMIT, model_types_with
+from dash_vlm.models.presets import PRESETS
 from dash_vlm.shapes.evaluate import model_folder
 from dash_vlm.vlm import DashVLM
 
@@ -569,3 +570,140 @@ def test_bench_graphs_on_a_cpu_is_flagged(monkeypatch, caplog):
     monkeypatch.setattr("dash_vlm.bench.main", lambda config, output, plot: None)
     cli_main(bench_argv("--paths", "eager,graphs", "--device", "cpu"))
     assert "measure no CUDA graph" in caplog.text
+
+
+# dash-vlm bench --measure: each measurement reads its own flags and refuses before its model is built.
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Building the tiny preset's model fails the test (on the meta device, where only its config is read, it
+    builds)."""
+    tiny = type(PRESETS["tiny"])
+    build = tiny.build
+
+    def refuse(self, device, *args, **kwargs):
+        if str(device) != "meta":
+            raise AssertionError("a model was built")
+        return build(self, device, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "build", refuse)
+
+
+def measure_argv(measure: str, *flags: str) -> list[str]:
+    return ["bench", "--measure", measure, "--preset", "tiny", "--image-size", "32", *flags, "--output", "unused.json"]
+
+
+@pytest.mark.parametrize(
+    "measure, flags, message",
+    [
+        ("speed", ["--stage", "decode"], "--stage does not apply to --measure speed; it goes with --measure kernels"),
+        ("speed", ["--attention-settings", "sdpa"], "it goes with --measure attention or attention-check"),
+        (
+            "kernels",
+            ["--prefill-only"],
+            "--prefill-only does not apply to --measure kernels; it goes with --measure vi",
+        ),
+        ("attention", ["--variants", "dash"], "--variants does not apply to --measure attention"),
+        ("attention-check", ["--stage", "prefill"], "--stage does not apply to --measure attention-check"),
+        ("syncs", ["--paths", "eager"], "--paths does not apply to --measure syncs; it goes with --measure speed"),
+        ("syncs", ["--plot", "p.png"], "--plot does not apply to --measure syncs; it goes with --measure speed or vi"),
+        ("syncs", ["--repeats", "3"], "--repeats does not apply to --measure syncs"),
+        ("attention", ["--start-ratio", "0.3"], "--start-ratio does not apply to --measure attention; it goes with"),
+        ("attention", ["--methods", "fastv"], "--methods does not apply to --measure attention"),
+        ("attention", ["--attn", "eager"], "--attn does not apply to --measure attention"),
+        ("tower-blocks", ["--ratios", "0.5"], "--ratios does not apply to --measure tower-blocks"),
+        ("video-memory", ["--batch-size", "2"], "--batch-size does not apply to --measure video-memory"),
+        ("speed", ["--merge", "a.json", "--plot", "p.png"], "--merge goes with --measure video-memory, not --measure"),
+    ],
+)
+def test_a_flag_the_measurement_does_not_read_is_a_usage_error(no_model, no_build, capsys, measure, flags, message):
+    assert message in usage_error(measure_argv(measure, *flags), capsys)
+
+
+@pytest.mark.parametrize(
+    "measure, flags, message",
+    [
+        ("kernels", [], "--measure kernels profiles CUDA kernels: it needs a CUDA GPU (device cuda or cuda:N); this"),
+        ("kernels", ["--stage", "decode"], "--measure kernels profiles CUDA kernels: it needs a CUDA GPU"),
+        ("tower-blocks", [], "--measure tower-blocks times blocks with CUDA events: it needs a CUDA GPU"),
+        ("attention", [], "--measure attention with settings fa4, fa4_vision runs FlashAttention 4: it needs a CUDA"),
+        ("attention-check", ["--attention-settings", "sdpa,fa4"], "with settings fa4 runs FlashAttention 4: it needs"),
+    ],
+)
+def test_a_gpu_measurement_without_a_gpu_is_a_usage_error(no_model, no_build, no_gpu, capsys, measure, flags, message):
+    line = usage_error(measure_argv(measure, *flags), capsys)
+    assert message in line and line.endswith("this machine has none")
+
+
+def test_a_gpu_measurement_on_the_cpu_of_a_gpu_machine_is_a_usage_error(no_model, no_build, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # the allocator is the user's: nothing sets it for later tests
+    line = usage_error(measure_argv("kernels", "--device", "cpu"), capsys)
+    assert line.endswith("it needs a CUDA GPU (device cuda or cuda:N); device is 'cpu'")
+
+
+@pytest.mark.parametrize(
+    "measure, flags, message",
+    [
+        ("syncs", ["--image-size", "48"], "image_sizes (--image-size): --measure syncs measures one image side, got"),
+        ("syncs", ["--ratios", "0.5,0.6"], "ratios (--compression-ratios): --measure syncs measures one nonzero value"),
+        ("attention", ["--vision-compression-ratios", "0"], "vision_ratios (--vision-compression-ratios): --measure"),
+        ("attention", ["--attention-settings", "sdpa,flash"], "must be distinct names among sdpa, varlen_sdpa, fa4,"),
+        ("attention", ["--attention-settings", "varlen_sdpa"], "the gains are against sdpa, which ['varlen_sdpa'] la"),
+        ("attention-check", ["--attention-settings", "sdpa"], "SDPA is the reference; ['sdpa'] has nothing to check"),
+        ("video-memory", [], "video_frames (--video-frames): --measure video-memory needs the frame counts"),
+        ("video-memory", ["--video-frames", "4", "--variants", "dash,fastv"], "variants (--variants) must be distin"),
+        ("video-memory", ["--video-frames", "4", "--image-size", "48"], "video_frames takes one frame side"),
+        ("kernels", ["--stage", "fill"], "argument --stage: invalid choice: 'fill'"),
+    ],
+)
+def test_a_measurement_refuses_what_it_cannot_measure_before_the_model(
+    no_model, no_build, capsys, measure, flags, message
+):
+    assert message in usage_error(measure_argv(measure, *flags), capsys)
+
+
+def test_a_measurement_refuses_a_preset_it_cannot_run(no_model, capsys):
+    argv = ["bench", "--measure", "syncs", "--preset", "llava-1.5-7b", "--image-size", "336", "--output", "unused.json"]
+    assert "vision_ratios > 0 need a model whose vision tower can halt" in usage_error(argv, capsys)
+
+
+def test_measuring_needs_a_preset_an_image_size_and_an_output(no_model, no_build, capsys):
+    line = usage_error(["bench", "--measure", "syncs"], capsys)
+    assert line.endswith("the following arguments are required: --preset, --image-size, --output")
+    assert usage_error(["bench", "--preset", "tiny", "--image-size", "32"], capsys).endswith("required: --output")
+
+
+def test_each_measurement_takes_its_own_defaults_and_the_flags_it_reads(monkeypatch):
+    """A flag left out takes the default of the script the measurement replaced, so that published commands
+    reproduce."""
+    seen = {}
+    monkeypatch.setattr(
+        "dash_vlm.bench.measures.main",
+        lambda name, config, options, output, plot, command: seen.update({name: (config, options)}),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # kernels and tower-blocks get past their check
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # the allocator is the user's: nothing sets it for later tests
+    cli_main(measure_argv("kernels", "--device", "cuda"))
+    cli_main(measure_argv("tower-blocks", "--device", "cuda", "--vision-compression-ratios", "0.3,0.5"))
+    cli_main(measure_argv("syncs", "--device", "cpu"))
+    settings = ("--attention-settings", "sdpa,varlen_sdpa")
+    cli_main(measure_argv("attention", "--device", "cpu", *settings, "--ratios", "0,0.5", "--batch-size", "8"))
+    cli_main(measure_argv("attention-check", "--device", "cpu", *settings))
+    cli_main(measure_argv("video-memory", "--device", "cpu", "--video-frames", "8,4", "--prefill-only"))
+    kernels, options = seen["kernels"]
+    assert (kernels.ratios, kernels.repeats, kernels.new_tokens, kernels.batch_size) == ([0.667], 5, 16, 1)
+    assert options == {"stage": "prefill"}
+    blocks, options = seen["tower-blocks"]
+    assert (blocks.vision_ratios, blocks.repeats, options) == ([0.3, 0.5], 10, {})
+    syncs, _ = seen["syncs"]
+    assert (syncs.ratios, syncs.vision_ratios, syncs.device) == ([0.667], [0.5], "cpu")
+    attention, options = seen["attention"]
+    assert (attention.ratios, attention.vision_ratios, attention.batch_size) == ([0.0, 0.5], [0.5], 8)
+    assert (attention.repeats, attention.warmup, options) == (10, 2, {"settings": ["sdpa", "varlen_sdpa"]})
+    assert seen["attention-check"][0].new_tokens == 8
+    memory, options = seen["video-memory"]
+    assert (memory.video_frames, memory.new_tokens) == ([8, 4], 8)
+    assert options == {"prefill_only": True, "variants": ["vanilla", "dash", "dash+vision"], "decoder_layers": None}

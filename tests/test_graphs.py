@@ -23,6 +23,7 @@ PRESSES = {
     "fastv": DeltaPress(compression_ratio=0.5, method="fastv"),
     "layer_delta": DeltaPress(compression_ratio=0.5, method="layer_delta"),
     "per_row": DeltaPress(compression_ratio=0.5, selection="per_row"),
+    "per_frame": DeltaPress(compression_ratio=0.5, selection="per_frame"),
 }
 
 

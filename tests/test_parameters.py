@@ -23,6 +23,7 @@ NON_DEFAULT = {
     "fastv_layer": 3,
     "vision_compression_ratio": 0.5,
     "vision_start_ratio": 0.4,
+    "prefill_chunk": 4096,
 }
 QWEN = model_folder("qwen2-vl")
 

@@ -1,5 +1,6 @@
-"""``selection="per_row"`` (DESIGN.md section 1): the selection function against a Python reference, and the press on
-every family against the masked reference with rows derived independently of ``dash_vlm``'s token grids."""
+"""``selection="per_row"`` and ``"per_frame"`` (DESIGN.md section 1): the selection function against a Python
+reference, and the press on every family against the masked reference with rows and frame groups derived
+independently of ``dash_vlm``'s token grids."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from dash_vlm import DeltaPress
 from dash_vlm.checks.reference import decoder_reference
-from dash_vlm.halting import select_halted_per_row
+from dash_vlm.halting import select_halted_in_groups
 from dash_vlm.models import model_types_with
 
 FAMILIES = model_types_with("is_vision_language")
@@ -44,7 +45,7 @@ def python_per_row(scores, eligible, n_halt, groups, ratio) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.667, 0.9])
-def test_select_halted_per_row_equals_a_python_reference(ratio):
+def test_select_halted_in_groups_equals_a_python_reference(ratio):
     generator = torch.Generator().manual_seed(int(ratio * 1000))
     batch, length = 4, 60
     scores = torch.randint(0, 6, (batch, length), generator=generator).float()  # many ties
@@ -52,15 +53,16 @@ def test_select_halted_per_row_equals_a_python_reference(ratio):
     groups = torch.randint(-1, 7, (batch, length), generator=generator).sort(-1).values  # rows in prompt order
     counts = (eligible & (groups >= 0)).sum(-1)
     n_halt = torch.round(counts.double() * ratio).long()
-    halted = select_halted_per_row(scores, eligible, n_halt, groups, ratio)
+    halted = select_halted_in_groups(scores, eligible, n_halt, groups, ratio)
     assert torch.equal(halted, python_per_row(scores, eligible, n_halt, groups, ratio))
     assert torch.equal(halted.sum(-1), n_halt)
 
 
-def independent_rows(family: str, model, inputs: dict) -> list[list[list[int]]]:
-    """Per sample, the prompt positions of each token row, from the model's own token order: Qwen2-VL's merged grid
-    (``grid_thw``: frame groups x rows x cols per item, items in order), LLaVA-1.5's square patch grid, LLaVA-NeXT's
-    ``pack_image_features`` fed each patch's (view, canvas row) coordinates (newline tokens get NaN)."""
+def independent_rows(family: str, model, inputs: dict, frames: bool = False) -> list[list[list[int]]]:
+    """Per sample, the prompt positions of each token row (with ``frames``: of each whole grid, a frame group or an
+    image view), from the model's own token order: Qwen2-VL's merged grid (``grid_thw``: frame groups x rows x cols
+    per item, items in order), LLaVA-1.5's square patch grid, LLaVA-NeXT's ``pack_image_features`` fed each patch's
+    (view, canvas row) coordinates (newline tokens get NaN)."""
     config, ids = model.config, inputs["input_ids"]
     rows = [[] for _ in ids]
     if family.startswith("qwen"):
@@ -70,18 +72,20 @@ def independent_rows(family: str, model, inputs: dict) -> list[list[list[int]]]:
                 continue
             tokens = [(b, t) for b, t in (ids == token_id).nonzero().tolist()]
             start = 0
-            for frames, height, width in inputs[key].tolist():
+            for groups, height, width in inputs[key].tolist():
                 width //= merge
-                for row in range(frames * height // merge):
-                    chunk = tokens[start + row * width : start + (row + 1) * width]
+                size = width * height // merge if frames else width  # a frame group's tokens, or a row's
+                for row in range(groups * height * width // merge // size):
+                    chunk = tokens[start + row * size : start + (row + 1) * size]
                     rows[chunk[0][0]].append([t for _, t in chunk])
-                start += frames * height * width // merge
+                start += groups * height * width // merge
         return rows
     side = config.vision_config.image_size // config.vision_config.patch_size
     tokens = (ids == config.image_token_id).nonzero().tolist()
     if family == "llava":
-        for row in range(len(tokens) // side):
-            chunk = tokens[row * side : (row + 1) * side]
+        size = side * side if frames else side
+        for row in range(len(tokens) // size):
+            chunk = tokens[row * size : (row + 1) * size]
             rows[chunk[0][0]].append([t for _, t in chunk])
         return rows
     features, sizes = [], inputs["image_sizes"]
@@ -100,7 +104,7 @@ def independent_rows(family: str, model, inputs: dict) -> list[list[list[int]]]:
         for view, row in coordinates.tolist():
             b, t = next(tokens_of)
             if not math.isnan(view):
-                by_row.setdefault((view, row), []).append(t)
+                by_row.setdefault(view if frames else (view, row), []).append(t)
         rows[b] += list(by_row.values())
     return rows
 
@@ -132,16 +136,18 @@ def test_per_row_matches_masked_reference(family, kind, scope, ratio):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_per_row_padded_batch_equals_samples_alone_and_reference(family):
+@pytest.mark.parametrize("selection", ["per_row", "per_frame"])
+def test_grouped_padded_batch_equals_samples_alone_and_reference(family, selection):
     model = model_for(family)
     batch, singles = batch_and_singles(family)
-    press = DeltaPress(compression_ratio=0.5, selection="per_row")
+    press = DeltaPress(compression_ratio=0.5, selection=selection)
+    frames = selection == "per_frame"
     assert_batch_matches_reference(
         model,
         batch,
         singles,
         press,
-        lambda inputs: decoder_reference(model, 0.5, rows=independent_rows(family, model, inputs)),
+        lambda inputs: decoder_reference(model, 0.5, rows=independent_rows(family, model, inputs, frames=frames)),
     )
     batch_stats = press.last_stats
     for b, sample in enumerate(singles):
@@ -149,11 +155,42 @@ def test_per_row_padded_batch_equals_samples_alone_and_reference(family):
         assert press.last_stats[0].halted_positions == batch_stats[b].halted_positions
 
 
+@pytest.mark.parametrize(("family", "kind"), FAMILY_KINDS)
+@pytest.mark.parametrize("scope", ["vision", "all"])
+def test_per_frame_matches_masked_reference(family, kind, scope):
+    """Every frame group (every image view) halts its own share: the masked reference given the grids as groups."""
+    model, inputs = model_for(family), samples(family)[kind]
+    frames = independent_rows(family, model, inputs, frames=True)
+    reference = decoder_reference(model, 0.667, scope=scope, rows=frames)
+    with reference():
+        expected = generate(model, inputs)
+    press = DeltaPress(compression_ratio=0.667, scope=scope, selection="per_frame")
+    assert_same_generation(generate(model, inputs, press), expected, 1e-4)
+    halted = press.last_stats[0].halted_positions
+    assert halted == reference.halted_per_sample[0]
+    for frame in frames[0]:  # each frame's share, to within the one token the remainder may add
+        assert abs(sum(t in halted for t in frame) - 0.667 * len(frame)) < 1 + 1e-9
+
+
+def test_per_frame_spreads_a_clip_over_its_frame_groups():
+    """On a video, per_frame halts the same share of every frame group (to within the one token of the remainder)."""
+    family = "qwen2_vl"
+    model, inputs = model_for(family), samples(family)["video"]
+    frames = independent_rows(family, model, inputs, frames=True)[0]
+    assert len(frames) >= 2
+    press = DeltaPress(compression_ratio=0.5, selection="per_frame")
+    generate(model, inputs, press)
+    halted = set(press.last_stats[0].halted_positions)
+    shares = [len(halted & set(frame)) / len(frame) for frame in frames]
+    assert max(shares) - min(shares) <= 1 / min(map(len, frames)) + 1e-9
+
+
 def test_per_row_is_refused_for_text_models_and_checked():
     from dash_vlm.models.text import tiny_text_model
 
     with pytest.raises(ValueError, match="selection must be one of"):
         DeltaPress(selection="rows")
-    with pytest.raises(ValueError, match="selection='per_row' needs a vision-language model"):
-        with DeltaPress(selection="per_row")(tiny_text_model()):
-            pass
+    for selection in ("per_row", "per_frame"):
+        with pytest.raises(ValueError, match=f"selection='{selection}' needs a vision-language model"):
+            with DeltaPress(selection=selection)(tiny_text_model()):
+                pass

@@ -16,6 +16,12 @@ timer then synchronises all the GPUs the model uses and reads the wall clock.
 Modules, one concern each: ``config`` (``BenchConfig`` and its checks), ``timers`` (stage, token and replay clocks),
 ``run`` (the run loop, rows and latency entries), ``ideal`` (layer and block timings, ideal gains), ``floor`` (the
 physical floor beside every row), ``report`` (text table and plot).
+
+The other measurements of ``dash-vlm bench --measure`` take the same ``BenchConfig``: ``measures`` (what each reads,
+and its defaults), ``attention`` (the attention settings timed), ``attention_check`` (the settings checked against
+SDPA), ``kernels`` (the fast path's GPU kernels, by the PyTorch profiler), ``syncs`` (host synchronisations of a
+prefill), ``tower_blocks`` (each vision block's time in a tower pass), ``video_memory`` (peak memory and KV cache
+against a video's frames, and the longest video that fits).
 """
 
 from __future__ import annotations

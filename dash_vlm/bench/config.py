@@ -194,3 +194,48 @@ class BenchConfig:
             (path, variant) for path in self.paths for variant in [None, *([] if path == "static" else self.variants())]
         ]
         return runs + ([(UNPADDED, None)] if "graphs" in self.paths else [])
+
+
+def model_dtype(device: str) -> torch.dtype:
+    """The dtype the bench builds its model in: bf16 on a GPU, float32 on a CPU."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def the_ratio(config: BenchConfig, measure: str, vision: bool = False) -> float:
+    """The one nonzero decoder ratio (``vision``: vision ratio) that ``--measure measure`` reads (its 0 is the
+    control or vanilla, which the measurement runs anyway); ``ValueError`` for none or several."""
+    name, values = ("vision_ratios", config.vision_ratios) if vision else ("ratios", config.ratios)
+    nonzero = [value for value in values if value]
+    if len(nonzero) != 1:
+        flag = "--vision-compression-ratios" if vision else "--compression-ratios"
+        raise ValueError(f"{name} ({flag}): --measure {measure} measures one nonzero value, got {values}")
+    return nonzero[0]
+
+
+def the_image_size(config: BenchConfig, measure: str) -> int:
+    """The one image side of a measurement of one prompt; ``ValueError`` for several."""
+    if len(config.image_sizes) != 1:
+        raise ValueError(
+            f"image_sizes (--image-size): --measure {measure} measures one image side, got {config.image_sizes}"
+        )
+    return config.image_sizes[0]
+
+
+def needs_gpu(config: BenchConfig, measure: str, why: str) -> None:
+    """``ValueError`` unless ``config.device`` is a GPU: ``--measure measure`` ``why``."""
+    if not config.device.startswith("cuda"):
+        has = f"device is {config.device!r}" if torch.cuda.is_available() else "this machine has none"
+        raise ValueError(f"--measure {measure} {why}: it needs a CUDA GPU (device cuda or cuda:N); {has}")
+
+
+def dash_variants(config: BenchConfig, measure: str) -> dict[str, dict | None]:
+    """The presses a measurement of the attention or of memory compares, by name, as ``DeltaPress`` fields (``None``:
+    vanilla): the ratio-0 control, DASH at the one nonzero decoder ratio and DASH with the tower halting at the one
+    nonzero vision ratio."""
+    ratio, vision_ratio = the_ratio(config, measure), the_ratio(config, measure, vision=True)
+    return {
+        "vanilla": None,
+        "control": dict(compression_ratio=0.0),
+        "dash": dict(compression_ratio=ratio),
+        "dash+vision": dict(compression_ratio=ratio, vision_compression_ratio=vision_ratio),
+    }

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dash_vlm.attention import attention_of, load_implementation, use_attention
-from dash_vlm.bench.config import NOISE, UNPADDED, BenchConfig
+from dash_vlm.bench.config import NOISE, UNPADDED, BenchConfig, model_dtype
 from dash_vlm.bench.floor import COUNTED_ATTENTION, DevicePeak, Work, count_prefill, measure_peak
 from dash_vlm.bench.ideal import (
     decoder_ideal_speedup,
@@ -113,7 +113,7 @@ def run_bench(config: BenchConfig) -> dict:
     captured a new graph is not counted (the warm-up rounds capture every shape).
     """
     preset: Preset = PRESETS[config.preset]
-    dtype = torch.bfloat16 if config.device.startswith("cuda") else torch.float32
+    dtype = model_dtype(config.device)
     model = preset.build(config.device, dtype, load_implementation(config.attn))
     use_attention(model, config.attn)  # as DashVLM.from_pretrained sets it
     device_map = dispatch_over_gpus(model) if config.device_map is not None else None

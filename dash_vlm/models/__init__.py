@@ -205,6 +205,16 @@ class ModelAdapter:
         captured prefill); ``None`` when there are none."""
         return None
 
+    def per_token_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules whose output row depends on its input row alone, which a long prefill runs in chunks of tokens
+        (``dash_vlm.chunking``): the decoder layers' MLPs."""
+        return [layer.mlp for layer in self.decoder_layers(model) if hasattr(layer, "mlp")]
+
+    def segment_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Vision attention modules that attend within the segments of their ``cu_seqlens`` only, which a long
+        prefill runs on whole segments in chunks (``dash_vlm.chunking``); none by default."""
+        return []
+
     def vision_depth(self, config: PretrainedConfig) -> int:
         """The number of blocks of the vision tower of a model of ``config`` (a family whose tower halts)."""
         raise NotImplementedError(f"{self.model_types} does not halt in its vision tower")
@@ -297,8 +307,8 @@ class ModelAdapter:
 
     def token_positions(self, config: PretrainedConfig, inputs: dict) -> list[list[torch.Tensor]]:
         """Per sample of a batch of model inputs, the ``[rows, cols]`` token grids of its images and video frame
-        groups (prompt positions in the padded batch): the rows of ``selection="per_row"``; :meth:`token_grids`
-        lays the same grids over pixels."""
+        groups (prompt positions in the padded batch): the rows of ``selection="per_row"``, the groups of
+        ``"per_frame"``; :meth:`token_grids` lays the same grids over pixels."""
         raise NotImplementedError(f"{self.model_types} has no token grid")
 
     def token_grids(self, config: PretrainedConfig, processor: ProcessorMixin, inputs: dict) -> list[list[TokenGrid]]:

@@ -167,6 +167,15 @@ class QwenVLAdapter(ModelAdapter):
                 "frames asked for than the file has), and has no other reader with this torchvision"
             ) from error
 
+    def per_token_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The decoder layers' MLPs and the tower blocks' MLPs."""
+        return [*super().per_token_modules(model), *(block.mlp for block in self.vision_blocks(model))]
+
+    def segment_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The tower blocks' attention: within each image, frame group or window of ``cu_seqlens`` (and their rotary
+        embedding of every patch in float32, the tower's largest allocation on a long video)."""
+        return [self.vision_attention(block) for block in self.vision_blocks(model)]
+
     def vision_depth(self, config) -> int:
         return config.vision_config.depth
 

@@ -163,10 +163,16 @@ def method_configurations(vision_tower_halts: bool) -> list[dict]:
 
 def video_configurations(vision_tower_halts: bool) -> list[dict]:
     """The rows of ``--video``: ratio 0, DASH and random at ``VIDEO_RATIOS`` (scope vision: the video's tokens),
-    and halting inside the vision tower alone and with the decoder's."""
+    DASH with ``selection`` "per_row" and "per_frame" at the same ratios, and halting inside the vision tower alone
+    and with the decoder's."""
     return (
         [dict(compression_ratio=0.0, scope="vision")]
         + [dict(compression_ratio=ratio, scope="vision", method=method) for method in METHODS for ratio in VIDEO_RATIOS]
+        + [
+            dict(compression_ratio=ratio, scope="vision", selection=selection)
+            for selection in ("per_row", "per_frame")
+            for ratio in VIDEO_RATIOS
+        ]
         + [
             dict(compression_ratio=ratio, scope="vision", vision_compression_ratio=vision_ratio)
             for vision_ratio in VISION_RATIOS
@@ -215,8 +221,9 @@ def video_table(rows: list[dict]) -> str:
         where = " | ".join(
             f"{row[key]:.0%}" for key in ("shape_tokens_halted", "background_tokens_halted", "frame_pairs_halted_whole")
         )
+        method = row["method"] if is_global(row) else f"{row['method']} {row['selection']}"
         lines.append(
-            f"| {row['method']} | {row['ratio']:g} | {row['vision_ratio']:g} | {row['kept_fraction']:.2f} |"
+            f"| {method} | {row['ratio']:g} | {row['vision_ratio']:g} | {row['kept_fraction']:.2f} |"
             f" {row['accuracy']:.1%} | {kinds} | {where} |"
         )
     return "\n".join(lines)

@@ -1,15 +1,16 @@
-"""Long videos within GPU memory: peak memory, KV cache and speed of one generation at batch 1 against the video's
-frame count, vanilla against DASH (and DASH with vision-tower halting), on real-shape bf16 models (run on a GPU).
+"""Long videos within GPU memory (``dash-vlm bench --measure video-memory``): peak memory, KV cache and speed of one
+generation at batch 1 against the video's frame count, vanilla against DASH (and DASH with vision-tower halting), on
+real-shape bf16 models (meant for a GPU).
 
-    python tests/video_memory.py --preset qwen2-vl-7b --side 448 --frames 128,256,512,1024 \
+    dash-vlm bench --measure video-memory --preset qwen2-vl-7b --image-size 448 --video-frames 128,256,512,1024 \
         --output video_memory.json --plot video_memory.png
-    python tests/video_memory.py --preset qwen2-vl-7b --frames 4608,5120 --variants vanilla --prefill-only \
-        --output limit.json   # the limit itself: does a prefill of that many frames fit?
-    python tests/video_memory.py --merge video_memory.json limit.json --plot limits.png   # one plot of several runs
+    dash-vlm bench --measure video-memory --preset qwen2-vl-7b --image-size 448 --video-frames 4608,5120 \
+        --variants vanilla --prefill-only --output limit.json   # the limit itself: does a prefill that long fit?
+    dash-vlm bench --measure video-memory --merge video_memory.json limit.json --plot limits.png   # several runs
 
 Frame counts are measured in increasing order; a variant that runs out of memory is recorded as ``oom`` and not
 tried at larger counts. Each run is ``bench.run_once`` (``new_tokens`` greedy tokens): its peak is the prefill's (the
-decode steps add a few tokens of cache); with ``--prefill-only``, one prefill (``logits_to_keep=1``), for probing the
+decode steps add a few tokens of cache); with ``prefill_only``, one prefill (``logits_to_keep=1``), for probing the
 largest count that fits, where a prefill takes minutes. The KV cache of vanilla is the dynamic cache's size (every
 layer holds every token); DASH's is its press's ``kv_cache_bytes``. A straight line through each variant's peaks
 gives the frame count at which it would reach the GPU's memory: an extrapolation, reported as such next to the
@@ -20,10 +21,8 @@ whether fragmentation or the memory itself sets the limit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,16 +31,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dash_vlm import DeltaPress
-from dash_vlm.bench import StageTimers, batch_inputs, device_name, run_once
+from dash_vlm.bench.config import BenchConfig, dash_variants, model_dtype
+from dash_vlm.bench.run import batch_inputs, run_once
+from dash_vlm.bench.timers import StageTimers, device_name
+from dash_vlm.chunking import ALLOCATOR_SETTINGS
 from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS
+from dash_vlm.press import DeltaPress
 
-VARIANTS = {
-    "vanilla": None,
-    "dash": dict(compression_ratio=0.667),
-    "dash+vision": dict(compression_ratio=0.667, vision_compression_ratio=0.5),
-}
+VARIANTS = ("vanilla", "control", "dash", "dash+vision")  # control: the ratio-0 press, its prefill chunks alone
+DEFAULT_VARIANTS = ("vanilla", "dash", "dash+vision")
+COLORS = dict(zip(VARIANTS, ("C0", "C3", "C1", "C2"), strict=True))
+MERGED_KEYS = ("preset", "side", "rows", "capacity_bytes")  # what a result file must hold to be merged
+
+
+def validate(config: BenchConfig, prefill_only: bool, variants: list[str], decoder_layers: int | None) -> None:
+    """``ValueError`` for no frame counts, variants that are not distinct names of ``VARIANTS``, or not one nonzero
+    decoder and vision ratio."""
+    if not config.video_frames:
+        raise ValueError("video_frames (--video-frames): --measure video-memory needs the frame counts to measure")
+    if not variants or any(name not in VARIANTS for name in variants) or len(set(variants)) < len(variants):
+        raise ValueError(f"variants (--variants) must be distinct names among {', '.join(VARIANTS)}, got {variants}")
+    dash_variants(config, "video-memory")
 
 
 def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -53,36 +64,40 @@ def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * layers * text.num_key_value_heads * head_dim * dtype.itemsize
 
 
-def measure(args) -> dict:
-    preset = PRESETS[args.preset]
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = preset.build(args.device, dtype)
-    on_gpu = args.device.startswith("cuda")
+def run(config: BenchConfig, prefill_only: bool, variants: list[str], decoder_layers: int | None) -> dict:
+    """Measure each variant at each frame count (``config.video_frames``, frames of ``config.image_sizes[0]`` px),
+    every press with the halting fields of ``config.halting`` (``prefill_chunk``: the chunks of its prefill), on the
+    preset's decoder or one of ``decoder_layers`` layers; the JSON document."""
+    presses = dash_variants(config, "video-memory")
+    preset = PRESETS[config.preset]
+    side = config.image_sizes[0]
+    dtype = model_dtype(config.device)
+    model = preset.build(config.device, dtype, layers=decoder_layers)
+    on_gpu = config.device.startswith("cuda")
     weights = torch.cuda.memory_allocated() if on_gpu else 0
-    capacity = torch.cuda.get_device_properties(args.device).total_memory if on_gpu else 0
+    capacity = torch.cuda.get_device_properties(config.device).total_memory if on_gpu else 0
     timers = StageTimers(model)
     rows, failed = [], set()
-    for frames in tqdm(args.frames, desc=f"{args.preset} video memory"):
-        if failed >= set(args.variants):
-            rows += [{"frames": frames, "variant": name, "oom": True, "skipped": True} for name in args.variants]
+    for frames in tqdm(sorted(config.video_frames), desc=f"{config.preset} video memory"):
+        if failed >= set(variants):
+            rows += [{"frames": frames, "variant": name, "oom": True, "skipped": True} for name in variants]
             continue
-        inputs = batch_inputs(preset.inputs(args.side, 64, frames=frames), 1, args.device, dtype)
+        inputs = batch_inputs(preset.inputs(side, config.text_tokens, frames=frames), 1, config.device, dtype)
         tokens = inputs["input_ids"].shape[1]
-        for name in args.variants:
-            settings = VARIANTS[name]
+        for name in variants:
             row = {"frames": frames, "tokens": tokens, "variant": name}
             if name in failed:
                 rows.append(row | {"oom": True, "skipped": True})
                 continue
-            press = None if settings is None else DeltaPress(**settings)
+            press = None if presses[name] is None else DeltaPress(**presses[name] | config.halting)
             try:
-                if args.prefill_only:
+                if prefill_only:
                     figures = prefill_once(model, inputs, press, timers)
                 else:
-                    figures = run_once(model, inputs, press, timers, args.new_tokens)
+                    figures = run_once(model, inputs, press, timers, config.new_tokens)
             except torch.OutOfMemoryError as error:
                 failed.add(name)
-                rows.append(row | {"oom": True} | describe_oom(error, args.device if on_gpu else None))
+                rows.append(row | {"oom": True} | describe_oom(error, config.device if on_gpu else None))
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             finally:
@@ -99,19 +114,21 @@ def measure(args) -> dict:
             print(json.dumps(rows[-1]), flush=True)
     timers.remove()
     return {
-        "preset": args.preset,
+        "preset": config.preset,
         "device": device_name(model),
-        "side": args.side,
-        "new_tokens": args.new_tokens,
+        "side": side,
+        "new_tokens": config.new_tokens,
         "weights_bytes": weights,
         "capacity_bytes": capacity,
-        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default",
+        "allocator": next(filter(None, map(os.environ.get, ALLOCATOR_SETTINGS)), "default"),
+        "prefill_chunk": DeltaPress(**config.halting).prefill_chunk,
+        "decoder_layers": model.config.get_text_config().num_hidden_layers,
         "rows": rows,
         "fits": extrapolate(rows, capacity),
     }
 
 
-def prefill_once(model, inputs: dict, press: DeltaPress | None, timers: StageTimers) -> dict:
+def prefill_once(model: torch.nn.Module, inputs: dict, press: DeltaPress | None, timers: StageTimers) -> dict:
     """One prefill and its stage times and peak memory."""
     device = inputs["input_ids"].device
     if device.type == "cuda":
@@ -138,12 +155,23 @@ def describe_oom(error: torch.OutOfMemoryError, device: str | None) -> dict:
     }
 
 
+SETTINGS = ("allocator", "prefill_chunk")  # what a merged run's rows are tagged with
+
+
+def series(row: dict, rows: list[dict]) -> str:
+    """The name of a row's line in tables and plots: its variant, and each of ``SETTINGS`` that differs among
+    ``rows``."""
+    differing = [key for key in SETTINGS if len({str(other.get(key)) for other in rows}) > 1]
+    return ", ".join([row["variant"], *(f"{key} {row.get(key)}" for key in differing)])
+
+
 def extrapolate(rows: list[dict], capacity: int) -> dict:
-    """Per variant: the largest frame count measured, and where a line through its peaks reaches ``capacity``."""
+    """Per series (:func:`series`): the largest frame count measured, and where a line through its peaks reaches
+    ``capacity``; ``bytes_per_frame``, the slope, lets a user predict their own limit."""
     result = {}
-    for name in VARIANTS:
+    for name in sorted({series(row, rows) for row in rows}, key=lambda name: name.split(",")[0]):
         points = [
-            (row["frames"], row["peak_memory_bytes"]) for row in rows if row["variant"] == name and "oom" not in row
+            (row["frames"], row["peak_memory_bytes"]) for row in rows if series(row, rows) == name and "oom" not in row
         ]
         entry = {"largest_measured": max((frames for frames, _ in points), default=None)}
         if len(points) >= 2 and capacity:
@@ -156,13 +184,21 @@ def extrapolate(rows: list[dict], capacity: int) -> dict:
 
 
 def merge(documents: list[dict]) -> dict:
-    """One document of the rows of several runs of one preset and side, each row tagged with its allocator."""
+    """One document of the rows of several runs of one preset and side, each row tagged with its run's allocator and
+    ``prefill_chunk``."""
+    for number, document in enumerate(documents, 1):
+        missing = [key for key in MERGED_KEYS if key not in document]
+        if missing:
+            raise ValueError(f"result {number} of {len(documents)} is no video-memory result: it lacks {missing}")
     first = documents[0]
     for document in documents[1:]:
         if (document["preset"], document["side"]) != (first["preset"], first["side"]):
             raise ValueError("--merge needs runs of one preset and frame side")
+    unset = {"allocator": "default", "prefill_chunk": 0}  # a run from before prefill_chunk existed chunked nothing
     rows = [
-        row | {"allocator": document.get("allocator", "default")} for document in documents for row in document["rows"]
+        {key: document.get(key, unset[key]) for key in SETTINGS} | row
+        for document in documents
+        for row in document["rows"]
     ]
     return first | {
         "rows": sorted(rows, key=lambda row: row["frames"]),
@@ -179,8 +215,11 @@ def plot(document: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     gib = 2**30
-    for name, color in zip(VARIANTS, ("C0", "C1", "C2"), strict=True):
-        rows = [row for row in document["rows"] if row["variant"] == name]
+    names = sorted({series(row, document["rows"]) for row in document["rows"]})
+    for number, name in enumerate(names):
+        rows = [row for row in document["rows"] if series(row, document["rows"]) == name]
+        variant = rows[0]["variant"]
+        color = COLORS[variant] if len(names) <= len(VARIANTS) else f"C{number % 10}"
         fitted = [row for row in rows if "oom" not in row]
         failed = [row for row in rows if row.get("oom") and not row.get("skipped")]
         frames = [row["frames"] for row in fitted]
@@ -188,7 +227,7 @@ def plot(document: dict, path: Path) -> None:
             axis.plot(
                 frames, [row["peak_memory_bytes"] / gib for row in fitted], "-o", color=color, label=f"{name}: peak"
             )
-        if fitted and name != "dash+vision":  # its cache is DASH's
+        if fitted and variant != "dash+vision":  # its cache is DASH's
             axis.plot(
                 frames, [row["kv_cache_bytes"] / gib for row in fitted], ":", color=color, label=f"{name}: KV cache"
             )
@@ -215,35 +254,3 @@ def plot(document: dict, path: Path) -> None:
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS))
-    parser.add_argument("--side", type=int, default=448, help="frame side in px")
-    parser.add_argument("--frames", type=lambda text: sorted(int(v) for v in text.split(",")))
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--variants", type=lambda text: text.split(","), default=list(VARIANTS))
-    parser.add_argument("--prefill-only", action="store_true", help="one prefill per run, no decoding")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
-    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="plot these result files, measure nothing")
-    args = parser.parse_args()
-    if args.merge:
-        if args.plot is None:
-            parser.error("--merge needs --plot")
-        plot(merge([json.loads(path.read_text()) for path in args.merge]), args.plot)
-        return
-    if args.preset is None or args.frames is None or args.output is None:
-        parser.error("measuring needs --preset, --frames and --output")
-    if unknown := set(args.variants) - set(VARIANTS):
-        parser.error(f"--variants must be among {list(VARIANTS)}, got {sorted(unknown)}")
-    document = measure(args) | {"command": " ".join(sys.argv)}
-    args.output.write_text(json.dumps(document, indent=1))
-    if args.plot is not None:
-        plot(document, args.plot)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,29 +1,50 @@
-"""Time of every vision-tower block in a whole tower pass, vanilla and halting (run on a GPU):
+"""Time of every vision-tower block in a whole tower pass, vanilla and halting (``dash-vlm bench --measure
+tower-blocks``, on a GPU):
 
-    python tests/vision_block_times.py --preset qwen2.5-vl-7b --image-size 2016 --output blocks.json
+    dash-vlm bench --measure tower-blocks --preset qwen2.5-vl-7b --image-size 2016 --output blocks.json
 
-CUDA events around each block (pre- and post-hooks) in passes of the tower alone, vanilla and at each vision ratio,
-median of ``--repeats`` passes; with the block kinds (windowed or full attention) and how many attention segments
+CUDA events around each block (pre- and post-hooks) in passes of the tower alone, vanilla and at each nonzero vision
+ratio, median of ``repeats`` passes; with the block kinds (windowed or full attention) and how many attention segments
 each block runs, so that a gain below the ideal can be traced to the blocks that miss it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from torch import nn
 
-from dash_vlm import DeltaPress
-from dash_vlm.bench import batch_inputs
+from dash_vlm.bench.config import BenchConfig, needs_gpu, the_image_size
+from dash_vlm.bench.run import batch_inputs
 from dash_vlm.models import adapter_for
 from dash_vlm.models.presets import PRESETS
+from dash_vlm.press import DeltaPress
 
 
-def block_times(tower, blocks, inputs: dict, press: DeltaPress | None, model) -> tuple[list[float], list[int], float]:
+def vision_ratios(config: BenchConfig) -> list[float]:
+    """The nonzero vision ratios of ``config``, each timed against vanilla; ``ValueError`` for none."""
+    ratios = [ratio for ratio in config.vision_ratios if ratio]
+    if not ratios:
+        raise ValueError(
+            f"vision_ratios (--vision-compression-ratios): --measure tower-blocks times the tower at each nonzero "
+            f"vision ratio, got {config.vision_ratios}"
+        )
+    return ratios
+
+
+def validate(config: BenchConfig) -> None:
+    """``ValueError`` for no GPU, several image sizes, or no nonzero vision ratio."""
+    needs_gpu(config, "tower-blocks", "times blocks with CUDA events")
+    the_image_size(config, "tower-blocks")
+    vision_ratios(config)
+
+
+def block_times(
+    tower: nn.Module, blocks: nn.ModuleList, inputs: dict, press: DeltaPress | None, model: nn.Module
+) -> tuple[list[float], list[int], float]:
     """Per-block milliseconds, per-block segment counts and the whole pass's milliseconds of one tower pass."""
     events, segments = [], []
 
@@ -53,28 +74,29 @@ def block_times(tower, blocks, inputs: dict, press: DeltaPress | None, model) ->
     return [a.elapsed_time(b) for a, b in events], segments, first.elapsed_time(last)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="qwen2.5-vl-7b", choices=sorted(PRESETS))
-    parser.add_argument("--image-size", type=int, default=2016)
-    parser.add_argument("--vision-ratios", default="0.5")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
-    model = preset.build("cuda", torch.bfloat16)
-    inputs = batch_inputs(preset.inputs(args.image_size), 1, "cuda", torch.bfloat16)
+def run(config: BenchConfig) -> dict:
+    """Time every block of the preset's tower at its one image size, vanilla and at each vision ratio; the JSON
+    document."""
+    with torch.cuda.device(config.device):  # CUDA events record on the current device: make it the model's
+        return time_blocks(config)
+
+
+def time_blocks(config: BenchConfig) -> dict:
+    preset = PRESETS[config.preset]
+    size = the_image_size(config, "tower-blocks")
+    model = preset.build(config.device, torch.bfloat16)
+    inputs = batch_inputs(preset.inputs(size, config.text_tokens), 1, config.device, torch.bfloat16)
     adapter = adapter_for(model)
     tower, blocks = adapter.vision_tower(model), adapter.vision_blocks(model)
     variants = {"vanilla": None} | {
-        f"vision {ratio}": DeltaPress(compression_ratio=0.0, vision_compression_ratio=float(ratio))
-        for ratio in args.vision_ratios.split(",")
+        f"vision {ratio:g}": DeltaPress(compression_ratio=0.0, vision_compression_ratio=ratio)
+        for ratio in vision_ratios(config)
     }
     full = set(getattr(model.config.vision_config, "fullatt_block_indexes", None) or range(len(blocks)))
-    result = {"preset": args.preset, "image_size": args.image_size, "full_attention_blocks": sorted(full)}
+    result = {"preset": config.preset, "image_size": size, "full_attention_blocks": sorted(full)}
     for name, press in variants.items():
         block_times(tower, blocks, inputs, press, model)  # warm-up
-        runs = [block_times(tower, blocks, inputs, press, model) for _ in range(args.repeats)]
+        runs = [block_times(tower, blocks, inputs, press, model) for _ in range(config.repeats)]
         per_block = [statistics.median(run[0][i] for run in runs) for i in range(len(blocks))]
         result[name] = {
             "tower_ms": statistics.median(run[2] for run in runs),
@@ -85,10 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
         }
         summary = {key: value for key, value in result[name].items() if key.endswith("_ms") and key != "block_ms"}
         print(name, json.dumps(summary), flush=True)
-    if args.output is not None:
-        args.output.write_text(json.dumps(result, indent=1))
     return result
-
-
-if __name__ == "__main__":
-    main()
