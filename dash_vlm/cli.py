@@ -608,6 +608,10 @@ def main(argv: list[str] | None = None) -> None:
             config = check_model(parser, args.model, dash, video=args.video is not None)
         else:
             config = bench_preset_config(args.preset)
+            if args.layers or args.vision_layers:  # the press is checked against the shortened model it will run on
+                with torch.random.fork_rng(devices=[]):
+                    shortened = dict(layers=args.layers, vision_layers=args.vision_layers)
+                    config = PRESETS[args.preset].build("meta", torch.float32, **shortened).config
             with usage_errors(parser):
                 dash.check_model(config)
         check_output(parser, "--output", args.output)

@@ -247,3 +247,9 @@ def test_masked_reference_shares_no_code_with_the_press():
         if getattr(value, "__module__", "").startswith("dash_vlm") and value.__module__ != reference.__name__
     ]
     assert foreign == []
+
+
+def test_shortened_preset_is_checked_before_any_model_loads(tmp_path, no_model, capsys):
+    """--layers shortens the model the press is checked against: a one-layer decoder leaves no decision layer."""
+    line = usage_error([*BF16, "--layers", "1", "--output", str(tmp_path / "o.json")], capsys)
+    assert "start_ratio" in line

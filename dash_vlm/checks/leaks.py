@@ -33,21 +33,23 @@ PYTHON_BYTES_PER_CALL = 2048
 GPU_BYTES = 1 << 20
 
 
-def gpu_allocated() -> int:
-    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+def gpu_allocated(device: str | torch.device = "cpu") -> int:
+    """Bytes allocated on ``device`` (the model's GPU, not merely the current one); 0 on a CPU."""
+    device = torch.device(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def tensors_alive() -> int:
     return sum(issubclass(type(item), torch.Tensor) for item in gc.get_objects())  # type(): no proxy's __class__
 
 
-def growth(call, calls: int) -> dict:
+def growth(call, calls: int, device: str | torch.device = "cpu") -> dict:
     """What ``calls`` calls keep, after ``WARMUP`` calls: traced Python bytes, tensors alive, GPU bytes allocated, and
     the seconds they took."""
     for _ in range(WARMUP):
         call()
     gc.collect()
-    gpu_before, tensors_before = gpu_allocated(), tensors_alive()
+    gpu_before, tensors_before = gpu_allocated(device), tensors_alive()
     tracemalloc.start()
     before, started = tracemalloc.get_traced_memory()[0], time.perf_counter()
     for _ in range(calls):
@@ -59,13 +61,18 @@ def growth(call, calls: int) -> dict:
     return {
         "python_bytes": after - before,
         "tensors": tensors_alive() - tensors_before,
-        "gpu_bytes": gpu_allocated() - gpu_before,
+        "gpu_bytes": gpu_allocated(device) - gpu_before,
         "seconds": round(seconds, 2),
     }
 
 
 def hook_count(model: torch.nn.Module) -> int:
-    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
+    """Forward hooks and pre-hooks on the model's modules, and forwards swapped on an instance (prefill chunks, the
+    fast path's tower), which a leak would leave as surely as a hook."""
+    return sum(
+        len(module._forward_hooks) + len(module._forward_pre_hooks) + ("forward" in vars(module))
+        for module in model.modules()
+    )
 
 
 def run(
@@ -85,7 +92,7 @@ def run(
 
     vlm = DashVLM.from_pretrained(source, press=press, device_map=device, dtype=dtype, cuda_graphs=cuda_graphs)
     hooks_before = hook_count(vlm.model)
-    generated = growth(lambda: vlm.generate(**request, max_new_tokens=steps), calls)
+    generated = growth(lambda: vlm.generate(**request, max_new_tokens=steps), calls, vlm.model.device)
     kind = "video" if "video" in request else "image"
     visual = {"type": kind, kind: request[kind]}
     chat, _ = VisualLoader(False, True).conversation(

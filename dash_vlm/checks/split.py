@@ -159,7 +159,10 @@ def run(
     split_map: str = "auto",
     dtype: str = "auto",
 ) -> dict:
-    """The check on the checkpoint ``source``: loaded on ``one_device`` twice and with ``split_map`` once."""
+    """The check on the checkpoint ``source``: loaded on ``one_device`` twice and with ``split_map`` once. The press
+    runs unchunked: "auto" would size its chunks from each load's free memory, and different chunks round
+    differently in bf16."""
+    press = dataclasses.replace(press, prefill_chunk=0)
     one, one_devices, model_dtype = load_and_answer(source, one_device, press, requests, steps, dtype)
     again, _, _ = load_and_answer(source, one_device, press, requests, steps, dtype)
     split, split_devices, _ = load_and_answer(source, split_map, press, requests, steps, dtype)
