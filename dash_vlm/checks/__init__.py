@@ -181,6 +181,18 @@ def model_subject(
     return Subject(f"{model}, {(image or video).name}", vlm.model, inputs)
 
 
+def new_document(check: str, subject: Subject, press: DeltaPress, steps: int) -> dict:
+    """The head of a check's JSON document: what ran, on what, with which press, on which device; no case yet."""
+    device = next(subject.model.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"check": check, "subject": subject.name, "steps": steps, "press": repr(press), "device": name, "cases": {}}
+
+
+def all_passed(cases: dict) -> bool:
+    """Whether every case of a check passed."""
+    return all(case["verdict"] == "PASS" for case in cases.values())
+
+
 def verdict_table(document: dict, columns: dict[str, Callable[[dict], str]]) -> str:
     """A line per case of ``document``: its name, the ``columns`` (title: how to read it from the case) and its
     verdict; then the overall verdict."""

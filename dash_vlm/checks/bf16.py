@@ -19,7 +19,7 @@ from contextlib import ExitStack
 
 import torch
 
-from dash_vlm.checks import CheckConfig, Subject, relative_error
+from dash_vlm.checks import CheckConfig, Subject, all_passed, new_document, relative_error
 from dash_vlm.checks.graphs import FULL_TOLERANCE, HALF_TOLERANCE
 from dash_vlm.checks.reference import MaskedVisionReference, decoder_reference
 from dash_vlm.models import adapter_for
@@ -96,20 +96,12 @@ def run(subject: Subject, press: DeltaPress, batch_sizes: list[int], steps: int)
     """The check on ``subject``: both cases at each batch size. The press runs unchunked (``prefill_chunk=0``), as
     the reference does: chunked bf16 matmuls round differently and could swap near-tied halting decisions."""
     press = dataclasses.replace(press, prefill_chunk=0)
-    device = next(subject.model.parameters()).device
-    document = {
-        "check": "bf16",
-        "subject": subject.name,
-        "steps": steps,
-        "press": repr(press),
-        "dtype": str(next(subject.model.parameters()).dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cases": {},
-    }
+    document = new_document("bf16", subject, press, steps)
+    document["dtype"] = str(next(subject.model.parameters()).dtype).removeprefix("torch.")
     for batch_size in batch_sizes:
         for name, case in check_batch(subject.model, subject.inputs(batch_size), press, steps).items():
             document["cases"][f"{name}, batch {batch_size}"] = case
-    document["passed"] = all(case["verdict"] == "PASS" for case in document["cases"].values())
+    document["passed"] = all_passed(document["cases"])
     return document
 
 

@@ -23,7 +23,7 @@ import statistics
 import torch
 
 from dash_vlm.bench import NOISE
-from dash_vlm.checks import CheckConfig, Subject, relative_error
+from dash_vlm.checks import CheckConfig, Subject, all_passed, new_document, relative_error
 from dash_vlm.graphs import StaticDecoder, penalize_repetition, penalized_first_step
 from dash_vlm.models import adapter_for
 from dash_vlm.press import DeltaPress, Timer
@@ -140,16 +140,7 @@ def noisy(cases: dict, batch_size: int) -> bool:
 
 def run(subject: Subject, press: DeltaPress, batch_sizes: list[int], steps: int, repeats: int) -> dict:
     """The check on ``subject``: vanilla, the control and ``press`` at each batch size."""
-    device = next(subject.model.parameters()).device
-    document = {
-        "check": "graphs",
-        "subject": subject.name,
-        "steps": steps,
-        "press": repr(press),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cases": {},
-        "noisy": {},
-    }
+    document = new_document("graphs", subject, press, steps) | {"noisy": {}}
     cases = {"vanilla": None, CONTROL: DeltaPress(compression_ratio=0.0), "press": press}
     for batch_size in batch_sizes:
         inputs = subject.inputs(batch_size)
@@ -158,7 +149,7 @@ def run(subject: Subject, press: DeltaPress, batch_sizes: list[int], steps: int,
                 subject.model, inputs, case_press, steps, repeats
             )
         document["noisy"][batch_size] = noisy(document["cases"], batch_size)
-    document["passed"] = all(case["verdict"] == "PASS" for case in document["cases"].values())
+    document["passed"] = all_passed(document["cases"])
     return document
 
 

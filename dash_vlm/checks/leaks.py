@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dash_vlm.checks import CheckConfig
+from dash_vlm.checks import CheckConfig, all_passed
 from dash_vlm.checks.split import picture, save_preset
 from dash_vlm.press import DeltaPress
 
@@ -117,7 +117,7 @@ def run(
     document |= {"cuda_graphs": cuda_graphs, "device": str(device), "generate": generated}
     document |= {"processor_only": processor_only, "graph_captures": None if vlm.fast is None else vlm.fast.captures}
     document["cases"] = cases
-    document["passed"] = all(case["verdict"] == "PASS" for case in cases.values())
+    document["passed"] = all_passed(cases)
     return document
 
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor
 
-from dash_vlm.checks import CheckConfig
+from dash_vlm.checks import CheckConfig, all_passed
 from dash_vlm.models.presets import PRESETS
 from dash_vlm.press import DeltaPress
 
@@ -184,7 +184,7 @@ def run(
     cases[PLACEMENT] |= {"verdict": "PASS" if placed else "FAIL", "failures": [] if placed else ["not split"]}
     document = {"check": "split", "subject": name, "steps": steps, "press": repr(press), "cases": cases}
     document["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if placed else one_device
-    document["passed"] = all(case["verdict"] == "PASS" for case in cases.values())
+    document["passed"] = all_passed(cases)
     return document
 
 
